@@ -44,7 +44,8 @@ class FP8Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, device=device, dtype=torch.float8_e4m3fn), requires_grad=False
+            torch.empty(out_features, in_features, device=device, dtype=torch.float8_e4m3fn),
+            requires_grad=False,
         )
         self.register_buffer("weight_scale", torch.ones((), device=device, dtype=torch.float32))
         if bias:
