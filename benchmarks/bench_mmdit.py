@@ -1,0 +1,179 @@
+"""Full-size VLD-MMDiT on a GPU: parity with diffusers on the same random bf16 weights, seconds per
+forward and peak memory. Prints a table.
+
+    python benchmarks/bench_mmdit.py                 # 640 px, 4 layers, 256 text tokens
+    python benchmarks/bench_mmdit.py --no-reference  # ours only (no diffusers needed)
+
+The reference model shares our weight tensors (assigned, not copied), so both fit in 80 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from layered_core.mmdit import MMDiTConfig, VLDMMDiT, pack_latents, unpack_latents
+
+
+def random_weights_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Weights of realistic scale: Linear ~ N(0, 1/fan_in), norm weights near 1, small biases."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32)
+            if p.ndim == 2:
+                value = noise / p.shape[1] ** 0.5
+            elif name.endswith(".weight"):  # norm weights
+                value = 1.0 + 0.1 * noise
+            else:
+                value = 0.02 * noise
+            p.copy_(value.to(p.dtype))
+
+
+def flops_per_forward(config: MMDiTConfig, image_tokens: int, text_tokens: int, noisy_tokens: int) -> float:
+    d = config.hidden_size
+    s = image_tokens + text_tokens
+    linear = 2 * s * (4 * d * d + 2 * config.mlp_ratio * d * d)
+    attn = 4 * s * s * d
+    head = 2 * noisy_tokens * d * 64
+    return config.num_layers * (linear + attn) + head
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def timed(fn, warmup: int, iters: int) -> list[float]:
+    """Wall seconds per call after warm-up, synchronised around each call."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def reference_model(ours: VLDMMDiT, config: MMDiTConfig):
+    from diffusers import QwenImageTransformer2DModel
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedLayer3DRope
+
+    with torch.device("meta"):
+        ref = QwenImageTransformer2DModel(
+            num_layers=config.num_layers,
+            attention_head_dim=config.head_dim,
+            num_attention_heads=config.num_heads,
+            joint_attention_dim=config.text_dim,
+            axes_dims_rope=config.axes_dims,
+            use_additional_t_cond=True,
+            use_layer3d_rope=True,
+        )
+    # Its RoPE tables are plain attributes computed at construction: rebuild them off the meta device.
+    ref.pos_embed = QwenEmbedLayer3DRope(theta=10000, axes_dim=list(config.axes_dims), scale_rope=True)
+    ref.load_state_dict(ours.state_dict(), strict=True, assign=True)
+    return ref.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=640, help="square image side in pixels")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--text-tokens", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU: a smoke test of this script")
+    args = parser.parse_args()
+
+    config = MMDiTConfig.tiny() if args.tiny else MMDiTConfig.full()
+    device = "cpu" if args.tiny else "cuda"
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = VLDMMDiT(config, dtype=dtype)
+    model = model.to_empty(device=device).eval().requires_grad_(False)
+    random_weights_(model)
+    model.compute_dtype = dtype
+    sync()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"built {params / 1e9:.2f} B parameters in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    h = w = args.resolution // 8
+    frames = args.layers + 1
+    gen = torch.Generator(device=device).manual_seed(1)
+    latents = torch.randn(2, 16, frames, h, w, generator=gen, device=device)
+    condition = torch.randn(2, 16, h, w, generator=gen, device=device)
+    text = torch.randn(2, args.text_tokens, config.text_dim, generator=gen, device=device).to(dtype)
+    sigma = torch.tensor([0.7, 0.7], device=device)
+    grid = (h // 2) * (w // 2)
+    flops = flops_per_forward(config, (frames + 1) * grid, args.text_tokens, frames * grid)
+
+    rows = []
+    with torch.inference_mode():
+        for batch in (1, 2):
+            reset_peak()
+            times = timed(
+                lambda b=batch: model(latents[:b], condition[:b], text[:b], sigma[:b]), args.warmup, args.iters
+            )
+            rows.append(("ours", batch, statistics.median(times), peak_gib()))
+        ours_out = model(latents[:1], condition[:1], text[:1], sigma[:1]).float()
+
+        rel_l2 = None
+        if not args.no_reference:
+            ref = reference_model(model, config)
+            shapes = [[(1, h // 2, w // 2)] * (frames + 1)]
+
+            def ref_forward(b):
+                tokens = torch.cat([pack_latents(latents[:b]), pack_latents(condition[:b, :, None])], 1)
+                out = ref(
+                    hidden_states=tokens.to(dtype),
+                    encoder_hidden_states=text[:b],
+                    timestep=sigma[:b].to(dtype),
+                    img_shapes=shapes * b,
+                    additional_t_cond=torch.zeros(b, dtype=torch.long, device=device),
+                    return_dict=False,
+                )[0]
+                return unpack_latents(out[:, : frames * grid], frames, h, w)
+
+            for batch in (1, 2):
+                reset_peak()
+                times = timed(lambda b=batch: ref_forward(b), args.warmup, args.iters)
+                rows.append(("diffusers", batch, statistics.median(times), peak_gib()))
+            ref_out = ref_forward(1).float()
+            rel_l2 = ((ours_out - ref_out).norm() / ref_out.norm()).item()
+            del ref
+
+    print()
+    print(
+        f"VLD-MMDiT {'tiny' if args.tiny else 'full size'}, {dtype}, {args.resolution}x{args.resolution} px, "
+        f"{args.layers} layers, {args.text_tokens} text tokens, "
+        f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}"
+    )
+    print(f"FLOP per forward (batch 1): {flops / 1e12:.1f} T")
+    print(f"{'impl':<10} {'batch':>5} {'s/forward':>10} {'TFLOP/s':>8} {'peak GiB':>9}")
+    for impl, batch, seconds, peak in rows:
+        print(f"{impl:<10} {batch:>5} {seconds:>10.3f} {batch * flops / seconds / 1e12:>8.0f} {peak:>9.1f}")
+    if rel_l2 is not None:
+        print(f"relative L2, ours vs diffusers ({dtype}, batch 1): {rel_l2:.2e}  (target <= 1e-2)")
+        print(f"output norm: ours {ours_out.norm():.4g}, finite: {bool(torch.isfinite(ours_out).all())}")
+
+
+if __name__ == "__main__":
+    main()
