@@ -467,13 +467,10 @@ def load_mmdit(
 
 
 def load_vae(
-    path: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    operations=None,
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", operations=None
 ):
     """Load the RGBA-VAE from the ComfyUI single file (Wan names) or a diffusers folder."""
-    from .vae import RGBAVAE, convert_vae_state_dict, vae_config_from_state_dict
+    from .vae import RGBAVAE
 
     source = open_checkpoint(path, component="vae")
     keys = source.keys()
@@ -484,28 +481,23 @@ def load_vae(
         raise CheckpointError(
             source.location, f"this file holds {describe_keys(keys)}, not a VAE; it needs {FULL_VAE_FILES}"
         )
-    raw = {k[len(prefix) :]: source.get(k) for k in keys if k.startswith(prefix)}
     stats = {}
     if source.config is not None:
         if source.config.get("input_channels", 4) != 4:
             raise CheckpointError(
                 source.location / "config.json",
-                f"input_channels is {source.config.get('input_channels')}: this is the 3-channel Qwen-Image VAE, "
+                f"input_channels is {source.config.get('input_channels')}: this is the 3-channel Qwen-Image VAE; "
                 f"Qwen-Image-Layered needs the 4-channel RGBA-VAE ({FULL_VAE_FILES})",
             )
         stats = {k: source.config[k] for k in ("latents_mean", "latents_std") if k in source.config}
+    raw = {k[len(prefix) :]: source.get(k) for k in keys if k.startswith(prefix)}
     try:
-        config = vae_config_from_state_dict(raw, **stats)
-        state = convert_vae_state_dict(raw)
+        model = RGBAVAE.from_state_dict(raw, **stats, dtype=dtype, device=device, operations=operations)
     except ValueError as e:
         raise CheckpointError(source.location, str(e)) from None
-    with torch.device("meta"):
-        model = RGBAVAE(config, dtype=dtype, operations=operations)
-    expected = set(model.state_dict().keys())
-    _check_key_sets(source.location, expected, set(state))
-    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, assign=True)
-    source.close()
-    return model.to(device).eval().requires_grad_(False)
+    finally:
+        source.close()
+    return model.requires_grad_(False)
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -235,3 +235,100 @@ def test_unsupported_quantisation_is_named(tmp_path, tiny_reference, tiny_config
     save_file(tensors, str(path), metadata={"layered_core.config": json.dumps(tiny_config.to_dict())})
     with pytest.raises(CheckpointError, match="quantised as 'nvfp4'"):
         load_mmdit(path)
+
+
+# ----------------------------------------------------------------------------- VAE files
+
+
+def _vae_files(tmp_path, reference, latents_mean=None):
+    """The reference VAE as ComfyUI's single file (Wan names, 5D kernels) and as a diffusers folder."""
+    from layered_core.vae import wan_names_from_diffusers
+
+    comfy = tmp_path / "qwen_image_layered_vae.safetensors"
+    save_file({k: v.contiguous() for k, v in wan_names_from_diffusers(reference.state_dict()).items()}, str(comfy))
+    folder = tmp_path / "pipeline" / "vae"
+    folder.mkdir(parents=True)
+    config = dict(reference.config)
+    if latents_mean is not None:
+        config["latents_mean"] = latents_mean
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(
+        {k: v.contiguous() for k, v in reference.state_dict().items()},
+        str(folder / "diffusion_pytorch_model.safetensors"),
+    )
+    (tmp_path / "pipeline" / "model_index.json").write_text("{}")
+    return comfy, folder
+
+
+@pytest.fixture(scope="module")
+def vae_reference():
+    from .test_vae import make_reference
+
+    return make_reference(seed=5)
+
+
+@pytest.mark.parametrize("layout", ["comfy", "diffusers-folder", "pipeline-root"])
+def test_vae_layouts_load_and_match_diffusers(layout, tmp_path, vae_reference):
+    from layered_core.checkpoints import load_vae
+
+    from .test_vae import reference_decode, reference_encode
+
+    comfy, folder = _vae_files(tmp_path, vae_reference)
+    path = {"comfy": comfy, "diffusers-folder": folder, "pipeline-root": folder.parent}[layout]
+    vae = load_vae(path)
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 4, 48, 80, generator=gen)
+    latent = torch.randn(2, 16, 6, 10, generator=gen)
+    got_latent, want_latent = vae.encode(image), reference_encode(vae_reference, image)
+    got_image, want_image = vae.decode(latent), reference_decode(vae_reference, latent)
+    assert relative_max_error(got_latent, want_latent) <= 1e-5
+    assert relative_max_error(got_image, want_image) <= 1e-5
+
+
+def test_vae_latent_stats_come_from_config(tmp_path, vae_reference):
+    from layered_core.checkpoints import load_vae
+
+    mean = [0.01 * i for i in range(16)]
+    _, folder = _vae_files(tmp_path, vae_reference, latents_mean=mean)
+    assert list(load_vae(folder).config.latents_mean) == mean
+
+
+def test_three_channel_vae_is_refused(tmp_path):
+    from layered_core.checkpoints import load_vae
+
+    from .test_vae import make_reference
+
+    rgb = make_reference(image_channels=3, seed=1)
+    comfy, folder = _vae_files(tmp_path, rgb)
+    for path in (comfy, folder):
+        with pytest.raises(CheckpointError, match=r"3-channel.*Qwen-Image.*4-channel RGBA-VAE") as err:
+            load_vae(path)
+        assert "qwen_image_layered_vae.safetensors" in str(err.value) and str(path) in str(err.value)
+
+
+def test_transformer_file_given_to_vae_loader(tmp_path, tiny_reference, tiny_config):
+    from layered_core.checkpoints import load_vae
+
+    path = write("comfy-prefixed", tmp_path, tiny_reference, tiny_config)
+    with pytest.raises(CheckpointError, match="holds a Qwen-Image-Layered transformer, not a VAE"):
+        load_vae(path)
+
+
+def test_truncated_vae_is_named(tmp_path, vae_reference):
+    from layered_core.checkpoints import load_vae
+
+    comfy, _ = _vae_files(tmp_path, vae_reference)
+    comfy.write_bytes(comfy.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated file"):
+        load_vae(comfy)
+
+
+def test_vae_with_missing_tensor_is_named(tmp_path, vae_reference):
+    from layered_core.checkpoints import load_vae
+
+    comfy, _ = _vae_files(tmp_path, vae_reference)
+    tensors = load_file(str(comfy))
+    del tensors["decoder.head.2.bias"]
+    save_file(tensors, str(comfy))
+    with pytest.raises(CheckpointError, match=r"decoder\.head\.2\.bias"):
+        load_vae(comfy)
