@@ -253,7 +253,7 @@ def open_checkpoint(path: str | os.PathLike, component: str | None = None) -> Te
 # --------------------------------------------------------------------------- what a file is
 
 
-def _strip_prefix(keys: Iterable[str], prefixes: tuple[str, ...], anchor: str) -> str:
+def find_prefix(keys: Iterable[str], prefixes: tuple[str, ...], anchor: str) -> str:
     """The prefix (possibly empty) in front of ``anchor`` keys, if it is one of ``prefixes``."""
     for key in keys:
         if key.endswith(anchor) or anchor in key:
@@ -289,7 +289,7 @@ class QuantizedLayer:
     input_scale: str | None
 
 
-def _quantized_layers(source: TensorSource, prefix: str) -> dict[str, QuantizedLayer]:
+def quantized_layers(source: TensorSource, prefix: str) -> dict[str, QuantizedLayer]:
     """Layers stored in fp8 with scales, in either of ComfyUI's layouts, by layer name (no prefix)."""
     layers: dict[str, QuantizedLayer] = {}
     keys = set(source.keys())
@@ -413,7 +413,7 @@ def load_mmdit(
         raise ValueError(f"dtype must be float32, bfloat16 or float16 (fp8 is chosen with fp8='keep'), got {dtype}")
     source = open_checkpoint(path, component="transformer")
     keys = source.keys()
-    prefix = _strip_prefix(keys, TRANSFORMER_PREFIXES, "transformer_blocks.0.")
+    prefix = find_prefix(keys, TRANSFORMER_PREFIXES, "transformer_blocks.0.")
     if not any(k.startswith(f"{prefix}transformer_blocks.") for k in keys):
         raise CheckpointError(
             source.location,
@@ -426,7 +426,7 @@ def load_mmdit(
             f"Load {FULL_TRANSFORMER_FILES}",
         )
     config = config or infer_mmdit_config(source, prefix)
-    quantized = _quantized_layers(source, prefix)
+    quantized = quantized_layers(source, prefix)
     aux = _auxiliary_keys(source, prefix, quantized)
 
     with torch.device("meta"):
@@ -474,7 +474,7 @@ def load_vae(
 
     source = open_checkpoint(path, component="vae")
     keys = source.keys()
-    prefix = _strip_prefix(keys, VAE_PREFIXES, "decoder.")
+    prefix = find_prefix(keys, VAE_PREFIXES, "decoder.")
     if not any(k.startswith(f"{prefix}decoder.") for k in keys) or not any(
         k.startswith(f"{prefix}encoder.") for k in keys
     ):
@@ -618,8 +618,8 @@ def save_mmdit(
 def dequantized_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The float32 transformer weights an fp8 file stands for (scale applied, aux tensors dropped)."""
     source = open_checkpoint(path)
-    prefix = _strip_prefix(source.keys(), TRANSFORMER_PREFIXES, "transformer_blocks.0.")
-    quantized = _quantized_layers(source, prefix)
+    prefix = find_prefix(source.keys(), TRANSFORMER_PREFIXES, "transformer_blocks.0.")
+    quantized = quantized_layers(source, prefix)
     aux = _auxiliary_keys(source, prefix, quantized)
     out = {}
     for key in source.keys():
