@@ -119,7 +119,11 @@ def test_split_layer_is_drawn_as_its_children_and_paths_reach_them():
     sub = LayerStack(
         target.width,
         target.height,
-        (Layer(target.pixels[:half], "top"), Layer(target.pixels[half:], "bottom", (0, half)), Layer(patch, "dot")),
+        (
+            Layer(target.pixels[:half], "top"),
+            Layer(target.pixels[half:], "bottom", (0, half)),
+            Layer(patch, "dot"),
+        ),
     )
     split = attach_split(stack, 2, sub)
     assert split[2].is_split and np.array_equal(split[2].pixels, target.pixels)
