@@ -440,8 +440,9 @@ def render(layers: Sequence[Layer], box: Box) -> np.ndarray:
 def composite(stack: LayerStack) -> np.ndarray:
     """The stack flattened onto its canvas: uint8 (H, W, 4) straight RGBA, transparent where nothing is drawn.
 
-    Matches chaining PIL's ``Image.alpha_composite`` within 1/255 (PIL rounds to 8 bits after every layer;
-    this rounds once).
+    One layer over another matches PIL's ``Image.alpha_composite`` within 1/255 wherever the result is
+    not fully transparent. PIL rounds to 8 bits after every layer and this rounds once, so a long chain of
+    semi-transparent layers can drift one step further from PIL (by being closer to the exact value).
     """
     return render(stack.layers, (0, 0, stack.width, stack.height))
 

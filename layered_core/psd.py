@@ -64,6 +64,13 @@ def _legacy_name(name: str) -> str:
     return name.encode("ascii", "replace").decode("ascii")[:MAX_NAME_LENGTH]
 
 
+def _fit_name(name: str, path: Path) -> str:
+    if len(name) <= MAX_NAME_LENGTH:
+        return name
+    logger.warning("%s: layer name cut to %d characters: %r", path, MAX_NAME_LENGTH, name)
+    return name[:MAX_NAME_LENGTH]
+
+
 def _tagged_name(name: str, extra: dict | None = None) -> TaggedBlocks:
     blocks = TaggedBlocks()
     blocks.set_data(Tag.UNICODE_LAYER_NAME, name)
@@ -164,10 +171,7 @@ def _plan(stack: LayerStack, path: Path, has_input: bool) -> list[tuple]:
 
     def add(layers: tuple[Layer, ...]) -> None:
         for layer in layers:
-            name = layer.name
-            if len(name) > MAX_NAME_LENGTH:
-                logger.warning("%s: layer name cut to %d characters: %r", path, MAX_NAME_LENGTH, name)
-                name = name[:MAX_NAME_LENGTH]
+            name = _fit_name(layer.name, path)
             if layer.children:
                 plan.append(("group_end", name))
                 add(layer.children)
@@ -210,7 +214,7 @@ def save_psd(
 
     records, channel_data = LayerRecords(), ChannelImageData()
     if inputs is not None:
-        record, channels = _pixel_record(input_name, inputs, 0, 0, visible=False)
+        record, channels = _pixel_record(_fit_name(input_name, path), inputs, 0, 0, visible=False)
         records.append(record)
         channel_data.append(channels)
     for item in plan:

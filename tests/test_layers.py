@@ -186,3 +186,29 @@ def test_stack_tensor_round_trip_crops_and_restores():
     assert np.array_equal(composite(back), composite(stack))
     with pytest.raises(ValueError, match="expected 5 names"):
         stack_from_tensor(batch, names=["one"])
+
+
+def test_synthetic_designs_are_deterministic_and_have_what_they_promise():
+    stack = synthetic_design(200, 150, layer_count=9, seed=6)
+    again = synthetic_design(200, 150, layer_count=9, seed=6)
+    assert all(
+        np.array_equal(a.pixels, b.pixels) and a.offset == b.offset for a, b in zip(stack, again, strict=True)
+    )
+    other = synthetic_design(200, 150, layer_count=9, seed=7)
+    assert not np.array_equal(composite(stack), composite(other))
+    background = stack[0]
+    assert background.box == (0, 0, 200, 150) and (background.pixels[..., 3] == 255).all()
+    kinds = {layer.name.split()[0] for layer in stack.layers[1:]}
+    assert kinds == {"shape", "soft", "text", "panel"}
+    for layer in stack.layers[1:]:
+        alpha = layer.pixels[..., 3]
+        assert crop_to_alpha(layer) is layer  # cut to the alpha box
+        if layer.name.startswith("panel"):
+            assert len(np.unique(alpha)) == 1 and 0 < alpha[0, 0] < 255  # semi-transparent
+        else:
+            assert ((alpha > 0) & (alpha < 255)).any()  # anti-aliased or soft edges
+    canvases = [render_layer(layer, 200, 150)[..., 3] > 0 for layer in stack.layers[1:]]
+    overlapping = sum(
+        bool((first & second).any()) for i, first in enumerate(canvases) for second in canvases[i + 1 :]
+    )
+    assert overlapping >= 2  # occlusion

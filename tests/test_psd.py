@@ -208,6 +208,16 @@ def test_psd_refuses_what_it_cannot_hold(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["full.psd"]
 
 
+def test_names_longer_than_photoshop_allows_are_cut(tmp_path):
+    long_name = "Ä" * 300
+    stack = LayerStack(4, 4, (Layer(np.full((2, 2, 4), 255, np.uint8), long_name),))
+    path = save_psd(
+        stack, tmp_path / "long.psd", input_image=np.zeros((4, 4, 3), np.uint8), input_name="ü" * 256
+    )
+    names = [layer.name for layer in PSDImage.open(path)]
+    assert names == ["ü" * 255, "Ä" * 255]
+
+
 def test_a_failed_save_leaves_nothing_half_written(tree, tmp_path, monkeypatch):
     target = tmp_path / "out.psd"
     target.write_bytes(b"the previous version")
