@@ -1,0 +1,553 @@
+"""Layer stacks: RGBA layers bottom to top, with names, canvas offsets and sub-stacks from recursive
+splitting.
+
+In memory a layer's pixels are a ``uint8`` array of shape ``(height, width, 4)``: sRGB colour with straight
+(unpremultiplied) alpha, the layout of PNG, of PSD channel data and of PIL's ``"RGBA"`` mode. Eight bits is
+what every export writes, so a layer that is not edited is carried through to the file bit for bit, and
+"bit-identical" is something a test can check. Arithmetic (compositing, resampling) happens in float32 and
+is rounded once at the end.
+
+A layer sits on the canvas at ``offset = (x, y)``, the canvas position of its pixel ``[0, 0]``; it may be
+smaller than the canvas or stick out of it. A layer that was split again (recursive splitting) keeps its own
+pixels and carries the sub-layers in ``children``, bottom to top, in canvas coordinates; it is drawn as its
+children, the way a PSD group shows its contents. Stacks and layers are immutable: every edit builds a new
+stack that shares the untouched layers (and their read-only arrays) with the old one.
+
+Conversions: :func:`rgba_from_pil` / :func:`rgba_to_pil` for PIL images, :func:`rgba_from_tensor` /
+:func:`rgba_to_tensor` and :func:`stack_from_tensor` / :func:`stack_to_tensor` for ComfyUI's IMAGE
+convention (``[B, H, W, C]`` float 0..1, C = 3 or 4, a batch of layers bottom to top).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
+
+LayerPath = int | tuple[int, ...]
+"""Where a layer is: an index into the top-level layers (bottom = 0), or a tuple of indices descending
+into ``children`` (``(2, 0)`` is the bottom sub-layer of layer 2). Negative indices count from the top."""
+
+Box = tuple[int, int, int, int]
+"""``(x0, y0, x1, y1)`` on the canvas, half-open."""
+
+# Rows per compositing strip: about 64 K pixels, so a strip's float32 working set (1 MiB) stays in cache.
+# Measured (8 random 2048x2048 layers, one thread): 1.1 s with whole-image numpy operations, 0.44 s in strips.
+_STRIP_PIXELS = 1 << 16
+# Threads that composite strips side by side: the CPUs this process may run on.
+_WORKERS = max(
+    1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+)
+
+
+def as_rgba(pixels: np.ndarray, what: str = "pixels") -> np.ndarray:
+    """Check that ``pixels`` is a ``uint8`` (H, W, 4) array (an (H, W, 3) one gets alpha 255); return it."""
+    if not isinstance(pixels, np.ndarray):
+        raise ValueError(
+            f"{what}: expected a numpy uint8 array of shape (H, W, 4), got {type(pixels).__name__}"
+        )
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
+        raise ValueError(
+            f"{what}: expected a numpy uint8 array of shape (H, W, 4) (straight alpha), "
+            f"got dtype {pixels.dtype} and shape {pixels.shape}"
+        )
+    if pixels.shape[2] == 3:
+        opaque = np.full(pixels.shape[:2] + (1,), 255, np.uint8)
+        pixels = np.concatenate([pixels, opaque], axis=2)
+    return pixels
+
+
+def _read_only(pixels: np.ndarray) -> np.ndarray:
+    view = np.ascontiguousarray(pixels).view()
+    view.flags.writeable = False
+    return view
+
+
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """One RGBA layer. ``pixels`` is not copied: do not write to an array after handing it over."""
+
+    pixels: np.ndarray
+    name: str = "Layer"
+    offset: tuple[int, int] = (0, 0)
+    children: tuple[Layer, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pixels", _read_only(as_rgba(self.pixels, f"layer {self.name!r}")))
+        if not isinstance(self.name, str):
+            raise ValueError(f"layer name: expected a str, got {type(self.name).__name__}")
+        try:
+            x, y = (int(v) for v in self.offset)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"layer {self.name!r}: offset must be two integers (x, y), got {self.offset!r}"
+            ) from None
+        object.__setattr__(self, "offset", (x, y))
+        children = tuple(self.children)
+        for child in children:
+            if not isinstance(child, Layer):
+                raise ValueError(f"layer {self.name!r}: children must be Layers, got {type(child).__name__}")
+        object.__setattr__(self, "children", children)
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[1]
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def box(self) -> Box:
+        """The pixel array's extent on the canvas."""
+        x, y = self.offset
+        return (x, y, x + self.width, y + self.height)
+
+    @property
+    def is_split(self) -> bool:
+        return bool(self.children)
+
+    def alpha_box(self) -> Box | None:
+        """Canvas box of the pixels with alpha > 0 (own pixels only), or None when fully transparent."""
+        local = alpha_box(self.pixels)
+        if local is None:
+            return None
+        x, y = self.offset
+        return (local[0] + x, local[1] + y, local[2] + x, local[3] + y)
+
+    def drawn_box(self) -> Box | None:
+        """Canvas box of what this layer draws: its own alpha box, or its children's for a split layer."""
+        if not self.children:
+            return self.alpha_box()
+        return union_boxes(child.drawn_box() for child in self.children)
+
+    def replace(self, **changes) -> Layer:
+        """A copy with some fields changed; the fields not named are shared, not copied."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerStack:
+    """A canvas of ``width`` x ``height`` pixels and its layers, bottom to top."""
+
+    width: int
+    height: int
+    layers: tuple[Layer, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        for label, value in (("width", self.width), ("height", self.height)):
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"layer stack {label}: expected a positive integer, got {value!r}")
+        object.__setattr__(self, "width", int(self.width))
+        object.__setattr__(self, "height", int(self.height))
+        layers = tuple(self.layers)
+        for layer in layers:
+            if not isinstance(layer, Layer):
+                raise ValueError(f"layer stack: layers must be Layers, got {type(layer).__name__}")
+        object.__setattr__(self, "layers", layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[Layer]:
+        return iter(self.layers)
+
+    def __getitem__(self, path: LayerPath) -> Layer:
+        return self.get(path)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.width, self.height)
+
+    def get(self, path: LayerPath) -> Layer:
+        """The layer at ``path``."""
+        path = self.resolve(path)
+        siblings = self.layers
+        layer = None
+        for index in path:
+            layer = siblings[index]
+            siblings = layer.children
+        return layer
+
+    def resolve(self, path: LayerPath) -> tuple[int, ...]:
+        """``path`` as a tuple of non-negative indices; a ValueError names the step that does not exist."""
+        steps = (path,) if isinstance(path, (int, np.integer)) else tuple(path)
+        if not steps:
+            raise ValueError("layer path: expected at least one index, got ()")
+        resolved = []
+        siblings = self.layers
+        for depth, index in enumerate(steps):
+            if not isinstance(index, (int, np.integer)):
+                raise ValueError(f"layer path {path!r}: expected integers, got {index!r}")
+            count = len(siblings)
+            if not -count <= index < count:
+                where = "the stack" if depth == 0 else f"layer {tuple(resolved)!r}"
+                raise ValueError(
+                    f"layer path {path!r}: index {index} is out of range, {where} has {count} layers"
+                )
+            index = int(index) % count
+            resolved.append(index)
+            siblings = siblings[index].children
+        return tuple(resolved)
+
+    def siblings(self, parent: LayerPath | tuple[()] = ()) -> tuple[Layer, ...]:
+        """The layer list at ``parent``: the top-level layers for ``()``, else that layer's children."""
+        if parent == ():
+            return self.layers
+        return self.get(parent).children
+
+    def with_siblings(self, parent: LayerPath | tuple[()], layers: Sequence[Layer]) -> LayerStack:
+        """A new stack with the layer list at ``parent`` replaced; everything else is shared, not copied."""
+        if parent == ():
+            return LayerStack(self.width, self.height, tuple(layers))
+        path = self.resolve(parent)
+        return self.with_layer(path, self.get(path).replace(children=tuple(layers)))
+
+    def with_layer(self, path: LayerPath, layer: Layer) -> LayerStack:
+        """A new stack with the layer at ``path`` replaced by ``layer``."""
+        path = self.resolve(path)
+
+        def rebuild(siblings: tuple[Layer, ...], rest: tuple[int, ...]) -> tuple[Layer, ...]:
+            index = rest[0]
+            new = (
+                layer
+                if len(rest) == 1
+                else siblings[index].replace(children=rebuild(siblings[index].children, rest[1:]))
+            )
+            return siblings[:index] + (new,) + siblings[index + 1 :]
+
+        return LayerStack(self.width, self.height, rebuild(self.layers, path))
+
+    def walk(self) -> Iterator[tuple[tuple[int, ...], Layer]]:
+        """Every layer with its path, depth first, bottom to top (a split layer before its children)."""
+
+        def visit(layers: tuple[Layer, ...], prefix: tuple[int, ...]):
+            for index, layer in enumerate(layers):
+                yield prefix + (index,), layer
+                yield from visit(layer.children, prefix + (index,))
+
+        return visit(self.layers, ())
+
+    def leaves(self) -> list[Layer]:
+        """The layers that are drawn, in drawing order (split layers replaced by their children)."""
+        return list(drawn_layers(self.layers))
+
+
+def drawn_layers(layers: Sequence[Layer]) -> Iterator[Layer]:
+    """The unsplit layers under ``layers``, bottom to top: what compositing draws."""
+    for layer in layers:
+        if layer.children:
+            yield from drawn_layers(layer.children)
+        else:
+            yield layer
+
+
+def attach_split(
+    stack: LayerStack, path: LayerPath, sub_stack: LayerStack, origin: tuple[int, int] | None = None
+) -> LayerStack:
+    """Record that the layer at ``path`` was split into ``sub_stack`` (recursive splitting).
+
+    ``sub_stack``'s canvas is placed with its (0, 0) at ``origin`` on this canvas; by default the layer's
+    offset, which is right when the layer's own pixels were what got split.
+    """
+    layer = stack.get(path)
+    if origin is None:
+        origin = layer.offset
+        if sub_stack.size != (layer.width, layer.height):
+            raise ValueError(
+                f"split of layer {layer.name!r}: the sub-stack is {sub_stack.width}x{sub_stack.height} "
+                f"but the layer is {layer.width}x{layer.height}; pass origin= to place one of another size"
+            )
+    children = tuple(shift_layer(child, origin[0], origin[1]) for child in sub_stack.layers)
+    return stack.with_layer(path, layer.replace(children=children))
+
+
+def shift_layer(layer: Layer, dx: int, dy: int) -> Layer:
+    """``layer`` and its sub-layers moved by (dx, dy) canvas pixels; the pixels are shared."""
+    return layer.replace(
+        offset=(layer.offset[0] + dx, layer.offset[1] + dy),
+        children=tuple(shift_layer(child, dx, dy) for child in layer.children),
+    )
+
+
+def alpha_box(pixels: np.ndarray) -> Box | None:
+    """Local box ``(x0, y0, x1, y1)`` of the pixels whose alpha is not 0, or None if there are none."""
+    alpha = pixels[..., 3]
+    rows = np.flatnonzero(alpha.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(alpha[rows[0] : rows[-1] + 1].any(axis=0))
+    return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+
+
+def union_boxes(boxes) -> Box | None:
+    """The smallest box holding every box given; None entries are skipped, None if none is left."""
+    boxes = [b for b in boxes if b is not None]
+    if not boxes:
+        return None
+    return (
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
+    )
+
+
+def crop_to_alpha(layer: Layer) -> Layer:
+    """``layer`` with its own pixels cut to their alpha box (a 0x0 layer if fully transparent)."""
+    local = alpha_box(layer.pixels)
+    if local == (0, 0, layer.width, layer.height):
+        return layer
+    if local is None:
+        return layer.replace(pixels=np.zeros((0, 0, 4), np.uint8))
+    x0, y0, x1, y1 = local
+    return layer.replace(
+        pixels=layer.pixels[y0:y1, x0:x1], offset=(layer.offset[0] + x0, layer.offset[1] + y0)
+    )
+
+
+def _composite_rows(layers: Sequence[Layer], box: Box, finish: Callable[[int, np.ndarray], None]) -> None:
+    """Composite ``layers`` into ``box`` one strip of rows at a time, calling ``finish(first_row, strip)``.
+
+    ``strip`` is float32 premultiplied RGBA in 0..255 units (colour c * a / 255, alpha a), which saves a
+    scaling pass per layer; its buffer is reused once ``finish`` returns. Working strip by strip keeps the
+    accumulator in cache while every layer is laid over it, and no canvas-sized float array is needed.
+    Strips are shared among threads (numpy releases the GIL in its loops), so ``finish`` may run
+    concurrently, always on different rows.
+    """
+    x0, y0, x1, y1 = box
+    width, height = max(x1 - x0, 0), max(y1 - y0, 0)
+    placed = []
+    for layer in drawn_layers(layers):
+        lx0, ly0, lx1, ly1 = layer.box
+        cx0, cy0, cx1, cy1 = max(lx0, x0), max(ly0, y0), min(lx1, x1), min(ly1, y1)
+        if cx0 < cx1 and cy0 < cy1:
+            columns = layer.pixels[:, cx0 - lx0 : cx1 - lx0]
+            placed.append((columns, ly0 - y0, cx0 - x0, cx1 - x0, cy0 - y0, cy1 - y0))
+    rows = max(1, _STRIP_PIXELS // max(width, 1))
+    tops = list(range(0, height, rows))
+
+    def work(strip_tops: list[int]) -> None:
+        buffer = np.empty((min(rows, height), width, 4), np.float32)
+        for top in strip_tops:
+            bottom = min(top + rows, height)
+            strip = buffer[: bottom - top]
+            strip.fill(0)
+            for columns, layer_top, left, right, first, last in placed:
+                start, stop = max(top, first), min(bottom, last)
+                if start < stop:
+                    below = strip[start - top : stop - top, left:right]
+                    _draw_over(below, columns[start - layer_top : stop - layer_top])
+            finish(top, strip)
+
+    workers = min(_WORKERS, len(tops))
+    if workers <= 1:
+        work(tops)
+        return
+    # Interleaved strips even out the load: layers tend to gather in some rows.
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(work, [tops[index::workers] for index in range(workers)]))
+
+
+def _draw_over(below: np.ndarray, pixels: np.ndarray) -> None:
+    """Lay uint8 straight-alpha ``pixels`` over the premultiplied 0..255 ``below``, in place."""
+    alpha = pixels[..., 3]
+    if not alpha.any():
+        return  # nothing to draw: the common case around design elements
+    if alpha.min() == 255:
+        below[...] = pixels  # opaque: premultiplied in 0..255 units is the pixel itself
+        return
+    if ((alpha == 0) | (alpha == 255)).all():
+        np.copyto(below, pixels, where=(alpha == 255)[..., None])  # hard edges (text, flat shapes)
+        return
+    colour = pixels.astype(np.float32)
+    coverage = colour[..., 3:4] * (1 / 255)
+    colour[..., :3] *= coverage
+    below *= 1 - coverage
+    below += colour
+
+
+def _unpremultiply_into(out: np.ndarray, strip: np.ndarray) -> None:
+    """Premultiplied 0..255 ``strip`` -> uint8 straight RGBA ``out`` (colour 0 where alpha is 0).
+
+    ``out`` is (rows, width, 4), or (4, rows, width) for channel planes.
+    """
+    alpha = strip[..., 3:4]
+    if alpha.min() >= 255 - 1e-3:
+        colour = strip.copy()  # opaque: no division (float drift below 255 is far below 1/255)
+    else:
+        colour = np.zeros(strip.shape, np.float32)
+        np.divide(strip, alpha, out=colour, where=alpha > 0)
+        colour *= 255
+        colour[..., 3:] = alpha
+    values = _round_to_uint8(colour)
+    if out.shape == values.shape:
+        out[...] = values
+    else:
+        out[...] = values.transpose(2, 0, 1)
+
+
+def _round_to_uint8(values: np.ndarray) -> np.ndarray:
+    # Round half up, after clipping (float noise may push a value a hair past 255); works in place.
+    values += 0.5
+    np.clip(values, 0, 255, out=values)
+    return values.astype(np.uint8)
+
+
+def render_premultiplied(layers: Sequence[Layer], box: Box) -> np.ndarray:
+    """Composite ``layers`` ("over", bottom to top) into the canvas region ``box``.
+
+    Returns float32 ``(h, w, 4)`` premultiplied RGBA in 0..1 over a transparent start, which is the paper's
+    C_0 = 0, C_i = a_i * RGB_i + (1 - a_i) * C_{i-1} with the alpha carried alongside.
+    """
+    out = np.empty((max(box[3] - box[1], 0), max(box[2] - box[0], 0), 4), np.float32)
+
+    def finish(top: int, strip: np.ndarray) -> None:
+        np.multiply(strip, 1 / 255, out=out[top : top + strip.shape[0]])
+
+    _composite_rows(layers, box, finish)
+    return out
+
+
+def unpremultiply(premultiplied: np.ndarray) -> np.ndarray:
+    """float (h, w, 4) premultiplied RGBA in 0..1 -> uint8 straight RGBA (colour 0 where alpha is 0)."""
+    out = np.empty(premultiplied.shape, np.uint8)
+    rows = max(1, _STRIP_PIXELS // max(premultiplied.shape[1], 1))
+    for top in range(0, premultiplied.shape[0], rows):
+        strip = premultiplied[top : top + rows].astype(np.float32) * 255
+        _unpremultiply_into(out[top : top + rows], strip)
+    return out
+
+
+def render(layers: Sequence[Layer], box: Box) -> np.ndarray:
+    """Composite ``layers`` into the canvas region ``box`` as uint8 straight RGBA."""
+    out = np.empty((max(box[3] - box[1], 0), max(box[2] - box[0], 0), 4), np.uint8)
+    _composite_rows(
+        layers, box, lambda top, strip: _unpremultiply_into(out[top : top + strip.shape[0]], strip)
+    )
+    return out
+
+
+def composite(stack: LayerStack) -> np.ndarray:
+    """The stack flattened onto its canvas: uint8 (H, W, 4) straight RGBA, transparent where nothing is drawn.
+
+    One layer over another matches PIL's ``Image.alpha_composite`` within 1/255 wherever the result is
+    not fully transparent. PIL rounds to 8 bits after every layer and this rounds once, so a long chain of
+    semi-transparent layers can drift one step further from PIL (by being closer to the exact value).
+    """
+    return render(stack.layers, (0, 0, stack.width, stack.height))
+
+
+def composite_planes(stack: LayerStack) -> np.ndarray:
+    """:func:`composite` as channel planes, uint8 (4, H, W) R, G, B, A: the layout PSD stores."""
+    out = np.empty((4, stack.height, stack.width), np.uint8)
+
+    def finish(top: int, strip: np.ndarray) -> None:
+        _unpremultiply_into(out[:, top : top + strip.shape[0]], strip)
+
+    _composite_rows(stack.layers, (0, 0, stack.width, stack.height), finish)
+    return out
+
+
+def composite_premultiplied(stack: LayerStack) -> np.ndarray:
+    """The stack flattened onto its canvas, float32 premultiplied RGBA before rounding (for metrics)."""
+    return render_premultiplied(stack.layers, (0, 0, stack.width, stack.height))
+
+
+def render_layer(layer: Layer, width: int, height: int) -> np.ndarray:
+    """One layer on a ``width`` x ``height`` canvas, uint8 straight RGBA.
+
+    An unsplit layer is placed as stored (bit-exact, colour under alpha 0 included); a split layer is the
+    composite of its children.
+    """
+    if layer.children:
+        return render(layer.children, (0, 0, width, height))
+    canvas = np.zeros((height, width, 4), np.uint8)
+    lx0, ly0, lx1, ly1 = layer.box
+    cx0, cy0, cx1, cy1 = max(lx0, 0), max(ly0, 0), min(lx1, width), min(ly1, height)
+    if cx0 < cx1 and cy0 < cy1:
+        canvas[cy0:cy1, cx0:cx1] = layer.pixels[cy0 - ly0 : cy1 - ly0, cx0 - lx0 : cx1 - lx0]
+    return canvas
+
+
+# Conversions ---------------------------------------------------------------------------------------------
+
+
+def rgba_from_pil(image: Image.Image) -> np.ndarray:
+    """A PIL image of any mode as uint8 (H, W, 4) straight RGBA."""
+    if image.mode != "RGBA":
+        image = image.convert("RGBA")
+    return np.asarray(image).copy()
+
+
+def rgba_to_pil(pixels: np.ndarray) -> Image.Image:
+    """uint8 (H, W, 4) straight RGBA as a PIL ``"RGBA"`` image."""
+    return Image.fromarray(np.ascontiguousarray(as_rgba(pixels)), "RGBA")
+
+
+def rgba_from_tensor(image: torch.Tensor) -> np.ndarray:
+    """A ComfyUI IMAGE (``[H, W, C]`` or ``[1, H, W, C]`` float 0..1, C = 3 or 4) as uint8 straight RGBA."""
+    if image.ndim == 4:
+        if image.shape[0] != 1:
+            raise ValueError(
+                f"image tensor: expected one image, got a batch of {image.shape[0]}; use stack_from_tensor"
+            )
+        image = image[0]
+    if image.ndim != 3 or image.shape[-1] not in (3, 4) or not image.is_floating_point():
+        raise ValueError(
+            f"image tensor: expected float [H, W, C] or [1, H, W, C] with C = 3 or 4, "
+            f"got {image.dtype} {tuple(image.shape)}"
+        )
+    values = image.detach().float().cpu().numpy()
+    return as_rgba(_round_to_uint8(values * 255))
+
+
+def rgba_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 4) straight RGBA as a ComfyUI IMAGE: float32 ``[1, H, W, 4]`` in 0..1."""
+    # Imported here so that code which only exports files does not pay for importing torch.
+    import torch
+
+    values = as_rgba(pixels).astype(np.float32) * (1 / 255)
+    return torch.from_numpy(values)[None]
+
+
+def stack_from_tensor(
+    images: torch.Tensor, names: Sequence[str] | None = None, crop: bool = True
+) -> LayerStack:
+    """A batch of canvas-sized layers (``[N, H, W, C]`` float 0..1, bottom to top) as a stack.
+
+    With ``crop`` each layer keeps only its alpha box (offsets say where it was), which is what the exports
+    write anyway and saves memory on large canvases.
+    """
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"layer tensor: expected [N, H, W, C] with N >= 1, got {tuple(images.shape)}")
+    count, height, width = images.shape[0], images.shape[1], images.shape[2]
+    if names is None:
+        names = [f"Layer {index + 1}" for index in range(count)]
+    if len(names) != count:
+        raise ValueError(f"layer names: expected {count} names (one per layer), got {len(names)}")
+    layers = []
+    for index in range(count):
+        layer = Layer(rgba_from_tensor(images[index]), str(names[index]))
+        layers.append(crop_to_alpha(layer) if crop else layer)
+    return LayerStack(width, height, tuple(layers))
+
+
+def stack_to_tensor(stack: LayerStack) -> torch.Tensor:
+    """Each top-level layer on the full canvas, as a ComfyUI IMAGE batch ``[N, H, W, 4]`` (bottom to top)."""
+    import torch
+
+    if not stack.layers:
+        raise ValueError("layer stack: has no layers to turn into an image batch")
+    return torch.cat(
+        [rgba_to_tensor(render_layer(layer, stack.width, stack.height)) for layer in stack.layers]
+    )

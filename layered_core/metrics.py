@@ -1,0 +1,361 @@
+"""How good a decomposition is: fidelity of its composite to the input image, and the LayerD metrics against a
+ground-truth stack.
+
+Fidelity compares premultiplied colour, which is the paper's composite C_N = sum of a_i * RGB_i over black,
+against the input, so it needs no ground truth and is what "the layers add back up to the image" means.
+
+The LayerD protocol (Suzuki et al., ICCV 2025; the yardstick of the Qwen-Image-Layered paper's table) as its
+evaluation code computes it:
+
+1. In each stack, layers that overlap nothing above them are peeled off as a group, repeatedly, and each
+   group is flattened into one layer: mutually non-overlapping layers have no defined order, so they are
+   not held against a decomposition for ordering them differently. Overlap means both alphas > 0.
+2. Predicted and ground-truth groups are aligned by dynamic time warping (monotone, so order-aware) on
+   cost = (RGB L1 + (1 - alpha soft IoU)) / 2, and the scores are averaged over the aligned pairs.
+   RGB L1 is the mean absolute straight-colour difference over the pixels where the reference has
+   alpha > 0; alpha soft IoU is sum(min(a, b)) / sum(max(a, b)).
+3. Up to ``max_merges`` times, the one merge of two adjacent layers, in either stack, that most improves
+   the similarity (1 - cost) of the layers involved to what they are aligned with is applied, and the
+   alignment is redone. The paper reports the scores after 0..5 merges.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .layers import Layer, LayerStack, as_rgba, composite_premultiplied, render, render_layer, rgba_from_pil
+
+# Fidelity ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How closely a stack's composite reproduces an image. Values in 0..1 colour units."""
+
+    psnr: float  # dB over the premultiplied RGB channels; inf when identical
+    max_error: float  # largest absolute difference over premultiplied RGB and alpha (1/255 = one 8-bit step)
+
+
+def _as_image_array(image: np.ndarray | Image.Image, what: str) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return rgba_from_pil(image)
+    return as_rgba(image, what)
+
+
+def psnr(reference: np.ndarray, candidate: np.ndarray, peak: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB of two same-shaped float arrays; inf when they are equal."""
+    if reference.shape != candidate.shape:
+        raise ValueError(f"psnr: shapes differ, {reference.shape} against {candidate.shape}")
+    mse = float(np.mean((reference.astype(np.float64) - candidate.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def fidelity(stack: LayerStack, image: np.ndarray | Image.Image) -> Fidelity:
+    """PSNR and max error of ``stack``'s composite against ``image`` (uint8 RGB(A) array or PIL image).
+
+    Both are compared premultiplied (an RGB image is opaque), so colour under transparent pixels, which
+    nobody sees, does not count.
+    """
+    reference = _as_image_array(image, "fidelity reference image")
+    if reference.shape[:2] != (stack.height, stack.width):
+        raise ValueError(
+            f"fidelity: the image is {reference.shape[1]}x{reference.shape[0]} but the stack's canvas is "
+            f"{stack.width}x{stack.height}"
+        )
+    ours = composite_premultiplied(stack).astype(np.float64)
+    theirs = reference.astype(np.float64) / 255
+    theirs[..., :3] *= theirs[..., 3:4]
+    return Fidelity(
+        psnr=psnr(theirs[..., :3], ours[..., :3]),
+        max_error=float(np.abs(theirs - ours).max()),
+    )
+
+
+# LayerD --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerDScore:
+    """LayerD scores allowing up to ``merges`` merges (``merges_used`` were useful)."""
+
+    merges: int
+    merges_used: int
+    rgb_l1: float  # lower is better
+    alpha_iou: float  # higher is better
+    cost: float  # (rgb_l1 + 1 - alpha_iou) / 2 averaged over the alignment; lower is better
+
+
+class _Canvas:
+    """One canvas-sized RGBA layer with the float views the scores need, computed once."""
+
+    def __init__(self, pixels: np.ndarray):
+        self.pixels = pixels
+        self.colour = pixels[..., :3].reshape(-1, 3).astype(np.float32) * (1 / 255)
+        self.alpha = pixels[..., 3].ravel().astype(np.float32) * (1 / 255)
+        self.covered = np.flatnonzero(pixels[..., 3].ravel())
+        self.alpha_sum = float(self.alpha.sum(dtype=np.float64))
+
+
+def rgb_l1(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Mean absolute RGB difference (0..1) over the pixels where ``reference``'s alpha is > 0."""
+    return _rgb_l1(_Canvas(as_rgba(prediction)), _Canvas(as_rgba(reference)))
+
+
+def alpha_soft_iou(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """sum(min(a, b)) / sum(max(a, b)) of the two alphas (0..1); 0 when both are empty."""
+    return _alpha_iou(_Canvas(as_rgba(prediction)), _Canvas(as_rgba(reference)))
+
+
+def _rgb_l1(prediction: _Canvas, reference: _Canvas) -> float:
+    index = reference.covered
+    if index.size == 0:
+        return 0.0
+    difference = np.abs(prediction.colour[index] - reference.colour[index])
+    return float(difference.sum(dtype=np.float64)) / (3 * index.size)
+
+
+def _alpha_iou(prediction: _Canvas, reference: _Canvas) -> float:
+    # sum(max(a, b)) = sum(a) + sum(b) - sum(min(a, b)) saves a pass over the canvas.
+    overlap = float(np.minimum(prediction.alpha, reference.alpha).sum(dtype=np.float64))
+    union = prediction.alpha_sum + reference.alpha_sum - overlap
+    return overlap / union if union > 0 else 0.0
+
+
+class _Scorer:
+    """Scores of layer pairs, cached by identity: merges change few layers, so most pairs repeat."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, int], tuple[float, float]] = {}
+        self._alive: list[_Canvas] = []  # keeps ids valid for the cache's lifetime
+
+    def scores(self, first: _Canvas, second: _Canvas) -> tuple[float, float]:
+        key = (id(first), id(second))
+        if key not in self._cache:
+            self._alive += [first, second]
+            self._cache[key] = (_rgb_l1(first, second), _alpha_iou(first, second))
+        return self._cache[key]
+
+    def cost(self, first: _Canvas, second: _Canvas) -> float:
+        l1, iou = self.scores(first, second)
+        return (l1 + 1 - iou) / 2
+
+
+def group_non_overlapping(alphas: Sequence[np.ndarray]) -> list[list[int]]:
+    """LayerD's grouping: indices of layers (bottom to top) in groups, bottom group first.
+
+    The top group is every layer whose alpha > 0 region meets no layer above it; it is set aside and the
+    rest grouped the same way. Layers in one group never overlap each other.
+    """
+    masks = [np.asarray(alpha) > 0 for alpha in alphas]
+    remaining = list(range(len(masks)))
+    groups = []
+    while remaining:
+        top = [
+            index
+            for position, index in enumerate(remaining)
+            if not any(np.any(masks[index] & masks[above]) for above in remaining[position + 1 :])
+        ]
+        groups.append(top)
+        remaining = [index for index in remaining if index not in top]
+    return groups[::-1]
+
+
+def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:
+    """Dynamic time warping through an (n, m) cost matrix: the cheapest monotone path from (0, 0) to
+    (n-1, m-1) by steps (1, 0), (0, 1) and (1, 1).
+
+    Ties go to the diagonal step, then to the step along the first axis, the order LayerD's code uses,
+    so the alignment (and the averaged scores) match its numbers.
+    """
+    n, m = cost.shape
+    total = np.zeros((n, m))
+    total[:, 0] = np.cumsum(cost[:, 0])
+    total[0, :] = np.cumsum(cost[0, :])
+    for i in range(1, n):
+        for j in range(1, m):
+            total[i, j] = cost[i, j] + min(total[i - 1, j], total[i, j - 1], total[i - 1, j - 1])
+    i, j = n - 1, m - 1
+    path = [(i, j)]
+    while i > 0 or j > 0:
+        if i == 0:
+            j -= 1
+        elif j == 0:
+            i -= 1
+        else:
+            diagonal, up, left = total[i - 1, j - 1], total[i - 1, j], total[i, j - 1]
+            if diagonal <= up and diagonal <= left:
+                i, j = i - 1, j - 1
+            elif up <= left:
+                i -= 1
+            else:
+                j -= 1
+        path.append((i, j))
+    return path[::-1]
+
+
+def _align(
+    scorer: _Scorer, prediction: list[_Canvas], reference: list[_Canvas]
+) -> tuple[list[tuple[int, int]], float, float, float]:
+    cost = np.array([[scorer.cost(p, r) for r in reference] for p in prediction])
+    path = dtw_path(cost)
+    pairs = [scorer.scores(prediction[i], reference[j]) for i, j in path]
+    l1 = float(np.mean([pair[0] for pair in pairs]))
+    iou = float(np.mean([pair[1] for pair in pairs]))
+    return path, l1, iou, float(np.mean([cost[i, j] for i, j in path]))
+
+
+def _over(width: int, height: int, lower: _Canvas, upper: _Canvas) -> _Canvas:
+    return _Canvas(render([Layer(lower.pixels), Layer(upper.pixels)], (0, 0, width, height)))
+
+
+def _best_merge(
+    scorer: _Scorer,
+    size: tuple[int, int],
+    edited: list[_Canvas],
+    other: list[_Canvas],
+    matches: list[tuple[int, int]],
+) -> tuple[float, int, _Canvas | None]:
+    """The merge of ``edited[i]`` and ``edited[i + 1]`` that gains most, as (gain, i, merged).
+
+    ``matches`` pairs indices of ``edited`` with indices of ``other``. Gain compares the similarity of the
+    two layers to what each is aligned with, before and after merging; after merging the merged layer
+    either takes both alignments, or keeps the lower one while the layer above the pair takes over one of
+    the two. Stacks of two layers or fewer are not merged, as in LayerD.
+    """
+    best: tuple[float, int, _Canvas | None] = (-math.inf, -1, None)
+    if len(edited) <= 2:
+        return best
+
+    def similarity(layer: _Canvas, group: list[_Canvas]) -> float:
+        return sum(1 - scorer.cost(layer, item) for item in group)
+
+    for i in range(len(edited) - 1):
+        lower_group = [other[j] for e, j in matches if e == i]
+        upper_group = [other[j] for e, j in matches if e == i + 1]
+        before = similarity(edited[i], lower_group) + similarity(edited[i + 1], upper_group)
+        merged = _over(*size, edited[i], edited[i + 1])
+        merged_lower = similarity(merged, lower_group)
+        options = [merged_lower + similarity(merged, upper_group)]
+        if i + 2 < len(edited):
+            following = edited[i + 2]
+            options += [
+                merged_lower + similarity(following, lower_group),
+                merged_lower + similarity(following, upper_group),
+            ]
+        gain = max(options) - before
+        if gain > 0 and gain > best[0]:
+            best = (gain, i, merged)
+    return best
+
+
+def _stack_canvases(
+    layers: LayerStack | Sequence[np.ndarray], what: str
+) -> tuple[list[np.ndarray], int, int]:
+    if isinstance(layers, LayerStack):
+        canvases = [render_layer(layer, layers.width, layers.height) for layer in layers.layers]
+    else:
+        canvases = [as_rgba(np.asarray(layer), f"{what} layer {index}") for index, layer in enumerate(layers)]
+    if not canvases:
+        raise ValueError(f"LayerD metrics: the {what} stack has no layers")
+    height, width = canvases[0].shape[:2]
+    for index, canvas in enumerate(canvases):
+        if canvas.shape[:2] != (height, width):
+            raise ValueError(
+                f"LayerD metrics: {what} layer {index} is {canvas.shape[1]}x{canvas.shape[0]}, expected "
+                f"{width}x{height} like layer 0"
+            )
+    return canvases, width, height
+
+
+def _grouped(canvases: list[np.ndarray], width: int, height: int) -> list[_Canvas]:
+    groups = group_non_overlapping([canvas[..., 3] for canvas in canvases])
+    flattened = []
+    for group in groups:
+        if len(group) == 1:
+            flattened.append(_Canvas(canvases[group[0]]))
+        else:
+            flattened.append(_Canvas(render([Layer(canvases[i]) for i in group], (0, 0, width, height))))
+    return flattened
+
+
+def layerd_scores(
+    prediction: LayerStack | Sequence[np.ndarray],
+    reference: LayerStack | Sequence[np.ndarray],
+    max_merges: int = 5,
+) -> list[LayerDScore]:
+    """LayerD metrics of ``prediction`` against the ground truth ``reference``, allowing 0..``max_merges``
+    merges: one :class:`LayerDScore` per budget, the paper table's columns.
+
+    Each stack is a :class:`LayerStack` (its top-level layers are compared, a split layer as the composite
+    of its sub-layers) or a sequence of canvas-sized uint8 RGBA arrays, bottom to top.
+    """
+    if max_merges < 0:
+        raise ValueError(f"LayerD metrics: max_merges must be >= 0, got {max_merges}")
+    predicted, width, height = _stack_canvases(prediction, "predicted")
+    truth, truth_width, truth_height = _stack_canvases(reference, "ground-truth")
+    if (width, height) != (truth_width, truth_height):
+        raise ValueError(
+            f"LayerD metrics: the prediction is {width}x{height} but the ground truth is "
+            f"{truth_width}x{truth_height}"
+        )
+    scorer = _Scorer()
+    edited_prediction = _grouped(predicted, width, height)
+    edited_truth = _grouped(truth, width, height)
+
+    path, l1, iou, cost = _align(scorer, edited_prediction, edited_truth)
+    results = [LayerDScore(0, 0, l1, iou, cost)]
+    used = 0
+    while used < max_merges:
+        # The side being merged goes first in the cost, as in LayerD's code (RGB L1 is measured over the
+        # second argument's alpha), so the gains, and the merge chosen, are the same as there.
+        gain_p, index_p, merged_p = _best_merge(
+            scorer, (width, height), edited_prediction, edited_truth, path
+        )
+        flipped = [(j, i) for i, j in path]
+        gain_t, index_t, merged_t = _best_merge(
+            scorer, (width, height), edited_truth, edited_prediction, flipped
+        )
+        if merged_p is None and merged_t is None:
+            break
+        if gain_p > gain_t:
+            edited_prediction[index_p : index_p + 2] = [merged_p]
+        else:
+            edited_truth[index_t : index_t + 2] = [merged_t]
+        used += 1
+        path, l1, iou, cost = _align(scorer, edited_prediction, edited_truth)
+        results.append(LayerDScore(used, used, l1, iou, cost))
+    # A budget larger than the useful merges scores as the last useful one (how LayerD averages them).
+    last = results[-1]
+    results += [
+        LayerDScore(budget, last.merges_used, last.rgb_l1, last.alpha_iou, last.cost)
+        for budget in range(len(results), max_merges + 1)
+    ]
+    return results
+
+
+def mean_layerd_scores(samples: Sequence[Sequence[LayerDScore]]) -> list[LayerDScore]:
+    """Average per-sample :func:`layerd_scores` lists (same ``max_merges``) into one table row per budget;
+    ``merges_used`` becomes the rounded mean."""
+    if not samples:
+        raise ValueError("mean LayerD scores: expected at least one sample, got none")
+    budgets = len(samples[0])
+    if any(len(sample) != budgets for sample in samples):
+        raise ValueError("mean LayerD scores: every sample must be scored with the same max_merges")
+    table = []
+    for budget in range(budgets):
+        rows = [sample[budget] for sample in samples]
+        table.append(
+            LayerDScore(
+                merges=budget,
+                merges_used=round(float(np.mean([row.merges_used for row in rows]))),
+                rgb_l1=float(np.mean([row.rgb_l1 for row in rows])),
+                alpha_iou=float(np.mean([row.alpha_iou for row in rows])),
+                cost=float(np.mean([row.cost for row in rows])),
+            )
+        )
+    return table
