@@ -56,9 +56,7 @@ def noise_stack(size: int, layers: int) -> LayerStack:
     return LayerStack(
         size,
         size,
-        tuple(
-            Layer(rng.integers(0, 256, (size, size, 4), dtype=np.uint8), f"noise {i}") for i in range(layers)
-        ),
+        tuple(Layer(rng.integers(0, 256, (size, size, 4), dtype=np.uint8), f"noise {i}") for i in range(layers)),
     )
 
 
@@ -116,9 +114,7 @@ def main() -> None:
             save_psd(stack, psd_path)  # warm-up: first-touch page faults, imports
             composite_times = timed(lambda stack=stack: composite(stack), args.repeats)
             psd_times = timed(lambda stack=stack, path=psd_path: save_psd(stack, path), args.repeats)
-            zip_times = timed(
-                lambda stack=stack, path=zip_path: save_png_zip(stack, path), max(1, args.repeats // 2)
-            )
+            zip_times = timed(lambda stack=stack, path=zip_path: save_png_zip(stack, path), max(1, args.repeats // 2))
             print(
                 f"{name:<12} {statistics.median(composite_times):>12.3f} "
                 f"{statistics.median(psd_times):>18.3f} / {min(psd_times):.3f} "

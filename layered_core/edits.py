@@ -220,9 +220,7 @@ def resize(
     if center is None:
         box = layer.drawn_box() or layer.box
         center = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-    return stack.with_layer(
-        path, _map_subtree(layer, lambda item: resize_layer(item, scale, center, resample))
-    )
+    return stack.with_layer(path, _map_subtree(layer, lambda item: resize_layer(item, scale, center, resample)))
 
 
 # Structure -----------------------------------------------------------------------------------------------

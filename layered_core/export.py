@@ -73,9 +73,7 @@ def _png_bytes(pixels: np.ndarray, compress_level: int) -> bytes:
 
 def check_input_image(stack: LayerStack, image: np.ndarray | Image.Image, path: Path) -> np.ndarray:
     """The input image as uint8 RGBA, checked to be canvas-sized (the error names ``path``)."""
-    pixels = (
-        rgba_from_pil(image) if isinstance(image, Image.Image) else as_rgba(image, f"{path}: input image")
-    )
+    pixels = rgba_from_pil(image) if isinstance(image, Image.Image) else as_rgba(image, f"{path}: input image")
     if pixels.shape[:2] != (stack.height, stack.width):
         raise ExportError(
             f"{path}: the input image is {pixels.shape[1]}x{pixels.shape[0]}, expected the canvas size "

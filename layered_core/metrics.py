@@ -253,9 +253,7 @@ def _best_merge(
     return best
 
 
-def _stack_canvases(
-    layers: LayerStack | Sequence[np.ndarray], what: str
-) -> tuple[list[np.ndarray], int, int]:
+def _stack_canvases(layers: LayerStack | Sequence[np.ndarray], what: str) -> tuple[list[np.ndarray], int, int]:
     if isinstance(layers, LayerStack):
         canvases = [render_layer(layer, layers.width, layers.height) for layer in layers.layers]
     else:
@@ -300,8 +298,7 @@ def layerd_scores(
     truth, truth_width, truth_height = _stack_canvases(reference, "ground-truth")
     if (width, height) != (truth_width, truth_height):
         raise ValueError(
-            f"LayerD metrics: the prediction is {width}x{height} but the ground truth is "
-            f"{truth_width}x{truth_height}"
+            f"LayerD metrics: the prediction is {width}x{height} but the ground truth is {truth_width}x{truth_height}"
         )
     scorer = _Scorer()
     edited_prediction = _grouped(predicted, width, height)
@@ -313,13 +310,9 @@ def layerd_scores(
     while used < max_merges:
         # The side being merged goes first in the cost, as in LayerD's code (RGB L1 is measured over the
         # second argument's alpha), so the gains, and the merge chosen, are the same as there.
-        gain_p, index_p, merged_p = _best_merge(
-            scorer, (width, height), edited_prediction, edited_truth, path
-        )
+        gain_p, index_p, merged_p = _best_merge(scorer, (width, height), edited_prediction, edited_truth, path)
         flipped = [(j, i) for i, j in path]
-        gain_t, index_t, merged_t = _best_merge(
-            scorer, (width, height), edited_truth, edited_prediction, flipped
-        )
+        gain_t, index_t, merged_t = _best_merge(scorer, (width, height), edited_truth, edited_prediction, flipped)
         if merged_p is None and merged_t is None:
             break
         if gain_p > gain_t:

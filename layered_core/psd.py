@@ -243,9 +243,7 @@ def save_psd(
         image_resources=ImageResources.new(),
         layer_and_mask_information=LayerAndMaskInformation(
             # A negative count tells readers that the preview's fourth channel is its transparency.
-            layer_info=LayerInfo(
-                layer_count=-len(records), layer_records=records, channel_image_data=channel_data
-            ),
+            layer_info=LayerInfo(layer_count=-len(records), layer_records=records, channel_image_data=channel_data),
         ),
         image_data=image_data,
     )

@@ -66,8 +66,7 @@ def test_an_edit_leaves_every_other_layer_bit_identical(design, name, edit, edit
     changed = [
         path
         for path in edited_paths
-        if after.get(path).offset != before[path][1]
-        or not np.array_equal(after.get(path).pixels, before[path][2])
+        if after.get(path).offset != before[path][1] or not np.array_equal(after.get(path).pixels, before[path][2])
     ]
     assert changed
     assert_untouched(before, design, set())  # and the input stack itself is untouched

@@ -191,9 +191,7 @@ def test_stack_tensor_round_trip_crops_and_restores():
 def test_synthetic_designs_are_deterministic_and_have_what_they_promise():
     stack = synthetic_design(200, 150, layer_count=9, seed=6)
     again = synthetic_design(200, 150, layer_count=9, seed=6)
-    assert all(
-        np.array_equal(a.pixels, b.pixels) and a.offset == b.offset for a, b in zip(stack, again, strict=True)
-    )
+    assert all(np.array_equal(a.pixels, b.pixels) and a.offset == b.offset for a, b in zip(stack, again, strict=True))
     other = synthetic_design(200, 150, layer_count=9, seed=7)
     assert not np.array_equal(composite(stack), composite(other))
     background = stack[0]
@@ -208,7 +206,5 @@ def test_synthetic_designs_are_deterministic_and_have_what_they_promise():
         else:
             assert ((alpha > 0) & (alpha < 255)).any()  # anti-aliased or soft edges
     canvases = [render_layer(layer, 200, 150)[..., 3] > 0 for layer in stack.layers[1:]]
-    overlapping = sum(
-        bool((first & second).any()) for i, first in enumerate(canvases) for second in canvases[i + 1 :]
-    )
+    overlapping = sum(bool((first & second).any()) for i, first in enumerate(canvases) for second in canvases[i + 1 :])
     assert overlapping >= 2  # occlusion

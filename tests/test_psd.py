@@ -81,9 +81,7 @@ def test_psd_round_trip_through_psd_tools(tree, tmp_path):
         (160, 120),
     )
     assert np.array_equal(np.asarray(hidden.topil()), composite(tree))
-    read_back = [
-        ("group" if layer.is_group() else "pixel", layer.name, depth) for layer, depth in entries[1:]
-    ]
+    read_back = [("group" if layer.is_group() else "pixel", layer.name, depth) for layer, depth in entries[1:]]
     assert read_back == expected_records(tree)
     assert any(name == UNICODE_NAME for _, name, _ in read_back)
     # Every pixel layer: cut to its alpha box, at its offset, bit-exact.
@@ -142,9 +140,7 @@ def test_psd_round_trip_through_pillow(tree, tmp_path):
         assert len(image.layers) == len(records)
         rebuilt = Image.new("RGBA", image.size, (0, 0, 0, 0))
         checked = 0
-        for frame, ((name, _, bbox, _), expected) in enumerate(
-            zip(image.layers, records, strict=True), start=1
-        ):
+        for frame, ((name, _, bbox, _), expected) in enumerate(zip(image.layers, records, strict=True), start=1):
             if expected[0] != "pixels":
                 assert name == expected[1] and bbox == (0, 0, 0, 0)
                 continue
@@ -191,9 +187,7 @@ def test_layers_off_the_canvas_keep_their_pixels(tmp_path):
 
 def test_psd_refuses_what_it_cannot_hold(tmp_path):
     wide = LayerStack(30001, 2, (Layer(np.zeros((1, 1, 4), np.uint8)),))
-    with pytest.raises(
-        ExportError, match=r"wide.psd: the canvas is 30001x2 pixels; a PSD holds at most 30000"
-    ):
+    with pytest.raises(ExportError, match=r"wide.psd: the canvas is 30001x2 pixels; a PSD holds at most 30000"):
         save_psd(wide, tmp_path / "wide.psd")
     long_layer = np.full((1, 30001, 4), 255, np.uint8)
     with pytest.raises(ExportError, match="layer 'long' is 30001x1 pixels"):
@@ -211,9 +205,7 @@ def test_psd_refuses_what_it_cannot_hold(tmp_path):
 def test_names_longer_than_photoshop_allows_are_cut(tmp_path):
     long_name = "Ä" * 300
     stack = LayerStack(4, 4, (Layer(np.full((2, 2, 4), 255, np.uint8), long_name),))
-    path = save_psd(
-        stack, tmp_path / "long.psd", input_image=np.zeros((4, 4, 3), np.uint8), input_name="ü" * 256
-    )
+    path = save_psd(stack, tmp_path / "long.psd", input_image=np.zeros((4, 4, 3), np.uint8), input_name="ü" * 256)
     names = [layer.name for layer in PSDImage.open(path)]
     assert names == ["ü" * 255, "Ä" * 255]
 
