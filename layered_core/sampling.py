@@ -1,0 +1,147 @@
+"""Flow-matching sampling of the VLD-MMDiT: the reference schedule, Euler steps on the velocity and
+true classifier-free guidance, cond and uncond in one batched forward."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .mmdit import LATENT_CHANNELS, pack_latents, unpack_latents
+
+MAX_LAYERS = 20  # the model was trained with up to 20 layers
+
+
+class Cancelled(RuntimeError):
+    """Raised when a step callback asks to stop."""
+
+
+def schedule_shift(condition_tokens: int) -> float:
+    """mu = sqrt(tokens / 256): 2.5 for the 640 bucket (1600 tokens), 4.0 for 1024 (4096 tokens)."""
+    return math.sqrt(condition_tokens / 256)
+
+
+def sigmas(steps: int, mu: float) -> torch.Tensor:
+    """float32 (steps + 1,): linspace(1, 0) without its end, the linear time shift
+    mu / (mu + 1/sigma - 1) applied, then a final 0."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    base = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
+    shifted = mu / (mu + (1.0 / base - 1.0))
+    return torch.cat([shifted, torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
+
+
+def initial_noise(batch: int, layers: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """Seeded Gaussian noise (B, 16, N+1, h, w), drawn on the CPU in the reference's (B, N+1, 16, h, w)
+    order, so a seed gives the same noise on every device and in diffusers."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn(batch, layers + 1, LATENT_CHANNELS, height, width, generator=generator)
+    return noise.permute(0, 2, 1, 3, 4).contiguous()
+
+
+def guided_velocity(cond: torch.Tensor, uncond: torch.Tensor, scale: float, normalize: bool) -> torch.Tensor:
+    """True CFG, uncond + s * (cond - uncond); with ``normalize`` each 2x2 patch token is rescaled to the
+    norm of the conditional prediction (as the reference does on packed tokens)."""
+    guided = uncond + scale * (cond - uncond)
+    if not normalize:
+        return guided
+    frames, height, width = guided.shape[2:]
+    cond_tokens, guided_tokens = pack_latents(cond), pack_latents(guided)
+    ratio = cond_tokens.norm(dim=-1, keepdim=True) / guided_tokens.norm(dim=-1, keepdim=True)
+    return unpack_latents(guided_tokens * ratio, frames, height, width)
+
+
+@dataclass
+class StepInfo:
+    step: int  # 0-based index of the step just finished
+    total: int
+    sigma: float
+    latents: torch.Tensor  # the noisy latents after this step
+    denoised: torch.Tensor  # the model's estimate of the clean latents at this step (for previews)
+
+
+@dataclass
+class Conditioning:
+    """Prompt embeddings (B, L, D) with an optional boolean mask (B, L), True = real token."""
+
+    embeddings: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+def _pad_text(a: Conditioning, b: Conditioning) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """cond and uncond prompts of different lengths as one batch, padding masked out."""
+    length = max(a.embeddings.shape[1], b.embeddings.shape[1])
+    embeddings, masks = [], []
+    for c in (a, b):
+        batch, own, dim = c.embeddings.shape
+        mask = c.mask if c.mask is not None else torch.ones(batch, own, dtype=torch.bool, device=c.embeddings.device)
+        pad = length - own
+        embeddings.append(torch.cat([c.embeddings, c.embeddings.new_zeros(batch, pad, dim)], dim=1))
+        masks.append(torch.cat([mask.bool(), mask.new_zeros(batch, pad, dtype=torch.bool)], dim=1))
+    mask = torch.cat(masks)
+    return torch.cat(embeddings), (None if bool(mask.all()) else mask)
+
+
+@torch.no_grad()
+def sample(
+    model: Callable,
+    condition: torch.Tensor,
+    prompt: Conditioning,
+    negative: Conditioning | None,
+    layers: int,
+    steps: int = 50,
+    cfg_scale: float = 4.0,
+    cfg_normalize: bool = True,
+    seed: int = 0,
+    noise: torch.Tensor | None = None,
+    callback: Callable[[StepInfo], bool | None] | None = None,
+) -> torch.Tensor:
+    """Denoise N+1 frames (frame 0 the composite, 1..N the layers) for a condition latent.
+
+    model: ``model(latents, condition, text, sigma, text_mask)`` -> velocity, as :class:`VLDMMDiT`.
+    condition: normalised latent of the input image (B, 16, h, w). With ``cfg_scale > 1`` and a
+    negative prompt, cond and uncond run as one batch of 2B. ``callback`` is called after every step;
+    returning False (or raising) stops the run with :class:`Cancelled`.
+    Returns float32 latents (B, 16, N+1, h, w).
+    """
+    if not isinstance(layers, int) or not 1 <= layers <= MAX_LAYERS:
+        raise ValueError(f"layer count must be an integer from 1 to {MAX_LAYERS}, got {layers!r}")
+    if condition.ndim != 4 or condition.shape[1] != LATENT_CHANNELS:
+        raise ValueError(f"condition latent must be (B, {LATENT_CHANNELS}, h, w), got {tuple(condition.shape)}")
+    batch, _, height, width = condition.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"condition latent height and width must be even, got {height}x{width}")
+    if cfg_scale <= 0:
+        raise ValueError(f"cfg_scale must be positive, got {cfg_scale}")
+    device = condition.device
+
+    guided = cfg_scale > 1.0 and negative is not None
+    if guided:
+        text, mask = _pad_text(prompt, negative)
+        model_condition = torch.cat([condition, condition])
+    else:
+        text, mask = prompt.embeddings, prompt.mask
+        model_condition = condition
+
+    if noise is None:
+        noise = initial_noise(batch, layers, height, width, seed)
+    expected = (batch, LATENT_CHANNELS, layers + 1, height, width)
+    if tuple(noise.shape) != expected:
+        raise ValueError(f"noise must be {expected}, got {tuple(noise.shape)}")
+    latents = noise.to(device=device, dtype=torch.float32)
+    schedule = sigmas(steps, schedule_shift((height // 2) * (width // 2))).tolist()
+
+    for index in range(steps):
+        sigma, sigma_next = schedule[index], schedule[index + 1]
+        model_latents = torch.cat([latents, latents]) if guided else latents
+        sigma_batch = torch.full((model_latents.shape[0],), sigma, device=device)
+        velocity = model(model_latents, model_condition, text, sigma_batch, mask).float()
+        if guided:
+            velocity = guided_velocity(velocity[:batch], velocity[batch:], cfg_scale, cfg_normalize)
+        denoised = latents - sigma * velocity
+        latents = latents + (sigma_next - sigma) * velocity
+        if callback is not None and callback(StepInfo(index, steps, sigma, latents, denoised)) is False:
+            raise Cancelled(f"stopped after step {index + 1} of {steps}")
+    return latents
