@@ -1,4 +1,4 @@
-"""Command line: ``python -m layered_core {inspect,selftest}``."""
+"""Command line: ``python -m layered_core {decompose,inspect,selftest}``."""
 
 from __future__ import annotations
 
@@ -44,18 +44,114 @@ def _numel(shape) -> int:
     return n
 
 
+def _colour(text: str) -> tuple[int, int, int]:
+    text = text.lstrip("#")
+    if len(text) != 6:
+        raise argparse.ArgumentTypeError(f"colour must be RRGGBB hex, got {text!r}")
+    return tuple(int(text[i : i + 2], 16) for i in (0, 2, 4))
+
+
+def add_decompose_parser(sub) -> None:
+    from .pipeline import DecomposeOptions
+
+    d = DecomposeOptions()
+    p = sub.add_parser("decompose", help="decompose images into RGBA layers (PSD / PNG zip per image)")
+    p.add_argument("inputs", nargs="+", help="image files and folders of images")
+    p.add_argument("--out", required=True, help="output folder; one subfolder per image")
+    p.add_argument("--model", help="diffusers folder of Qwen/Qwen-Image-Layered (all three models)")
+    p.add_argument("--transformer", help="transformer file or folder (overrides --model)")
+    p.add_argument("--vae", help="VAE file or folder (overrides --model)")
+    p.add_argument("--text-encoder", help="folder with text_encoder/, tokenizer/, processor/ (overrides --model)")
+    p.add_argument("--layers", type=int, default=d.layers, help=f"layer count, 1..20 (default {d.layers})")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--cfg", type=float, default=d.cfg_scale, help="true-CFG scale; 1 turns guidance off")
+    p.add_argument("--no-cfg-normalize", action="store_true")
+    p.add_argument("--prompt", default=None, help="describe the whole image; empty = auto-caption")
+    p.add_argument("--negative-prompt", default=d.negative_prompt)
+    p.add_argument("--caption-language", choices=("en", "zh"), default=d.caption_language)
+    p.add_argument("--resolution", type=int, choices=(640, 1024), default=d.resolution)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--input-size", action="store_true", help="layers at the input's own size, not the bucket's")
+    p.add_argument("--background", type=_colour, help="flatten transparent input onto this RRGGBB colour")
+    p.add_argument("--split-depth", type=int, default=0, help="split every layer recursively this deep")
+    p.add_argument("--split-layers", type=int, default=2, help="sub-layers per split")
+    p.add_argument("--format", default="psd,zip", help="comma-separated: psd, zip, png")
+    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--fp8", choices=("keep", "dequantize"), default="keep", help="for fp8 transformer files")
+
+
+def decompose_command(args) -> int:
+    import logging
+    from pathlib import Path
+
+    import torch
+
+    from .batch import FORMATS, BatchSettings, find_images, run_batch, terminal_progress
+    from .pipeline import DecomposeOptions, LayeredPipeline
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        print(f"error: --format takes {', '.join(FORMATS)}; got {args.format!r}", file=sys.stderr)
+        return 2
+    try:
+        options = DecomposeOptions(
+            layers=args.layers,
+            steps=args.steps,
+            cfg_scale=args.cfg,
+            cfg_normalize=not args.no_cfg_normalize,
+            negative_prompt=args.negative_prompt,
+            resolution=args.resolution,
+            seed=args.seed,
+            caption_language=args.caption_language,
+            keep_input_size=args.input_size,
+            background=args.background,
+        )
+        if not 1 <= args.layers <= 20 or not 1 <= args.split_layers <= 20:
+            raise ValueError(
+                f"layer counts must be 1..20, got --layers {args.layers} --split-layers {args.split_layers}"
+            )
+        images = find_images(args.inputs)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not images:
+        print("error: no images found in the given inputs", file=sys.stderr)
+        return 2
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    try:
+        pipeline = LayeredPipeline.from_files(
+            args.model, args.transformer, args.vae, args.text_encoder, device=device, dtype=dtype, fp8=args.fp8
+        )
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    settings = BatchSettings(options, args.prompt, formats, args.split_depth, args.split_layers)
+    result = run_batch(pipeline, images, Path(args.out), settings, progress=terminal_progress)
+    print(f"{len(result.done)} done, {len(result.skipped)} skipped (already done), {len(result.failed)} failed")
+    for path, reason in result.failed.items():
+        print(f"  failed: {path}: {reason}")
+    return 1 if result.failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m layered_core", description="Qwen-Image-Layered in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_inspect = sub.add_parser("inspect", help="say what checkpoint files hold, without loading them")
     p_inspect.add_argument("paths", nargs="+", help="safetensors files, shard indexes or diffusers folders")
     sub.add_parser("selftest", help="tiny random models through every checkpoint layout and the models")
+    add_decompose_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "selftest":
         from .selftest import main as selftest_main
 
         return selftest_main()
+    if args.command == "decompose":
+        return decompose_command(args)
     failed = 0
     for path in args.paths:
         try:

@@ -1,0 +1,191 @@
+"""Decomposing many images: one output folder per image, a failure reported and the rest going on,
+finished images skipped on a rerun, and a summary."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .image import ImageError, open_image, resize_rgba
+from .layers import LayerStack
+from .pipeline import DecomposeOptions, LayeredPipeline
+from .sampling import Cancelled, StepInfo
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+FORMATS = ("psd", "zip", "png")
+DONE_FILE = "done.json"
+
+
+def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Image files named directly, and those in named folders (not recursive), sorted, each once."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.exists():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    unique: dict[Path, None] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), None)
+    return list(unique)
+
+
+def output_folder(out: Path, image: Path, images: list[Path]) -> Path:
+    """``out/<stem>``, with the suffix kept when two inputs share a stem."""
+    stems = [p.stem for p in images]
+    name = image.stem if stems.count(image.stem) == 1 else f"{image.stem}{image.suffix.replace('.', '_')}"
+    return out / name
+
+
+@dataclass
+class BatchSettings:
+    options: DecomposeOptions
+    prompt: str | None = None
+    formats: tuple[str, ...] = ("psd", "zip")
+    split_depth: int = 0  # split every layer this many levels deep
+    split_layers: int = 2
+
+    def fingerprint(self) -> str:
+        """What decides the output: a rerun with other settings does not skip."""
+        data = json.dumps({**asdict(self), "options": asdict(self.options)}, sort_keys=True, default=str)
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+@dataclass
+class BatchResult:
+    done: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: dict[Path, str] = field(default_factory=dict)
+
+
+def is_finished(folder: Path, fingerprint: str) -> bool:
+    try:
+        return json.loads((folder / DONE_FILE).read_text()).get("settings") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def split_recursively(pipeline: LayeredPipeline, stack: LayerStack, settings: BatchSettings, callback) -> LayerStack:
+    """Split every layer, then every sub-layer, down to ``split_depth`` levels."""
+    for depth in range(settings.split_depth):
+        paths = [path for path, layer in stack.walk() if len(path) == depth + 1 and not layer.is_split]
+        for path in paths:
+            try:
+                stack = pipeline.split(
+                    stack, path, settings.split_layers, options=settings.options, callback=callback, max_depth=depth + 1
+                )
+            except ValueError as e:  # an empty or tiny layer has nothing to split
+                logger.info("not splitting layer %s: %s", path, e)
+    return stack
+
+
+def write_outputs(
+    stack: LayerStack, folder: Path, formats: tuple[str, ...], image_path: Path, input_image
+) -> list[Path]:
+    from .export import save_png_zip
+    from .layers import render_layer, rgba_to_pil
+    from .psd import save_psd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "psd" in formats:
+        written.append(save_psd(stack, folder / "layers.psd", input_image=input_image))
+    if "zip" in formats:
+        written.append(save_png_zip(stack, folder / "layers.zip", input_image=input_image))
+    if "png" in formats:
+        for index, layer in enumerate(stack.layers):
+            target = folder / f"layer_{index + 1:02d}.png"
+            tmp = target.with_name(f".{target.name}.partial")
+            rgba_to_pil(render_layer(layer, stack.width, stack.height)).save(tmp, "PNG")
+            os.replace(tmp, target)
+            written.append(target)
+    return written
+
+
+def run_batch(
+    pipeline: LayeredPipeline,
+    images: list[Path],
+    out: Path,
+    settings: BatchSettings,
+    progress: Callable[[str], None] | None = None,
+) -> BatchResult:
+    """Decompose every image into ``out/<stem>/``; returns what was done, skipped and failed."""
+    import numpy as np
+
+    result = BatchResult()
+    fingerprint = settings.fingerprint()
+    total = len(images)
+    for number, image_path in enumerate(images, start=1):
+        folder = output_folder(out, image_path, images)
+        label = f"[{number}/{total}] {image_path.name}"
+        if is_finished(folder, fingerprint):
+            result.skipped.append(image_path)
+            _say(progress, f"{label}: already done, skipped")
+            continue
+        start = time.perf_counter()
+        try:
+            image = open_image(image_path)
+
+            def step(info: StepInfo, label=label) -> None:
+                _say(progress, f"{label}: step {info.step + 1}/{info.total}", transient=True)
+
+            decomposition = pipeline(image, settings.prompt, settings.options, callback=step)
+            stack = decomposition.stack()
+            stack = split_recursively(pipeline, stack, settings, step)
+            # the input itself rides along as a hidden bottom layer, at the canvas size
+            input_pixels = np.asarray(resize_rgba(image, stack.size))
+            write_outputs(stack, folder, settings.formats, image_path, input_pixels)
+            record = {
+                "settings": fingerprint,
+                "image": str(image_path),
+                "prompt": decomposition.prompt,
+                "layers": len(stack.layers),
+                "seconds": {k: round(v, 3) for k, v in decomposition.seconds.items()},
+            }
+            _atomic_text(folder / DONE_FILE, json.dumps(record, indent=2))
+            result.done.append(image_path)
+            _say(progress, f"{label}: done in {time.perf_counter() - start:.1f} s -> {folder}")
+        except (Cancelled, KeyboardInterrupt):
+            raise
+        except (ImageError, ValueError, OSError, RuntimeError) as e:
+            result.failed[image_path] = f"{type(e).__name__}: {e}"
+            logger.exception("failed: %s", image_path)
+            _say(progress, f"{label}: FAILED: {e}")
+    return result
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _say(progress, message: str, transient: bool = False) -> None:
+    if progress is not None:
+        progress(("\r" if transient else "") + message)
+
+
+def terminal_progress(message: str) -> None:
+    """Progress on stderr: step lines overwrite each other on a terminal, every line is kept otherwise."""
+    stream = sys.stderr
+    if message.startswith("\r"):
+        if stream.isatty():
+            stream.write("\r\033[K" + message[1:])
+            stream.flush()
+        return
+    if stream.isatty():
+        stream.write("\r\033[K")
+    stream.write(message + "\n")
+    stream.flush()

@@ -1,0 +1,243 @@
+"""Image -> RGBA layers: the decomposition pipeline, and recursive splitting of a layer.
+
+Data flows one way: image -> condition latent (VAE) -> prompt embeddings (Qwen2.5-VL) -> sampler
+(VLD-MMDiT) -> latent frames -> RGBA layers (VAE) -> layer stack.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .image import bucket_size, flatten, image_to_tensor, resize_layers, resize_rgba, to_rgba
+from .layers import LayerStack, attach_split, rgba_to_pil, stack_from_tensor
+from .sampling import Conditioning, StepInfo, sample
+
+logger = logging.getLogger(__name__)
+
+CAPTION_LANGUAGES = ("en", "zh")
+
+
+@dataclass(frozen=True)
+class DecomposeOptions:
+    """Settings of one decomposition; the defaults are the official app's."""
+
+    layers: int = 4
+    steps: int = 50
+    cfg_scale: float = 4.0
+    cfg_normalize: bool = True
+    negative_prompt: str = " "
+    resolution: int = 640
+    seed: int = 0
+    caption_language: str = "en"
+    keep_input_size: bool = False  # layers at the input's own size instead of the model's bucket
+    background: tuple[int, int, int] | None = None  # flatten RGBA input onto this colour first
+
+    def __post_init__(self):
+        if self.caption_language not in CAPTION_LANGUAGES:
+            raise ValueError(f"caption_language must be one of {CAPTION_LANGUAGES}, got {self.caption_language!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+
+
+@dataclass
+class Decomposition:
+    """The model's answer: N straight-alpha RGBA layers bottom to top, and its own composite (frame 0)."""
+
+    layers: torch.Tensor  # (N, 4, H, W) float32 in [0, 1]
+    composite: torch.Tensor  # (4, H, W) float32 in [0, 1]
+    prompt: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def stack(self, names: list[str] | None = None) -> LayerStack:
+        """The layers as a :class:`LayerStack`, each cut to its alpha box."""
+        return stack_from_tensor(self.layers.permute(0, 2, 3, 1), names=names)
+
+
+def _is_blank(prompt: str | None) -> bool:
+    return prompt is None or prompt.strip() == ""
+
+
+class LayeredPipeline:
+    """The three models and the steps between them.
+
+    ``transformer`` is a :class:`VLDMMDiT`, ``vae`` an :class:`RGBAVAE`, ``text_encoder`` an object with
+    ``encode(prompts) -> (embeddings, mask)`` and ``caption(image, language) -> str`` (see ``text.py``);
+    it may be None when every call passes ``prompt_embeddings``.
+    """
+
+    def __init__(self, transformer, vae, text_encoder=None):
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+
+    @classmethod
+    def from_files(
+        cls,
+        model: str | None = None,
+        transformer: str | None = None,
+        vae: str | None = None,
+        text_encoder: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        fp8: str = "dequantize",
+    ) -> LayeredPipeline:
+        """Load from a diffusers pipeline folder (``model``) and/or single files for each component."""
+        from .checkpoints import load_mmdit, load_vae
+        from .text import load_text_encoder
+
+        transformer = transformer or model
+        vae = vae or model
+        text_encoder = text_encoder or model
+        if transformer is None or vae is None:
+            raise ValueError("need a transformer and a VAE: pass a diffusers folder, or both files")
+        return cls(
+            load_mmdit(transformer, dtype=dtype, device=device, fp8=fp8),
+            load_vae(vae, dtype=dtype, device=device),
+            None if text_encoder is None else load_text_encoder(text_encoder, dtype=dtype, device=device),
+        )
+
+    # -- steps ---------------------------------------------------------------------------------------------
+
+    def prepare_image(self, image: Image.Image, options: DecomposeOptions) -> Image.Image:
+        """Straight RGBA at the model's bucket size (alpha kept, or flattened onto ``background``)."""
+        image = to_rgba(image)
+        if options.background is not None:
+            image = flatten(image, options.background)
+        return resize_rgba(image, bucket_size(*image.size, options.resolution))
+
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        """Normalised condition latent (1, 16, h, w) of a bucket-sized RGBA image."""
+        return self.vae.encode(image_to_tensor(image))
+
+    def encode_text(self, prompts: list[str]) -> Conditioning:
+        if self.text_encoder is None:
+            raise ValueError("no text encoder loaded: pass prompt_embeddings, or load one with load_text_encoder")
+        embeddings, mask = self.text_encoder.encode(prompts)
+        return Conditioning(embeddings, mask)
+
+    def caption(self, image: Image.Image, language: str = "en") -> str:
+        if self.text_encoder is None:
+            raise ValueError("the prompt is empty and no text encoder is loaded to caption the image")
+        return self.text_encoder.caption(image, language=language)
+
+    def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, 16, N+1, h, w) latents -> (layers (N, 4, H, W), composite (4, H, W))."""
+        frames = latents[0].transpose(0, 1)  # (N+1, 16, h, w): every frame decoded independently
+        images = self.vae.decode(frames)
+        return images[1:], images[0]
+
+    # -- the whole path ------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        image: Image.Image,
+        prompt: str | None = None,
+        options: DecomposeOptions | None = None,
+        callback: Callable[[StepInfo], bool | None] | None = None,
+        prompt_embeddings: tuple[Conditioning, Conditioning | None] | None = None,
+    ) -> Decomposition:
+        """Decompose ``image`` into ``options.layers`` RGBA layers.
+
+        An empty prompt is replaced by an auto-caption of the resized image. ``prompt_embeddings``
+        (cond, uncond) skips the text encoder.
+        """
+        options = options or DecomposeOptions()
+        seconds: dict[str, float] = {}
+        original_size = image.size
+        start = time.perf_counter()
+        prepared = self.prepare_image(image, options)
+        condition = self.encode_image(prepared)
+        seconds["encode image"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        if prompt_embeddings is not None:
+            positive, negative = prompt_embeddings
+        else:
+            if _is_blank(prompt):
+                prompt = self.caption(prepared, options.caption_language)
+                logger.info("auto-caption: %s", prompt)
+            positive = self.encode_text([prompt])
+            negative = self.encode_text([options.negative_prompt]) if options.cfg_scale > 1 else None
+        seconds["text"] = time.perf_counter() - start
+
+        device = _device_of(self.transformer)
+        dtype = getattr(self.transformer, "compute_dtype", torch.float32)
+        positive = _to(positive, device, dtype)
+        negative = None if negative is None else _to(negative, device, dtype)
+
+        start = time.perf_counter()
+        latents = sample(
+            self.transformer,
+            condition.to(device),
+            positive,
+            negative,
+            layers=options.layers,
+            steps=options.steps,
+            cfg_scale=options.cfg_scale,
+            cfg_normalize=options.cfg_normalize,
+            seed=options.seed,
+            callback=callback,
+        )
+        _synchronize(device)
+        seconds["sampling"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        layers, composite = self.decode(latents)
+        if options.keep_input_size:
+            both = resize_layers(torch.cat([layers, composite[None]]), original_size)
+            layers, composite = both[:-1], both[-1]
+        seconds["decode"] = time.perf_counter() - start
+        return Decomposition(layers.float().cpu(), composite.float().cpu(), prompt or "", seconds)
+
+    def split(
+        self,
+        stack: LayerStack,
+        path,
+        count: int,
+        prompt: str | None = None,
+        options: DecomposeOptions | None = None,
+        callback: Callable[[StepInfo], bool | None] | None = None,
+        max_depth: int = 3,
+    ) -> LayerStack:
+        """Split the layer at ``path`` into ``count`` sub-layers: a new stack whose tree holds them.
+
+        The layer's own pixels (its alpha box) are decomposed with their alpha kept, and the sub-layers
+        are brought back to the layer's size and position, so flattening the tree redraws the layer.
+        """
+        resolved = stack.resolve(path)
+        if len(resolved) > max_depth:
+            raise ValueError(f"layer {path!r} is at depth {len(resolved)}; splitting is limited to depth {max_depth}")
+        layer = stack.get(resolved)
+        if layer.is_split:
+            raise ValueError(f"layer {layer.name!r} is already split; split one of its sub-layers instead")
+        if layer.width < 8 or layer.height < 8 or not np.any(layer.pixels[..., 3]):
+            raise ValueError(f"layer {layer.name!r} is empty or smaller than 8x8 pixels: nothing to split")
+        options = replace(options or DecomposeOptions(), layers=count, keep_input_size=True, background=None)
+        result = self(rgba_to_pil(layer.pixels), prompt, options, callback)
+        names = [f"{layer.name} / {index + 1}" for index in range(count)]
+        sub_stack = stack_from_tensor(result.layers.permute(0, 2, 3, 1), names=names)
+        return attach_split(stack, resolved, sub_stack)
+
+
+def _to(conditioning: Conditioning, device, dtype) -> Conditioning:
+    mask = None if conditioning.mask is None else conditioning.mask.to(device)
+    return Conditioning(conditioning.embeddings.to(device=device, dtype=dtype), mask)
+
+
+def _device_of(module) -> torch.device:
+    try:
+        return next(module.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
