@@ -37,6 +37,7 @@ class DecomposeOptions:
     seed: int = 0
     caption_language: str = "en"
     keep_input_size: bool = False  # layers at the input's own size instead of the model's bucket
+    max_sequence_length: int = 512  # prompt tokens kept (the reference pipeline's default; at most 1024)
     background: tuple[int, int, int] | None = None  # flatten RGBA input onto this colour first
 
     def __post_init__(self):
@@ -44,6 +45,8 @@ class DecomposeOptions:
             raise ValueError(f"caption_language must be one of {CAPTION_LANGUAGES}, got {self.caption_language!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if not 1 <= self.max_sequence_length <= 1024:
+            raise ValueError(f"max_sequence_length must be in 1..1024, got {self.max_sequence_length}")
 
 
 @dataclass
@@ -116,10 +119,13 @@ class LayeredPipeline:
         """Normalised condition latent (1, 16, h, w) of a bucket-sized RGBA image."""
         return self.vae.encode(image_to_tensor(image))
 
-    def encode_text(self, prompts: list[str]) -> Conditioning:
+    def encode_text(self, prompts: list[str], max_sequence_length: int = 512) -> Conditioning:
+        """Prompt embeddings; like the reference, tokens past ``max_sequence_length`` are dropped."""
         if self.text_encoder is None:
             raise ValueError("no text encoder loaded: pass prompt_embeddings, or load one with load_text_encoder")
-        embeddings, mask = self.text_encoder.encode(prompts)
+        embeddings, mask = self.text_encoder.encode(prompts, max_sequence_length=max_sequence_length, truncate=True)
+        if embeddings.shape[1] == max_sequence_length:
+            logger.warning("a prompt reached %d tokens; anything longer was cut off", max_sequence_length)
         return Conditioning(embeddings, mask)
 
     def caption(self, image: Image.Image, language: str = "en") -> str:
@@ -163,8 +169,10 @@ class LayeredPipeline:
             if _is_blank(prompt):
                 prompt = self.caption(prepared, options.caption_language)
                 logger.info("auto-caption: %s", prompt)
-            positive = self.encode_text([prompt])
-            negative = self.encode_text([options.negative_prompt]) if options.cfg_scale > 1 else None
+            positive = self.encode_text([prompt], options.max_sequence_length)
+            negative = None
+            if options.cfg_scale > 1:
+                negative = self.encode_text([options.negative_prompt], options.max_sequence_length)
         seconds["text"] = time.perf_counter() - start
 
         device = _device_of(self.transformer)

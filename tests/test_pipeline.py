@@ -24,7 +24,7 @@ class FakeTextEncoder:
         self.prompts: list[str] = []
         self.captions = 0
 
-    def encode(self, prompts):
+    def encode(self, prompts, max_sequence_length=512, truncate=False):
         self.prompts.extend(prompts)
         out = []
         for prompt in prompts:
