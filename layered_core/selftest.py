@@ -1,5 +1,6 @@
 """Check an install without the 54 GB of weights: tiny random models written in every checkpoint
-layout a user can hold, loaded back through the real loaders, run, and compared."""
+layout a user can hold, loaded back through the real loaders, run and compared, then the whole
+path (caption, decomposition, recursive split, PSD) on a tiny model set."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from .checkpoints import load_mmdit, load_vae, save_mmdit
 from .mmdit import MMDiTConfig, VLDMMDiT
-from .vae import RGBAVAE, VAEConfig
+from .vae import RGBAVAE, VAEConfig, checkpoint_state_dict
 
 TRANSFORMER_LAYOUTS = {
     # layout -> largest relative max error allowed against the in-memory model
@@ -73,7 +74,7 @@ def run_selftest(workdir: str | Path | None = None) -> list[Check]:
             from safetensors.torch import save_file
 
             path = tmp / "qwen_image_layered_vae.safetensors"
-            save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+            save_file({k: v.contiguous() for k, v in checkpoint_state_dict(vae, "wan").items()}, str(path))
             loaded_vae = load_vae(path)
             image = torch.rand(2, 4, 64, 96, generator=gen)
             latent = loaded_vae.encode(image)
@@ -83,6 +84,45 @@ def run_selftest(workdir: str | Path | None = None) -> list[Check]:
             checks.append(Check("VAE, ComfyUI file: encode + decode", ok, f"latent {tuple(latent.shape)}"))
         except Exception as e:
             checks.append(Check("VAE, ComfyUI file: encode + decode", False, f"{type(e).__name__}: {e}"))
+        checks.extend(_whole_path(tmp))
+    return checks
+
+
+def _whole_path(tmp: Path) -> list[Check]:
+    """A tiny diffusers-layout folder of all three models, then image -> layers -> split -> PSD and ZIP."""
+    from psd_tools import PSDImage
+
+    from .layers import composite, rgba_to_pil
+    from .pipeline import DecomposeOptions, LayeredPipeline
+    from .psd import save_psd
+    from .synthetic import synthetic_design
+    from .tiny_models import write_tiny_set
+
+    checks: list[Check] = []
+    try:
+        folder = write_tiny_set(tmp / "Qwen-Image-Layered-tiny")
+        pipeline = LayeredPipeline.from_files(model=str(folder), dtype=torch.float32)
+        checks.append(Check("tiny pipeline folder: write + load", True, "transformer, vae, text encoder"))
+    except Exception as e:
+        return [Check("tiny pipeline folder: write + load", False, f"{type(e).__name__}: {e}")]
+
+    image = rgba_to_pil(composite(synthetic_design(320, 192, 4, seed=1)))
+    steps = []
+    try:
+        result = pipeline(image, "", DecomposeOptions(layers=3, steps=2), callback=lambda info: steps.append(info.step))
+        ok = result.layers.shape[:2] == (3, 4) and bool(result.prompt) and steps == [0, 1]
+        size = f"{result.layers.shape[-1]}x{result.layers.shape[-2]}"
+        checks.append(Check("decompose (auto-caption, 3 layers, 2 steps)", ok, f"3 layers at {size}"))
+        stack = pipeline.split(result.stack(), 0, 2, prompt="the bottom layer", options=DecomposeOptions(steps=1))
+        split_ok = len(stack.get(0).children) == 2
+        checks.append(Check("split layer 1 into 2 (recursion)", split_ok, f"{len(stack.get(0).children)} sub-layers"))
+        psd_path = save_psd(stack, tmp / "layers.psd")
+        read_back = PSDImage.open(psd_path)
+        groups = [layer for layer in read_back if layer.is_group()]
+        ok = len(groups) == 1 and len(list(read_back.descendants())) == 3 + 2
+        checks.append(Check("layered PSD written and read back", ok, f"{psd_path.stat().st_size} bytes"))
+    except Exception as e:
+        checks.append(Check("decompose -> split -> PSD", False, f"{type(e).__name__}: {e}"))
     return checks
 
 

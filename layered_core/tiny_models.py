@@ -284,8 +284,83 @@ def write_tiny_text_encoder(folder: str | Path, hidden_size: int = 48, seed: int
 
 # --------------------------------------------------------------------------- sets
 
+
+def tiny_transformer(seed: int = 0):
+    """The tiny VLD-MMDiT (``MMDiTConfig.tiny()``) with seeded weights at PyTorch's default scales."""
+    from .mmdit import MMDiTConfig, VLDMMDiT
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VLDMMDiT(MMDiTConfig.tiny()).eval().requires_grad_(False)
+
+
+def tiny_vae(seed: int = 0):
+    """The tiny RGBA-VAE (``VAEConfig.tiny()``) with seeded weights."""
+    from .vae import RGBAVAE, VAEConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return RGBAVAE(VAEConfig.tiny()).eval().requires_grad_(False)
+
+
+def write_tiny_transformer(folder: str | Path, seed: int = 0) -> Path:
+    """``transformer/``: config.json + sharded safetensors + index, as in the real folder."""
+    from .checkpoints import save_mmdit
+
+    model = tiny_transformer(seed)
+    return save_mmdit(model.state_dict(), Path(folder) / "transformer", layout="diffusers", config=model.config)
+
+
+def write_tiny_vae(folder: str | Path, seed: int = 0) -> Path:
+    """``vae/``: config.json (4 input channels, the latent statistics) + diffusers-named safetensors."""
+    from safetensors.torch import save_file
+
+    from .vae import checkpoint_state_dict
+
+    model = tiny_vae(seed)
+    config = model.config
+    target = Path(folder) / "vae"
+    target.mkdir(parents=True, exist_ok=True)
+    diffusers_config = {
+        "_class_name": "AutoencoderKLQwenImage",
+        "base_dim": config.base_dim,
+        "z_dim": config.z_dim,
+        "dim_mult": list(config.dim_mult),
+        "num_res_blocks": config.num_res_blocks,
+        "attn_scales": [],
+        "temperal_downsample": [False, True, True],
+        "dropout": 0.0,
+        "input_channels": config.image_channels,
+        "latents_mean": list(config.latents_mean),
+        "latents_std": list(config.latents_std),
+    }
+    (target / "config.json").write_text(json.dumps(diffusers_config, indent=2))
+    tensors = {k: v.contiguous() for k, v in checkpoint_state_dict(model, "diffusers").items()}
+    save_file(tensors, str(target / "diffusion_pytorch_model.safetensors"))
+    return target
+
+
+def write_model_index(folder: str | Path, seed: int = 0) -> Path:
+    index = {
+        "_class_name": "QwenImageLayeredPipeline",
+        "processor": ["transformers", "Qwen2VLProcessor"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage"],
+    }
+    path = Path(folder) / "model_index.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(index, indent=2))
+    return path
+
+
 # component name -> writer(folder, seed=...) saving that component in the diffusers folder layout.
 TINY_WRITERS: dict[str, Callable[..., object]] = {
+    "model_index": write_model_index,
+    "transformer": write_tiny_transformer,
+    "vae": write_tiny_vae,
     "text_encoder": write_tiny_text_encoder,
 }
 

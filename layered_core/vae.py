@@ -474,6 +474,93 @@ def wan_names_from_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str
     return {wan_key_from_diffusers(k, up_stride): v for k, v in state_dict.items()}
 
 
+_WAN_TO_RESNET = {v: k for k, v in _RESNET_NAMES.items()}
+
+
+def _diffusers_tail(tail: str) -> str:
+    """Rename the inside of one block from Wan to diffusers (inverse of :func:`_wan_tail`)."""
+    if m := re.fullmatch(r"(residual\.\d+)\.(.+)", tail):
+        return f"{_WAN_TO_RESNET.get(m[1], m[1])}.{m[2]}"
+    if tail.startswith("shortcut."):
+        return "conv_shortcut." + tail[len("shortcut.") :]
+    return tail
+
+
+def diffusers_key_from_wan(key: str, up_stride: int) -> str:
+    """The diffusers name of one Wan-named VAE key (inverse of :func:`wan_key_from_diffusers`)."""
+    for wan, diffusers in (("conv1.", "quant_conv."), ("conv2.", "post_quant_conv.")):
+        if key.startswith(wan):
+            return diffusers + key[len(wan) :]
+    part, _, tail = key.partition(".")
+    if m := re.fullmatch(r"conv1\.(.+)", tail):
+        return f"{part}.conv_in.{m[1]}"
+    if m := re.fullmatch(r"head\.0\.(.+)", tail):
+        return f"{part}.norm_out.{m[1]}"
+    if m := re.fullmatch(r"head\.2\.(.+)", tail):
+        return f"{part}.conv_out.{m[1]}"
+    if m := re.fullmatch(r"middle\.(\d+)\.(.+)", tail):
+        index = int(m[1])
+        if index % 2:
+            return f"{part}.mid_block.attentions.{index // 2}.{m[2]}"
+        return f"{part}.mid_block.resnets.{index // 2}.{_diffusers_tail(m[2])}"
+    if m := re.fullmatch(r"downsamples\.(\d+)\.(.+)", tail):
+        return f"{part}.down_blocks.{m[1]}.{_diffusers_tail(m[2])}"
+    if m := re.fullmatch(r"upsamples\.(\d+)\.(.+)", tail):
+        level, index = divmod(int(m[1]), up_stride)
+        if index == up_stride - 1:
+            return f"{part}.up_blocks.{level}.upsamplers.0.{m[2]}"
+        return f"{part}.up_blocks.{level}.resnets.{index}.{_diffusers_tail(m[2])}"
+    return key
+
+
+# Wan modules that are causal 3D convolutions in the released checkpoints (the rest are 2D convolutions).
+_CONV3D = re.compile(r"^(conv[12]|(encoder|decoder)\.(conv1|head\.2|.*\.residual\.[26]|.*\.shortcut))\.weight$")
+
+
+def checkpoint_state_dict(model: RGBAVAE, layout: str = "wan") -> dict[str, torch.Tensor]:
+    """This 2D model's weights in the released 3D layout: ``"wan"`` (ComfyUI's single file) or
+    ``"diffusers"`` (the ``vae/`` folder of Qwen/Qwen-Image-Layered).
+
+    A 3x3 kernel becomes a 3x3x3 one whose earlier temporal taps are zero, and the temporal resamplers
+    get zero weights: on a single frame (the only input this model sees) the 3D network computes
+    exactly what this one does.
+    """
+    if layout not in ("wan", "diffusers"):
+        raise ValueError(f"layout must be 'wan' or 'diffusers', got {layout!r}")
+    config = model.config
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        value = value.detach()
+        if _CONV3D.match(key):
+            taps = value.shape[-1]
+            kernel = value.new_zeros(*value.shape[:2], taps, *value.shape[2:])
+            kernel[:, :, -1] = value
+            value = kernel
+        elif key.endswith(".gamma") and ".middle.1." not in key:
+            value = value.reshape(-1, 1, 1, 1)
+        out[key] = value
+    levels = len(config.dim_mult)
+    dims = [config.base_dim * m for m in config.dim_mult]
+    stride = config.num_res_blocks + 1
+    # Qwen-Image's temporal layout: the encoder's last two downsamplers and the decoder's first two
+    # upsamplers are the 3D ones.
+    for level in range(1, levels - 1):
+        index = level * stride + config.num_res_blocks
+        dim = dims[level]
+        out[f"encoder.downsamples.{index}.time_conv.weight"] = torch.zeros(dim, dim, 3, 1, 1)
+        out[f"encoder.downsamples.{index}.time_conv.bias"] = torch.zeros(dim)
+    up_stride = config.num_res_blocks + 2
+    decoder_dims = [config.base_dim * m for m in (config.dim_mult[-1], *config.dim_mult[::-1])]
+    for level in range(min(2, levels - 1)):
+        dim = decoder_dims[level + 1]
+        index = level * up_stride + up_stride - 1
+        out[f"decoder.upsamples.{index}.time_conv.weight"] = torch.zeros(2 * dim, dim, 3, 1, 1)
+        out[f"decoder.upsamples.{index}.time_conv.bias"] = torch.zeros(2 * dim)
+    if layout == "diffusers":
+        out = {diffusers_key_from_wan(k, up_stride): v for k, v in out.items()}
+    return out
+
+
 def _wan_names(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     return wan_names_from_diffusers(state_dict) if _is_diffusers_layout(state_dict) else state_dict
 

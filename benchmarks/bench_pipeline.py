@@ -1,0 +1,146 @@
+"""One whole decomposition with full-size random models on a GPU: wall time split into image encoding,
+text encoding, sampling and decoding. Prints a table.
+
+    python benchmarks/bench_pipeline.py                     # 640 px, 4 layers, 50 steps
+    python benchmarks/bench_pipeline.py --tiny --steps 2    # CPU smoke test of this script
+
+The text encoder is Qwen2.5-VL-7B's shape with random weights; the real tokenizer cannot be had
+offline, so prompts are tokenised by the tiny offline tokenizer (a longer token sequence than Qwen's
+for the same words: the prompt is cut to --prompt-tokens tokens to stay representative).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_mmdit import random_weights_, sync  # noqa: E402
+
+from layered_core.mmdit import MMDiTConfig, VLDMMDiT  # noqa: E402
+from layered_core.pipeline import DecomposeOptions, LayeredPipeline  # noqa: E402
+from layered_core.text import PromptEncoder  # noqa: E402
+from layered_core.tiny_models import tiny_text_encoder_set, tiny_tokenizer  # noqa: E402
+from layered_core.vae import RGBAVAE, VAEConfig  # noqa: E402
+
+# Qwen2.5-VL-7B-Instruct's shape (config.json of the release).
+QWEN25_VL_7B_TEXT = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=128000,
+    tie_word_embeddings=False,
+    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+    rope_theta=1000000.0,
+)
+QWEN25_VL_7B_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    out_hidden_size=3584,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    hidden_act="silu",
+)
+
+
+def full_text_encoder(device, dtype) -> PromptEncoder:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION)
+    # Built directly on the GPU in the target dtype: transformers' own init, and the rotary buffers right.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.eval().requires_grad_(False)
+    return PromptEncoder(model, tiny_tokenizer())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=640)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--prompt-tokens", type=int, default=200)
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: a smoke test of this script")
+    args = parser.parse_args()
+
+    device = "cpu" if args.tiny else "cuda"
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    t0 = time.perf_counter()
+    if args.tiny:
+        torch.manual_seed(0)
+        transformer = VLDMMDiT(MMDiTConfig.tiny()).eval().requires_grad_(False)
+        vae = RGBAVAE(VAEConfig.tiny()).eval().requires_grad_(False)
+        model, tokenizer, image_processor = tiny_text_encoder_set(MMDiTConfig.tiny().text_dim)
+        text_encoder = PromptEncoder(model, tokenizer, image_processor)
+    else:
+        with torch.device("meta"):
+            transformer = VLDMMDiT(MMDiTConfig.full(), dtype=dtype)
+        transformer = transformer.to_empty(device=device).eval().requires_grad_(False)
+        random_weights_(transformer)
+        transformer.compute_dtype = dtype
+        vae = RGBAVAE(VAEConfig.full(), dtype=dtype, device=device).eval().requires_grad_(False)
+        text_encoder = full_text_encoder(device, dtype)
+    sync()
+    print(f"models built in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    words = "a poster with a red title, a photo of a cat on a sofa, soft shadows and a white frame"
+    prompt = words
+    while len(text_encoder.tokenizer(prompt).input_ids) < args.prompt_tokens:
+        prompt += " " + words
+    ids = text_encoder.tokenizer(prompt).input_ids[: args.prompt_tokens]
+    prompt = text_encoder.tokenizer.decode(ids)
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8), "RGB")
+    pipeline = LayeredPipeline(transformer, vae, text_encoder)
+    options = DecomposeOptions(layers=args.layers, steps=args.steps, resolution=args.resolution)
+
+    # first call compiles nothing, but warms cuDNN/cuBLAS heuristics and the allocator: time it apart
+    warm = pipeline(image, prompt, DecomposeOptions(layers=args.layers, steps=1, resolution=args.resolution))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = pipeline(image, prompt, options)
+    total = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    height, width = result.layers.shape[-2:]
+    print()
+    print(
+        f"decomposition, {'tiny' if args.tiny else 'full-size'} random models, {dtype}, {name}: input 1280x720 -> "
+        f"{width}x{height}, {args.layers} layers, {args.steps} steps, CFG 4.0 (cond+uncond batched), "
+        f"prompt {args.prompt_tokens} tokens"
+    )
+    print(f"{'stage':<16} {'seconds':>9}")
+    for stage, seconds in result.seconds.items():
+        print(f"{stage:<16} {seconds:>9.2f}")
+    print(f"{'total':<16} {total:>9.2f}")
+    print(f"per step: {result.seconds['sampling'] / args.steps:.3f} s; peak GPU memory {peak:.1f} GiB")
+    print(f"first call (1 step, warm-up): {sum(warm.seconds.values()):.2f} s")
+    print(f"layers finite: {bool(torch.isfinite(result.layers).all())}")
+
+
+if __name__ == "__main__":
+    main()
