@@ -55,15 +55,46 @@ def conditioning(batch, length, value, pad=0):
     return Conditioning(embeddings, mask)
 
 
-def test_cond_and_uncond_run_as_one_batch():
+def test_equal_length_cond_and_uncond_run_as_one_batch():
     model = RecordingModel()
     condition = torch.randn(1, 16, 4, 6)
-    out = sample(model, condition, conditioning(1, 5, 1.0), conditioning(1, 2, -1.0), layers=3, steps=4, seed=7)
+    out = sample(model, condition, conditioning(1, 5, 1.0), conditioning(1, 5, -1.0), layers=3, steps=4, seed=7)
     assert out.shape == (1, 16, 4, 4, 6)
-    assert [c[0] for c in model.calls] == [2] * 4  # one batched forward per step
+    assert [c[0] for c in model.calls] == [2] * 4  # one batched forward per step, no padding mask
     batch, length, mask, sigma = model.calls[0]
-    assert length == 5 and mask[1].tolist() == [True, True, False, False, False]
+    assert length == 5 and mask is None
     assert torch.equal(sigma, torch.ones(2))
+
+
+def test_unequal_prompts_run_unmasked_and_agree_with_the_padded_batch():
+    """Prompts of different lengths: two unmasked forwards, same result as one padded, masked batch."""
+    from layered_core.mmdit import MMDiTConfig, VLDMMDiT
+
+    torch.manual_seed(0)
+    model = VLDMMDiT(MMDiTConfig.tiny()).eval()
+    calls = []
+
+    def recording(latents, condition, text, sigma, mask):
+        calls.append((latents.shape[0], mask))
+        return model(latents, condition, text, sigma, mask)
+
+    condition = torch.randn(1, 16, 4, 6)
+    positive = Conditioning(torch.randn(1, 7, 48))
+    negative = Conditioning(torch.randn(1, 2, 48))
+    out = sample(recording, condition, positive, negative, layers=2, steps=2, seed=3)
+    assert [(b, m) for b, m in calls] == [(1, None)] * 4
+
+    # the same step done as one padded batch with a mask
+    latents = initial_noise(1, 2, 4, 6, seed=3)
+    text = torch.cat([positive.embeddings, torch.cat([negative.embeddings, torch.zeros(1, 5, 48)], 1)])
+    mask = torch.tensor([[True] * 7, [True] * 2 + [False] * 5])
+    schedule = sigmas(2, schedule_shift(6))
+    x = latents
+    for i in range(2):
+        with torch.no_grad():
+            both = model(torch.cat([x, x]), torch.cat([condition, condition]), text, schedule[i].repeat(2), mask)
+        x = x + (schedule[i + 1] - schedule[i]) * guided_velocity(both[:1], both[1:], 4.0, True)
+    assert torch.allclose(out, x, atol=1e-5)
 
 
 def test_no_uncond_pass_without_guidance():
