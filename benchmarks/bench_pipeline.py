@@ -130,7 +130,7 @@ def main() -> None:
     print()
     print(
         f"decomposition, {'tiny' if args.tiny else 'full-size'} random models, {dtype}, {name}: input 1280x720 -> "
-        f"{width}x{height}, {args.layers} layers, {args.steps} steps, CFG 4.0 (cond+uncond batched), "
+        f"{width}x{height}, {args.layers} layers, {args.steps} steps, CFG 4.0 (prompt and ' ' as two forwards), "
         f"prompt {args.prompt_tokens} tokens"
     )
     print(f"{'stage':<16} {'seconds':>9}")

@@ -160,6 +160,7 @@ class LayeredPipeline:
         start = time.perf_counter()
         prepared = self.prepare_image(image, options)
         condition = self.encode_image(prepared)
+        _synchronize(condition.device)
         seconds["encode image"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -173,6 +174,7 @@ class LayeredPipeline:
             negative = None
             if options.cfg_scale > 1:
                 negative = self.encode_text([options.negative_prompt], options.max_sequence_length)
+        _synchronize(positive.embeddings.device)
         seconds["text"] = time.perf_counter() - start
 
         device = _device_of(self.transformer)
@@ -201,8 +203,9 @@ class LayeredPipeline:
         if options.keep_input_size:
             both = resize_layers(torch.cat([layers, composite[None]]), original_size)
             layers, composite = both[:-1], both[-1]
+        layers, composite = layers.float().cpu(), composite.float().cpu()
         seconds["decode"] = time.perf_counter() - start
-        return Decomposition(layers.float().cpu(), composite.float().cpu(), prompt or "", seconds)
+        return Decomposition(layers, composite, prompt or "", seconds)
 
     def split(
         self,
