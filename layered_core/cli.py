@@ -130,7 +130,11 @@ def decompose_command(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     settings = BatchSettings(options, args.prompt, formats, args.split_depth, args.split_layers)
-    result = run_batch(pipeline, images, Path(args.out), settings, progress=terminal_progress)
+    try:
+        result = run_batch(pipeline, images, Path(args.out), settings, progress=terminal_progress)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished images are kept; run the same command again to go on", file=sys.stderr)
+        return 130
     print(f"{len(result.done)} done, {len(result.skipped)} skipped (already done), {len(result.failed)} failed")
     for path, reason in result.failed.items():
         print(f"  failed: {path}: {reason}")
