@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -42,11 +43,23 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return list(unique)
 
 
+def _safe_name(text: str) -> str:
+    """A folder name made only of safe characters, never '.', '..' or hidden."""
+    name = re.sub(r"[^A-Za-z0-9._ -]+", "_", text).strip(" .")
+    return name or "image"
+
+
 def output_folder(out: Path, image: Path, images: list[Path]) -> Path:
-    """``out/<stem>``, with the suffix kept when two inputs share a stem."""
-    stems = [p.stem for p in images]
-    name = image.stem if stems.count(image.stem) == 1 else f"{image.stem}{image.suffix.replace('.', '_')}"
-    return out / name
+    """``out/<stem>``; inputs whose stems collide get a short hash of their full path appended, so no two
+    inputs share a folder. The name is sanitised, so the folder is always directly inside ``out``."""
+    stems = [_safe_name(p.stem) for p in images]
+    name = _safe_name(image.stem)
+    if stems.count(name) > 1:
+        name = f"{name}-{hashlib.sha256(str(image.resolve()).encode()).hexdigest()[:8]}"
+    folder = out / name
+    if folder.resolve().parent != out.resolve():
+        raise ValueError(f"{image}: output folder {folder} would not be inside {out}")
+    return folder
 
 
 @dataclass
@@ -70,10 +83,17 @@ class BatchResult:
     failed: dict[Path, str] = field(default_factory=dict)
 
 
-def is_finished(folder: Path, fingerprint: str) -> bool:
+def _source_id(image: Path) -> dict:
+    """Which input file, as it is now: a changed file is decomposed again."""
+    stat = image.stat()
+    return {"image": str(image.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def is_finished(folder: Path, fingerprint: str, image: Path) -> bool:
     try:
-        return json.loads((folder / DONE_FILE).read_text()).get("settings") == fingerprint
-    except (OSError, ValueError):
+        record = json.loads((folder / DONE_FILE).read_text())
+        return record.get("settings") == fingerprint and record.get("source") == _source_id(image)
+    except (OSError, ValueError, AttributeError):
         return False
 
 
@@ -99,6 +119,9 @@ def write_outputs(
     from .psd import save_psd
 
     folder.mkdir(parents=True, exist_ok=True)
+    # a rerun with fewer layers must not leave the old run's extra PNGs beside the new ones
+    for stale in folder.glob("layer_*.png"):
+        stale.unlink()
     written = []
     if "psd" in formats:
         written.append(save_psd(stack, folder / "layers.psd", input_image=input_image))
@@ -128,14 +151,15 @@ def run_batch(
     fingerprint = settings.fingerprint()
     total = len(images)
     for number, image_path in enumerate(images, start=1):
-        folder = output_folder(out, image_path, images)
         label = f"[{number}/{total}] {image_path.name}"
-        if is_finished(folder, fingerprint):
-            result.skipped.append(image_path)
-            _say(progress, f"{label}: already done, skipped")
-            continue
         start = time.perf_counter()
         try:
+            folder = output_folder(out, image_path, images)
+            if is_finished(folder, fingerprint, image_path):
+                result.skipped.append(image_path)
+                _say(progress, f"{label}: already done, skipped")
+                continue
+            (folder / DONE_FILE).unlink(missing_ok=True)
             image = open_image(image_path)
 
             def step(info: StepInfo, label=label) -> None:
@@ -143,12 +167,16 @@ def run_batch(
 
             decomposition = pipeline(image, settings.prompt, settings.options, callback=step)
             stack = decomposition.stack()
-            stack = split_recursively(pipeline, stack, settings, step)
             # the input itself rides along as a hidden bottom layer, at the canvas size
             input_pixels = np.asarray(resize_rgba(image, stack.size))
+            # the decomposition is written before any split, so a failed split loses no finished work
             write_outputs(stack, folder, settings.formats, image_path, input_pixels)
+            if settings.split_depth:
+                stack = split_recursively(pipeline, stack, settings, step)
+                write_outputs(stack, folder, settings.formats, image_path, input_pixels)
             record = {
                 "settings": fingerprint,
+                "source": _source_id(image_path),
                 "image": str(image_path),
                 "prompt": decomposition.prompt,
                 "layers": len(stack.layers),

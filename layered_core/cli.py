@@ -121,6 +121,18 @@ def decompose_command(args) -> int:
         print("error: no images found in the given inputs", file=sys.stderr)
         return 2
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {device}, but this torch build sees no CUDA GPU; use --device cpu", file=sys.stderr)
+        return 2
+    if not (args.text_encoder or args.model):
+        # every image needs it (prompt embeddings, and the caption when --prompt is empty): say so before
+        # spending minutes loading the other models
+        print(
+            "error: no text encoder: pass --model (the diffusers folder) or --text-encoder (a folder with "
+            "text_encoder/ and tokenizer/); ComfyUI's single-file text encoders are not read by this command",
+            file=sys.stderr,
+        )
+        return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
         pipeline = LayeredPipeline.from_files(
@@ -128,6 +140,13 @@ def decompose_command(args) -> int:
         )
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print(
+            f"error: out of memory loading the models on {device}: use the fp8 transformer file (kept in fp8), "
+            "or --device cpu",
+            file=sys.stderr,
+        )
         return 2
     settings = BatchSettings(options, args.prompt, formats, args.split_depth, args.split_layers)
     try:

@@ -32,6 +32,8 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ImageError(f"{path}: not a readable image ({e})") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: refused, the image is too large to open safely ({e})") from None
 
 
 def to_rgba(image: Image.Image, name: str = "image") -> Image.Image:

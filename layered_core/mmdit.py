@@ -269,8 +269,9 @@ class DualStreamBlock(nn.Module):
         img = torch.addcmul(img, img_gate2, img_mlp)
         txt_mlp = self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2).to(dtype))
         txt = torch.addcmul(txt, txt_gate2, txt_mlp)
-        if txt.dtype == torch.float16:
-            # fp16 activations of this model overflow without the clip the reference applies.
+        if dtype == torch.float16:
+            # fp16 activations of this model overflow; like the reference, clip the streams to fp16's range
+            # (an inf update would otherwise turn into NaN in the next LayerNorm).
             img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
         return img, txt
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .image import bucket_size, flatten, image_to_tensor, resize_layers, resize_rgba, to_rgba
+from .image import BUCKETS, bucket_size, flatten, image_to_tensor, resize_layers, resize_rgba, to_rgba
 from .layers import LayerStack, attach_split, rgba_to_pil, stack_from_tensor
-from .sampling import Conditioning, StepInfo, sample
+from .sampling import MAX_LAYERS, Conditioning, StepInfo, sample
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,13 @@ class DecomposeOptions:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if not 1 <= self.max_sequence_length <= 1024:
             raise ValueError(f"max_sequence_length must be in 1..1024, got {self.max_sequence_length}")
+        # checked here, before any model runs, so a bad setting costs nothing
+        if not isinstance(self.layers, int) or not 1 <= self.layers <= MAX_LAYERS:
+            raise ValueError(f"layer count must be an integer from 1 to {MAX_LAYERS}, got {self.layers!r}")
+        if not self.cfg_scale > 0:
+            raise ValueError(f"cfg_scale must be positive, got {self.cfg_scale}")
+        if self.resolution not in BUCKETS:
+            raise ValueError(f"resolution must be one of {BUCKETS}, got {self.resolution}")
 
 
 @dataclass
@@ -89,7 +96,7 @@ class LayeredPipeline:
         text_encoder: str | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.bfloat16,
-        fp8: str = "dequantize",
+        fp8: str = "keep",
     ) -> LayeredPipeline:
         """Load from a diffusers pipeline folder (``model``) and/or single files for each component."""
         from .checkpoints import load_mmdit, load_vae
@@ -133,10 +140,14 @@ class LayeredPipeline:
             raise ValueError("the prompt is empty and no text encoder is loaded to caption the image")
         return self.text_encoder.caption(image, language=language)
 
-    def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, 16, N+1, h, w) latents -> (layers (N, 4, H, W), composite (4, H, W))."""
-        frames = latents[0].transpose(0, 1)  # (N+1, 16, h, w): every frame decoded independently
-        images = self.vae.decode(frames)
+    def decode(self, latents: torch.Tensor, frames_per_batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, 16, N+1, h, w) latents -> (layers (N, 4, H, W), composite (4, H, W)), on the CPU.
+
+        Frames are decoded independently, a few at a time: the decoder's activations grow with the
+        batch (13 GiB for 11 frames at 1024 px), so 20 layers in one batch would not fit beside the
+        transformer."""
+        frames = latents[0].transpose(0, 1)  # (N+1, 16, h, w)
+        images = torch.cat([self.vae.decode(chunk).cpu() for chunk in frames.split(frames_per_batch)])
         return images[1:], images[0]
 
     # -- the whole path ------------------------------------------------------------------------------------

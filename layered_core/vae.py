@@ -42,6 +42,8 @@ QWEN_IMAGE_LATENTS_STD = (
 # Through the decoder's convs one latent pixel reaches about 12 latent pixels (measured with the attention
 # switched off), so a 16 px crossfade keeps most border error of each tile where its weight is small.
 DEFAULT_TILE = 128
+# latent pixels above which decode(tile=None) tiles: 1.5x a 1024x1024 image, more than any size bucket
+AUTO_TILE_AREA = 3 * DEFAULT_TILE * DEFAULT_TILE // 2
 DEFAULT_OVERLAP = 16
 
 _RGBA_VAE_HINT = (
@@ -321,18 +323,24 @@ class RGBAVAE(nn.Module):
         latent: (B, 16, h, w) normalised as :meth:`encode` returns them; layers go in as the batch and are
         decoded independently. Returns float32 (B, 4, 8h, 8w) in [0, 1].
 
-        tile: largest tile side in latent pixels; ``None`` uses 128, so only sides over 1024 px are tiled;
-        0 never tiles. overlap: crossfade width between tiles in latent pixels, at most a third of ``tile``.
-        Tiles see only their own part of the image in the mid-block's global attention, so tiled output
-        approximates the untiled one; the crossfade hides the seams.
+        tile: largest tile side in latent pixels; ``None`` tiles (with 128) only latents larger than
+        ``AUTO_TILE_AREA``, i.e. never at the model's size buckets; 0 never tiles. overlap: crossfade width
+        between tiles in latent pixels, at most a third of ``tile``. Tiles see only their own part of the
+        image in the mid-block's global attention, so tiled output approximates the untiled one; the
+        crossfade hides the seams.
         """
         if latent.ndim != 4 or latent.shape[1] != self.config.z_dim:
             raise ValueError(
                 f"decode expects a latent of shape (B, {self.config.z_dim}, h, w) with the layers as the batch, "
                 f"got {tuple(latent.shape)}"
             )
-        tile = DEFAULT_TILE if tile is None else tile
         height, width = latent.shape[-2:]
+        if tile is None:
+            # Tiling changes the result (the mid-block attention sees one tile), so the model's own bucket
+            # sizes (about 1 MP, any aspect) decode whole; only larger images are tiled.
+            if height * width <= AUTO_TILE_AREA:
+                return self._decode_tile(latent)
+            tile = DEFAULT_TILE
         if tile <= 0 or (height <= tile and width <= tile):
             return self._decode_tile(latent)
         return decode_tiled(self._decode_tile, latent, self.config.spatial_ratio, tile, overlap)

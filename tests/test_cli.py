@@ -77,7 +77,9 @@ def test_decompose_command_reports_failures_and_resumes(tiny_folder, tmp_path, c
 def test_decompose_command_refuses_bad_arguments(tiny_folder, tmp_path, capsys):
     base = ["decompose", str(tmp_path), "--out", str(tmp_path / "out"), "--model", str(tiny_folder)]
     assert main([*base, "--layers", "0"]) == 2
-    assert "layer counts must be 1..20" in capsys.readouterr().err
+    assert "layer count must be an integer from 1 to 20" in capsys.readouterr().err
+    assert main([*base, "--split-layers", "21"]) == 2
+    assert "--split-layers must be 1..20" in capsys.readouterr().err
     assert main([*base, "--format", "tiff"]) == 2
     assert "--format takes psd, zip, png" in capsys.readouterr().err
     assert main([*base]) == 2  # an empty folder
@@ -85,3 +87,17 @@ def test_decompose_command_refuses_bad_arguments(tiny_folder, tmp_path, capsys):
     missing = ["decompose", str(tmp_path / "nope.png"), "--out", str(tmp_path / "out"), "--model", str(tiny_folder)]
     assert main(missing) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_decompose_needs_a_text_encoder_and_a_real_device(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    base = ["decompose", str(tmp_path / "a.png"), "--out", str(tmp_path / "out")]
+    assert main([*base, "--transformer", "t.safetensors", "--vae", "v.safetensors", "--device", "cpu"]) == 2
+    assert "no text encoder" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main([*base, "--model", str(tmp_path), "--device", "cuda"]) == 2
+        assert "sees no CUDA GPU" in capsys.readouterr().err

@@ -102,3 +102,41 @@ def test_auto_caption_path_matches_diffusers(models):
     )
     assert got.prompt == caption and caption  # the same caption the tiny model wrote
     assert (got.layers - want).abs().max().item() <= 1e-4
+
+
+def test_composite_is_the_models_frame_zero(models):
+    """Frame 0 (the model's own composite), which diffusers drops, decoded from the reference's latents."""
+    from diffusers import QwenImageLayeredPipeline
+
+    from .test_vae import reference_decode
+
+    ours, reference = models
+    image = input_image(900, 900)
+    final = {}
+
+    def keep_latents(pipe, step, timestep, tensors):
+        final["latents"] = tensors["latents"]  # after the last step: the packed N+1 frames
+        return tensors
+
+    # (output_type="latent" fails inside diffusers 0.42.1's layered pipeline, so the step callback is used)
+    with torch.no_grad():
+        reference(
+            image=image,
+            prompt="a poster",
+            negative_prompt=" ",
+            true_cfg_scale=4.0,
+            layers=2,
+            num_inference_steps=STEPS,
+            generator=torch.Generator().manual_seed(4),
+            output_type="pt",
+            resolution=640,
+            cfg_normalize=True,
+            callback_on_step_end=keep_latents,
+        )
+    packed = final["latents"]
+    got = ours(image, "a poster", DecomposeOptions(layers=2, steps=STEPS, seed=4))
+    height, width = got.composite.shape[-2:]
+    latents = QwenImageLayeredPipeline._unpack_latents(packed, height, width, 2, 8)  # (1, 16, 3, h, w)
+    want = reference_decode(reference.vae, latents[:, :, 0])[0]
+    assert (got.composite - want).abs().max().item() <= 1e-4
+    assert (got.layers[0] - reference_decode(reference.vae, latents[:, :, 1])[0]).abs().max().item() <= 1e-4

@@ -134,3 +134,11 @@ def test_resize_layers_downscale_and_identity():
     assert small.shape == (1, 4, 32, 32)
     visible = small[0, 3] > 0.02
     assert torch.allclose(small[0, :3][:, visible].mean(dim=1), torch.tensor([0.2, 0.6, 1.0]), atol=0.01)
+
+
+def test_decompression_bomb_is_an_image_error(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (300, 300)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 300x300 is then more than twice the limit
+    with pytest.raises(ImageError, match="too large to open safely"):
+        open_image(path)

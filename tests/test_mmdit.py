@@ -154,3 +154,16 @@ def test_full_config_parameter_count():
         model = VLDMMDiT(MMDiTConfig.full(), dtype=torch.bfloat16)
     count = sum(p.numel() for p in model.parameters())
     assert abs(count / 1e9 - 20.43) < 0.01
+
+
+def test_fp16_overflow_is_clipped_like_the_reference(tiny_reference, tiny_config):
+    ours = load_ours(tiny_reference, tiny_config).half()
+    ours.compute_dtype = torch.float16
+    with torch.no_grad():
+        # every term positive and large: the block's MLP output sums past fp16's range to +inf (not NaN)
+        ours.transformer_blocks[0].img_mlp.net[2].weight.fill_(1000.0)
+    latents, condition = torch.randn(1, 16, 2, 4, 4), torch.randn(1, 16, 4, 4)
+    text, sigma = torch.randn(1, 3, tiny_config.text_dim), torch.tensor([0.5])
+    with torch.no_grad():
+        out = ours(latents, condition, text, sigma)
+    assert torch.isfinite(out).all()

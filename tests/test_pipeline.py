@@ -80,9 +80,38 @@ def test_layers_at_input_size(pipeline):
     assert result.layers.shape == (2, 4, 77, 123) and result.composite.shape == (4, 77, 123)
 
 
-def test_impossible_layer_count_is_refused(pipeline):
-    with pytest.raises(ValueError, match="layer count must be an integer from 1 to 20"):
-        pipeline(picture(), "x", DecomposeOptions(layers=21, steps=1))
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(layers=21), "layer count must be an integer from 1 to 20"),
+        (dict(layers=0), "layer count must be an integer from 1 to 20"),
+        (dict(cfg_scale=-1.0), "cfg_scale must be positive"),
+        (dict(resolution=512), "resolution must be one of"),
+        (dict(steps=0), "steps must be at least 1"),
+        (dict(caption_language="fr"), "caption_language must be one of"),
+    ],
+)
+def test_impossible_settings_are_refused_before_any_model_runs(settings, message):
+    with pytest.raises(ValueError, match=message):
+        DecomposeOptions(**settings)
+
+
+def test_stack_order_is_bottom_to_top(pipeline):
+    result = pipeline(picture(), "x", DecomposeOptions(layers=3, steps=1, seed=2))
+    stack = result.stack()
+    for index, layer in enumerate(stack.layers):
+        full = render_layer(layer, stack.width, stack.height).astype(np.float32) / 255
+        expected = result.layers[index].permute(1, 2, 0).numpy()
+        assert np.abs(full - expected).max() <= 0.5 / 255 + 1e-6, index
+    assert [layer.name for layer in stack.layers] == ["Layer 1", "Layer 2", "Layer 3"]
+
+
+def test_background_flattens_transparent_input(pipeline):
+    image = Image.new("RGBA", (64, 64), (255, 0, 0, 0))
+    flat = pipeline.prepare_image(image, DecomposeOptions(background=(0, 0, 255)))
+    assert flat.getpixel((0, 0)) == (0, 0, 255, 255)
+    kept = pipeline.prepare_image(image, DecomposeOptions())
+    assert kept.getpixel((0, 0))[3] == 0  # alpha kept by default (needed for recursion)
 
 
 def test_no_text_encoder_with_empty_prompt_is_named():
@@ -145,13 +174,22 @@ def test_split_with_the_real_models_keeps_position(pipeline):
     result = pipeline(picture(), "x", DecomposeOptions(layers=2, steps=1))
     stack = result.stack()
     layer = stack.get(0)
-    split = pipeline.split(stack, 0, 2, prompt="part", options=DecomposeOptions(steps=1))
-    children = split.get(0).children
-    assert len(children) == 2
-    for child in children:
-        x0, y0, x1, y1 = child.box
-        assert layer.box[0] <= x0 and layer.box[1] <= y0 and x1 <= layer.box[2] and y1 <= layer.box[3]
-    assert render_layer(split.get(0), stack.width, stack.height).shape == (stack.height, stack.width, 4)
+    seen = []
+    original = pipeline.__class__.__call__
+
+    def spy(self, image, *args, **kwargs):
+        seen.append(image.size)
+        return original(self, image, *args, **kwargs)
+
+    pipeline.__class__.__call__ = spy
+    try:
+        split = pipeline.split(stack, 0, 2, prompt="part", options=DecomposeOptions(steps=1))
+    finally:
+        pipeline.__class__.__call__ = original
+    assert seen == [(layer.width, layer.height)]  # the layer's own pixels went in
+    assert [child.name for child in split.get(0).children] == ["Layer 1 / 1", "Layer 1 / 2"]
+    assert np.shares_memory(split.get(0).pixels, layer.pixels)  # the parent keeps its pixels; others untouched
+    assert all(split.get(i) is stack.get(i) for i in range(1, len(stack.layers)))
 
 
 def test_batch_runs_skips_and_reports_failures(pipeline, tmp_path):
@@ -189,3 +227,39 @@ def test_batch_runs_skips_and_reports_failures(pipeline, tmp_path):
     # other settings: nothing is skipped
     third = run_batch(pipeline, images[:1], out, BatchSettings(DecomposeOptions(layers=1, steps=1), prompt="a test"))
     assert [p.name for p in third.done] == ["broken.png"]
+
+
+def test_batch_output_folders_never_collide_or_escape(tmp_path):
+    from layered_core.batch import output_folder
+
+    out = tmp_path / "out"
+    a, b, dots = tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "c" / "...png"
+    images = [a, b, dots]
+    folders = [output_folder(out, image, images) for image in images]
+    assert len(set(folders)) == 3
+    assert all(folder.parent == out for folder in folders)
+    assert folders[2].name == "image"
+
+
+class FailingSplitPipeline(LayeredPipeline):
+    def split(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+
+def test_batch_keeps_the_decomposition_when_a_split_fails(pipeline, tmp_path):
+    failing = FailingSplitPipeline(pipeline.transformer, pipeline.vae, pipeline.text_encoder)
+    picture(64, 48).save(tmp_path / "img.png")
+    settings = BatchSettings(DecomposeOptions(layers=2, steps=1), prompt="x", formats=("png",), split_depth=1)
+    result = run_batch(failing, [tmp_path / "img.png"], tmp_path / "out", settings)
+    assert "out of memory" in result.failed[tmp_path / "img.png"]
+    folder = tmp_path / "out" / "img"
+    assert sorted(p.name for p in folder.iterdir()) == ["layer_01.png", "layer_02.png"]  # kept, not marked done
+
+
+def test_batch_rerun_with_fewer_layers_leaves_no_stale_files(pipeline, tmp_path):
+    picture(64, 48).save(tmp_path / "img.png")
+    out = tmp_path / "out"
+    run_batch(pipeline, [tmp_path / "img.png"], out, BatchSettings(DecomposeOptions(layers=3, steps=1), "x", ("png",)))
+    run_batch(pipeline, [tmp_path / "img.png"], out, BatchSettings(DecomposeOptions(layers=1, steps=1), "x", ("png",)))
+    assert sorted(p.name for p in (out / "img").iterdir()) == ["done.json", "layer_01.png"]
+    assert json.loads((out / "img" / "done.json").read_text())["layers"] == 1

@@ -357,13 +357,30 @@ def test_tile_larger_than_latent_is_untiled(model):
     assert torch.equal(model.decode(latent), untiled)  # auto: below the default tile size
 
 
-def test_auto_tiling_kicks_in_above_default_tile(model, monkeypatch):
+def test_auto_tiling_only_above_the_bucket_sizes(model, monkeypatch):
     monkeypatch.setattr(vae_module, "DEFAULT_TILE", 12)
     calls = []
     original = model._decode_tile
     monkeypatch.setattr(model, "_decode_tile", lambda z: calls.append(z.shape[-2:]) or original(z))
+    # 12 x 20 = 240 latent px: at most AUTO_TILE_AREA, decoded whole
+    monkeypatch.setattr(vae_module, "AUTO_TILE_AREA", 240)
+    model.decode(smooth_latent(12, 20, seed=10), overlap=4)
+    assert len(calls) == 1
+    # above it: tiled with the default tile
+    monkeypatch.setattr(vae_module, "AUTO_TILE_AREA", 239)
+    calls.clear()
     out = model.decode(smooth_latent(12, 20, seed=10), overlap=4)
     assert out.shape == (2, 4, 96, 160) and len(calls) == 2
+
+
+def test_every_size_bucket_decodes_whole():
+    from layered_core.image import bucket_size
+
+    for width, height in [(1000, 1000), (1280, 720), (720, 1280), (3000, 1000), (1000, 8000)]:
+        for resolution in (640, 1024):
+            bucket_w, bucket_h = bucket_size(width, height, resolution)
+            assert (bucket_w // 8) * (bucket_h // 8) <= vae_module.AUTO_TILE_AREA
+    assert 256 * 256 > vae_module.AUTO_TILE_AREA  # a 2048 px image is tiled
 
 
 def column_jumps(image: torch.Tensor) -> torch.Tensor:
