@@ -109,10 +109,8 @@ def decompose_command(args) -> int:
             keep_input_size=args.input_size,
             background=args.background,
         )
-        if not 1 <= args.layers <= 20 or not 1 <= args.split_layers <= 20:
-            raise ValueError(
-                f"layer counts must be 1..20, got --layers {args.layers} --split-layers {args.split_layers}"
-            )
+        if not 1 <= args.split_layers <= 20:
+            raise ValueError(f"--split-layers must be 1..20, got {args.split_layers}")
         images = find_images(args.inputs)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
