@@ -1,4 +1,4 @@
-"""Command line: ``python -m layered_core {decompose,inspect,selftest}``."""
+"""Command line: ``python -m layered_core {decompose,inspect,selftest,tiny-models}``."""
 
 from __future__ import annotations
 
@@ -165,7 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     p_inspect.add_argument("paths", nargs="+", help="safetensors files, shard indexes or diffusers folders")
     sub.add_parser("selftest", help="tiny random models through every checkpoint layout and the models")
     add_decompose_parser(sub)
+    p_tiny = sub.add_parser("tiny-models", help="write tiny random models under ComfyUI's real file names")
+    p_tiny.add_argument("models_dir", help="a ComfyUI models/ folder (or any folder)")
+    p_tiny.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+
+    if args.command == "tiny-models":
+        from .tiny_models import write_comfy_models
+
+        for kind, path in write_comfy_models(args.models_dir, seed=args.seed).items():
+            print(f"{kind}: {path}")
+        return 0
 
     if args.command == "selftest":
         from .selftest import main as selftest_main

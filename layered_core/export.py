@@ -35,6 +35,11 @@ class ExportError(ValueError):
     """A stack that the chosen file format cannot hold, or a file that cannot be read back."""
 
 
+# Read once at import: os.umask can only be read by setting it, which would race with other threads later.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync it and rename it to ``path``.
 
@@ -49,6 +54,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
+            # mkstemp makes the file private (0600); give it the permissions any new file would get
+            os.fchmod(file.fileno(), 0o666 & ~_UMASK)
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:

@@ -377,9 +377,10 @@ def load_text_encoder(
 
     tokenizer = _load_part("tokenizer", AutoTokenizer, tokenizer_dir)
     kwargs = {"use_safetensors": True, "dtype": dtype if dtype is not None else "auto"}
-    if device is not None:
-        kwargs["device_map"] = {"": str(torch.device(device))}
     model = _load_part("text encoder", Qwen2_5_VLForConditionalGeneration, model_dir, **kwargs)
+    # moved after loading: transformers' device_map would need accelerate, which is no dependency here
+    if device is not None:
+        model.to(torch.device(device))
     model.eval().requires_grad_(False)
 
     image_processor = caption_tokenizer = None

@@ -376,3 +376,37 @@ def write_tiny_set(folder: str | Path, components: Iterable[str] | None = None, 
         logger.debug("writing tiny %s under %s", name, folder)
         TINY_WRITERS[name](folder, seed=seed)
     return folder
+
+
+# The file names ComfyUI users hold (the Comfy-Org release), so shared workflows find the tiny set too.
+COMFY_FILES = {
+    "bf16": "diffusion_models/qwen_image_layered_bf16.safetensors",
+    "fp8": "diffusion_models/qwen_image_layered_fp8mixed.safetensors",
+    "vae": "vae/qwen_image_layered_vae.safetensors",
+    "text_encoder": "text_encoders/Qwen2.5-VL-7B-Instruct-tiny",
+}
+
+
+def write_comfy_models(models_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Tiny random models under ComfyUI's real file names in a ``models/`` folder: the transformer as
+    the bf16 file and as the fp8mixed file (per-layer comfy_quant), the VAE in its Wan 3D layout, and
+    a transformers Qwen2.5-VL folder (text_encoder/, tokenizer/, processor/) for this pack's text nodes."""
+    from safetensors.torch import save_file
+
+    from .checkpoints import save_mmdit
+    from .vae import checkpoint_state_dict
+
+    models_dir = Path(models_dir)
+    written = {}
+    transformer = tiny_transformer(seed)
+    for kind, layout in (("bf16", "comfy-prefixed"), ("fp8", "fp8-comfy-quant")):
+        target = models_dir / COMFY_FILES[kind]
+        written[kind] = save_mmdit(
+            transformer.state_dict(), target, layout=layout, config=transformer.config, dtype=torch.bfloat16
+        )
+    vae_path = models_dir / COMFY_FILES["vae"]
+    vae_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in checkpoint_state_dict(tiny_vae(seed), "wan").items()}, str(vae_path))
+    written["vae"] = vae_path
+    written["text_encoder"] = write_tiny_text_encoder(models_dir / COMFY_FILES["text_encoder"], seed=seed)
+    return written

@@ -1,4 +1,14 @@
-"""ComfyUI nodes of the pack (V3 API). The only package here that imports ComfyUI.
+"""ComfyUI nodes of the pack (V3 API). The only package here that imports ComfyUI."""
 
-Empty for now: the nodes are built on top of ``layered_core`` once the decomposition pipeline exists.
-"""
+from comfy_api.latest import ComfyExtension, io
+
+from .nodes import NODES
+
+
+class LayeredExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> LayeredExtension:
+    return LayeredExtension()

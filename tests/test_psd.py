@@ -260,3 +260,17 @@ def test_png_zip_round_trip(tree, tmp_path):
         with zipfile.ZipFile(empty, "w"):
             pass
         load_png_zip(empty)
+
+
+def test_saved_files_get_normal_permissions(tmp_path):
+    import stat
+
+    from layered_core.layers import Layer, LayerStack
+    from layered_core.psd import save_psd
+
+    stack = LayerStack(8, 8, (Layer(np.full((8, 8, 4), 200, np.uint8), "one"),))
+    from layered_core import export
+
+    path = save_psd(stack, tmp_path / "a.psd")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~export._UMASK
+    assert stat.S_IMODE(path.stat().st_mode) & 0o044  # readable by others, unlike mkstemp's 0600

@@ -1,0 +1,134 @@
+"""layered_core's models inside ComfyUI's model management.
+
+The transformer becomes the ``diffusion_model`` of core's ``QwenImage`` model class, built with the
+``comfy.ops`` family ComfyUI picks (weight casting, low-VRAM streaming, fp8 layouts, LoRA patches),
+wrapped in a ``ModelPatcher``: ``load_models_gpu``, core's KSampler, ReferenceLatent and
+EmptyQwenImageLayeredLatentImage all work on it. It answers core's calling convention, so the same
+MODEL works in core's samplers and in this pack's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.supported_models
+import comfy.utils
+import torch
+
+from layered_core.checkpoints import (
+    LAYERED_MARKER,
+    TRANSFORMER_PREFIXES,
+    CheckpointError,
+    describe_keys,
+    find_prefix,
+    infer_mmdit_config,
+    open_checkpoint,
+)
+from layered_core.mmdit import MMDiTConfig, VLDMMDiT
+from layered_core.vae import RGBAVAE
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
+
+
+class ComfyLayeredDiT(VLDMMDiT):
+    """The VLD-MMDiT with core's ``QwenImageTransformer2DModel`` call signature."""
+
+    def __init__(self, mmdit_config: dict, dtype=None, device=None, operations=None, **unused):
+        super().__init__(MMDiTConfig.from_dict(mmdit_config), dtype=dtype, device=device, operations=operations)
+        self.dtype = dtype  # core's BaseModel reads the weight dtype from here
+
+    def forward(self, x, timestep, context, attention_mask=None, ref_latents=None, transformer_options=None, **kwargs):
+        if not ref_latents:
+            raise ValueError(
+                "Qwen-Image-Layered needs the input image's latent: connect it through ReferenceLatent "
+                "(or use this pack's Decompose node)"
+            )
+        condition = ref_latents[0]
+        if condition.ndim == 5:
+            condition = condition[:, :, 0]
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask > 0 if attention_mask.is_floating_point() else attention_mask.bool()
+        # ComfyUI already cast x to the inference dtype it chose (manual cast included)
+        self.compute_dtype = x.dtype if x.dtype.is_floating_point else self.compute_dtype
+        return super().forward(x, condition, context, timestep, mask, transformer_options)
+
+
+class LayeredQwenImage(comfy.model_base.QwenImage):
+    """Core's QwenImage model class around our transformer, with a memory estimate for it."""
+
+    def __init__(self, model_config, device=None):
+        super().__init__(model_config, device=device, unet_model=ComfyLayeredDiT)
+
+    def memory_required(self, input_shape, cond_shapes={}):  # noqa: B006 (core's signature)
+        """Peak activation bytes of one forward: per token the float32 residual streams, the bf16 layer
+        inputs, q/k/v and the 4x MLP hidden state, with a 1.5x margin for allocator slack."""
+        config = self.diffusion_model.config
+        shape = list(input_shape)
+        batch, frames = shape[0], (shape[2] if len(shape) == 5 else 1)
+        tokens = (frames + 1) * (shape[-2] // 2) * (shape[-1] // 2) + 1024  # noisy frames, condition, text
+        per_token = config.hidden_size * (2 * 4 + 2 * (1 + 3 + 1 + 2 * config.mlp_ratio))
+        return int(batch * tokens * per_token * 1.5)
+
+
+def load_state_dict(path: str) -> tuple[dict, dict, MMDiTConfig]:
+    """Tensors (memory-mapped, prefix stripped), safetensors metadata and the shape of a layered transformer."""
+    source = open_checkpoint(path, component="transformer")
+    keys = source.keys()
+    prefix = find_prefix(keys, TRANSFORMER_PREFIXES, "transformer_blocks.0.")
+    if f"{prefix}{LAYERED_MARKER}" not in source:
+        raise CheckpointError(source.location, f"this is {describe_keys(keys)}, not the Qwen-Image-Layered transformer")
+    config = infer_mmdit_config(source, prefix)
+    state = {k[len(prefix) :]: source.get(k) for k in keys if k.startswith(prefix)}
+    return state, dict(source.metadata), config
+
+
+def load_layered_model(path: str, weight_dtype: str = "default") -> comfy.model_patcher.ModelPatcher:
+    """A MODEL (ModelPatcher) for a layered transformer file or diffusers folder."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    state, metadata, config = load_state_dict(path)
+    state, metadata = comfy.utils.convert_old_quants(state, "", metadata=metadata)
+    model_config = comfy.supported_models.QwenImage({"image_model": "qwen_image", "mmdit_config": config.to_dict()})
+    model_config.quant_config = comfy.utils.detect_layer_quantization(state, "")
+    load_device = mm.get_torch_device()
+    supported = list(model_config.supported_inference_dtypes)
+    dtype = WEIGHT_DTYPES[weight_dtype]
+    if dtype is None:
+        parameters = comfy.utils.calculate_parameters(state)
+        weight = None if model_config.quant_config else comfy.utils.weight_dtype(state)
+        dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=supported, weight_dtype=weight)
+    cast_from = None if model_config.quant_config else dtype
+    model_config.set_inference_dtype(dtype, mm.unet_manual_cast(cast_from, load_device, supported), device=load_device)
+    model = LayeredQwenImage(model_config)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+    model.load_model_weights(state, "")
+    return patcher
+
+
+class VAEPatcher:
+    """The RGBA-VAE as ComfyUI manages core VAEs: on the VAE device while it runs, offloaded after."""
+
+    def __init__(self, vae: RGBAVAE):
+        self.vae = vae
+        self.patcher = comfy.model_patcher.ModelPatcher(
+            vae, load_device=mm.vae_device(), offload_device=mm.vae_offload_device()
+        )
+
+    def _load(self, frames: int, height: int, width: int) -> None:
+        # decoder activations: about 60 bytes per output pixel per frame at base width 96, in float32
+        needed = frames * height * width * 8 * 8 * 4 * 60
+        mm.load_models_gpu([self.patcher], memory_required=needed)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        self._load(1, image.shape[-2] // 8, image.shape[-1] // 8)
+        return self.vae.encode(image.to(mm.vae_device()))
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        self._load(latent.shape[0], latent.shape[-2], latent.shape[-1])
+        return self.vae.decode(latent.to(mm.vae_device()))

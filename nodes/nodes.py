@@ -1,0 +1,409 @@
+"""The pack's ComfyUI nodes (V3 API). Each declares its schema and calls one or two layered_core functions."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import comfy.model_management as mm
+import folder_paths
+import latent_preview
+import torch
+from comfy_api.latest import io, ui
+
+from layered_core.checkpoints import load_vae
+from layered_core.image import bucket_size, image_to_tensor, resize_rgba
+from layered_core.layers import rgba_from_tensor, rgba_to_pil, stack_from_tensor
+from layered_core.psd import save_psd
+from layered_core.sampling import MAX_LAYERS, Conditioning, sample
+
+from .comfy_model import WEIGHT_DTYPES, VAEPatcher, load_layered_model
+
+PREFIX = "QwenLayered"
+CATEGORY = "Qwen-Image-Layered"
+LayerStackType = io.Custom("QWEN_LAYER_STACK")
+
+
+def _model_choices() -> list[str]:
+    """Single files in models/diffusion_models, and diffusers folders (with config.json) there."""
+    names = list(folder_paths.get_filename_list("diffusion_models"))
+    for root in folder_paths.get_folder_paths("diffusion_models"):
+        if os.path.isdir(root):
+            names += sorted(
+                entry for entry in os.listdir(root) if os.path.isfile(os.path.join(root, entry, "config.json"))
+            )
+    return names
+
+
+def _model_path(name: str) -> str:
+    path = folder_paths.get_full_path("diffusion_models", name)
+    if path is None:
+        for root in folder_paths.get_folder_paths("diffusion_models"):
+            candidate = os.path.join(root, name)
+            if os.path.isdir(candidate) and Path(candidate).resolve().parent == Path(root).resolve():
+                return candidate
+        raise ValueError(f"{name}: not found in models/diffusion_models")
+    return path
+
+
+class LoadMMDiT(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=f"{PREFIX}LoadMMDiT",
+            display_name="Load VLD-MMDiT (Qwen-Image-Layered)",
+            category=CATEGORY,
+            description="Loads the Qwen-Image-Layered transformer into ComfyUI's model management "
+            "(VRAM offloading, LoRA, core samplers).",
+            inputs=[
+                io.Combo.Input(
+                    "model_name",
+                    options=_model_choices(),
+                    tooltip="qwen_image_layered_bf16 / fp8mixed single file, or a diffusers transformer folder",
+                ),
+                io.Combo.Input(
+                    "weight_dtype",
+                    options=list(WEIGHT_DTYPES),
+                    default="default",
+                    tooltip="default keeps the file's precision; fp8_e4m3fn halves memory",
+                ),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model_name, weight_dtype) -> io.NodeOutput:
+        return io.NodeOutput(load_layered_model(_model_path(model_name), weight_dtype))
+
+
+class LoadRGBAVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=f"{PREFIX}LoadRGBAVAE",
+            display_name="Load RGBA-VAE (Qwen-Image-Layered)",
+            category=CATEGORY,
+            description="Loads the 4-channel RGBA-VAE; it runs on the VAE device and is offloaded after.",
+            inputs=[
+                io.Combo.Input(
+                    "vae_name",
+                    options=folder_paths.get_filename_list("vae"),
+                    tooltip="qwen_image_layered_vae.safetensors (the 3-channel Qwen-Image VAE is refused)",
+                )
+            ],
+            outputs=[io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, vae_name) -> io.NodeOutput:
+        dtype = mm.vae_dtype(mm.vae_device(), [torch.bfloat16, torch.float32])
+        vae = load_vae(folder_paths.get_full_path_or_raise("vae", vae_name), dtype=dtype)
+        return io.NodeOutput(VAEPatcher(vae))
+
+
+def _is_ours(vae) -> bool:
+    return isinstance(vae, VAEPatcher)
+
+
+class EncodeImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=f"{PREFIX}EncodeImage",
+            display_name="Encode Image for Layers",
+            category=CATEGORY,
+            description="Resizes the image to the model's size bucket and encodes it: the condition latent.",
+            inputs=[
+                io.Vae.Input("vae", tooltip="the RGBA-VAE (this pack's loader or core's VAELoader)"),
+                io.Image.Input("image", tooltip="RGB or RGBA; opaque input gets alpha 1"),
+                io.Combo.Input("resolution", options=["640", "1024"], default="640", tooltip="bucket area side"),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="condition", tooltip="connect to Decompose or ReferenceLatent"),
+                io.Image.Output(display_name="resized", tooltip="the RGBA image at the bucket size"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, vae, image, resolution) -> io.NodeOutput:
+        pil = rgba_to_pil(rgba_from_tensor(image[:1]))
+        pil = resize_rgba(pil, bucket_size(*pil.size, int(resolution)))
+        pixels = image_to_tensor(pil)  # (1, 4, H, W)
+        if _is_ours(vae):
+            normalised = vae.encode(pixels)
+            mean, std = _latent_stats(vae, normalised.device)
+            samples = (normalised * std + mean)[:, :, None]
+        else:  # core's VAE takes [B, H, W, C]; one image per call (a batch would be read as time)
+            samples = vae.encode(pixels.permute(0, 2, 3, 1))
+        resized = pixels.permute(0, 2, 3, 1)
+        return io.NodeOutput({"samples": samples.float().cpu()}, resized)
+
+
+def _latent_stats(vae: VAEPatcher, device):
+    config = vae.vae.config
+    mean = torch.tensor(config.latents_mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(config.latents_std, device=device).view(1, -1, 1, 1)
+    return mean, std
+
+
+def _conditioning(conditioning) -> Conditioning:
+    """CONDITIONING (from core's CLIPTextEncode or this pack) as prompt embeddings with their mask."""
+    if not conditioning:
+        raise ValueError("empty CONDITIONING")
+    embeddings, extra = conditioning[0][0], conditioning[0][1]
+    mask = extra.get("attention_mask")
+    return Conditioning(embeddings, None if mask is None else mask.bool())
+
+
+class Decompose(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=f"{PREFIX}Decompose",
+            display_name="Decompose into Layers (sampler)",
+            category=CATEGORY,
+            description="Samples N RGBA layers plus the composite (frame 0) with the reference schedule and "
+            "true CFG. Stops within one step when cancelled.",
+            inputs=[
+                io.Model.Input("model", tooltip="the VLD-MMDiT (this pack's loader or core's UNETLoader)"),
+                io.Conditioning.Input("positive", tooltip="describes the whole image"),
+                io.Conditioning.Input("negative", tooltip="the official app uses a single space"),
+                io.Latent.Input("condition", tooltip="the input image's latent from Encode Image for Layers"),
+                io.Int.Input("layers", default=4, min=1, max=MAX_LAYERS, tooltip="layer count N"),
+                io.Int.Input("steps", default=50, min=1, max=200, tooltip="Euler steps"),
+                io.Float.Input("cfg", default=4.0, min=1.0, max=20.0, step=0.1, tooltip="true-CFG scale"),
+                io.Boolean.Input("cfg_normalize", default=True, tooltip="rescale guided velocity to the cond norm"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="noise seed"),
+            ],
+            outputs=[io.Latent.Output(tooltip="[B, 16, N+1, H/8, W/8]: frame 0 the composite, then the layers")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, condition, layers, steps, cfg, cfg_normalize, seed) -> io.NodeOutput:
+        base = model.model
+        reference = condition["samples"]
+        reference = reference[:, :, 0] if reference.ndim == 5 else reference
+        device = model.load_device
+        shape = (reference.shape[0], 16, layers + 1, reference.shape[-2], reference.shape[-1])
+        mm.load_models_gpu([model], memory_required=base.memory_required(shape))
+        dtype = base.get_dtype_inference()
+        diffusion = base.diffusion_model
+        options = model.model_options.get("transformer_options", {})
+
+        def velocity(latents, cond, text, sigma, mask):
+            out = diffusion(
+                latents.to(device, dtype),
+                sigma.to(device),
+                context=text.to(device, dtype),
+                attention_mask=None if mask is None else mask.to(device),
+                ref_latents=[cond[:, :, None].to(device, dtype)],
+                transformer_options=options,
+            )
+            return out.float()
+
+        preview = latent_preview.prepare_callback(model, steps)
+
+        def callback(info):
+            mm.throw_exception_if_processing_interrupted()
+            preview(info.step, info.denoised, info.latents, info.total)
+
+        # the Wan 2.1 latent format normalises 5-D latents (B, C, T, h, w)
+        normalised = base.process_latent_in(reference[:, :, None].to(device, torch.float32))[:, :, 0]
+        latents = sample(
+            velocity,
+            normalised,
+            _to_device(_conditioning(positive), device),
+            _to_device(_conditioning(negative), device),
+            layers=layers,
+            steps=steps,
+            cfg_scale=cfg,
+            cfg_normalize=cfg_normalize,
+            seed=seed,
+            callback=callback,
+        )
+        return io.NodeOutput({"samples": base.process_latent_out(latents).cpu()})
+
+
+def _to_device(conditioning: Conditioning, device) -> Conditioning:
+    mask = None if conditioning.mask is None else conditioning.mask.to(device)
+    return Conditioning(conditioning.embeddings.to(device), mask)
+
+
+class DecodeLayers(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=f"{PREFIX}DecodeLayers",
+            display_name="Decode Layers",
+            category=CATEGORY,
+            description="Decodes each frame on its own: RGBA layers bottom to top, their masks (1 = transparent, "
+            "as LoadImage), the model's composite, and a layer stack for export.",
+            inputs=[
+                io.Vae.Input("vae", tooltip="the RGBA-VAE (this pack's loader or core's VAELoader)"),
+                io.Latent.Input("samples", tooltip="[B, 16, N+1, h, w] from Decompose or a core sampler"),
+            ],
+            outputs=[
+                io.Image.Output(display_name="layers", tooltip="[N, H, W, 4], bottom to top"),
+                io.Mask.Output(display_name="masks", tooltip="[N, H, W], 1 = transparent"),
+                io.Image.Output(display_name="composite", tooltip="frame 0, the model's own composite"),
+                io.String.Output(display_name="boxes", tooltip="JSON: each layer's alpha box [x0, y0, x1, y1]"),
+                LayerStackType.Output(display_name="stack"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, vae, samples) -> io.NodeOutput:
+        latent = samples["samples"]
+        if latent.ndim != 5 or latent.shape[2] < 2:
+            raise ValueError(f"expected a layered latent [B, 16, N+1, h, w] with N >= 1, got {tuple(latent.shape)}")
+        frames = latent[0].transpose(0, 1)  # (N+1, 16, h, w), decoded independently
+        if _is_ours(vae):
+            mean, std = _latent_stats(vae, frames.device)
+            images = torch.cat([vae.decode((chunk - mean) / std).cpu() for chunk in frames.split(4)])
+            images = images.permute(0, 2, 3, 1)
+        else:
+            decoded = vae.decode(frames[:, :, None])  # core's VAE: [N+1, 1, H, W, C]
+            images = decoded.reshape(-1, *decoded.shape[-3:])
+        images = images.float().clamp(0, 1).cpu()
+        layers, composite = images[1:], images[:1]
+        if layers.shape[-1] == 3:
+            layers = torch.cat([layers, torch.ones_like(layers[..., :1])], dim=-1)
+        stack = stack_from_tensor(layers)
+        boxes = [list(layer.alpha_box() or (0, 0, 0, 0)) for layer in stack.layers]
+        return io.NodeOutput(layers, 1.0 - layers[..., 3], composite, json.dumps(boxes), stack)
+
+
+class SavePSD(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=f"{PREFIX}SavePSD",
+            display_name="Save Layered PSD",
+            category=CATEGORY,
+            description="Writes the layer stack as a layered PSD into the output folder; never overwrites.",
+            inputs=[
+                LayerStackType.Input("stack", tooltip="the layer stack from Decode Layers"),
+                io.String.Input("filename_prefix", default="layers/QwenLayered", tooltip="may name a subfolder"),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, stack, filename_prefix) -> io.NodeOutput:
+        path = _unused_output_path(filename_prefix, ".psd", stack.width, stack.height)
+        save_psd(stack, path)
+        from layered_core.layers import composite, rgba_to_tensor
+
+        preview = rgba_to_tensor(composite(stack))
+        return io.NodeOutput(ui=ui.PreviewImage(preview, cls=cls))
+
+
+def _unused_output_path(filename_prefix: str, suffix: str, width: int, height: int) -> Path:
+    """A new file in ComfyUI's output folder: core's naming (prefix_00001_), a path outside it refused
+    (core checks that), and an existing file never overwritten."""
+    output_dir = folder_paths.get_output_directory()
+    folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, output_dir, width, height)
+    while True:
+        path = Path(folder) / f"{filename}_{counter:05}_{suffix}"
+        if not path.exists():
+            return path
+        counter += 1
+
+
+TextEncoderType = io.Custom("QWEN_LAYERED_TEXT_ENCODER")
+
+
+def _text_encoder_choices() -> list[str]:
+    """Folders in models/text_encoders holding a transformers Qwen2.5-VL (text_encoder/ + tokenizer/)."""
+    names = []
+    for root in folder_paths.get_folder_paths("text_encoders"):
+        if os.path.isdir(root):
+            names += sorted(
+                entry
+                for entry in os.listdir(root)
+                if os.path.isdir(os.path.join(root, entry, "text_encoder"))
+                or os.path.isfile(os.path.join(root, entry, "config.json"))
+            )
+    return names
+
+
+class LoadTextEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=f"{PREFIX}LoadTextEncoder",
+            display_name="Load Qwen2.5-VL (transformers folder)",
+            category=CATEGORY,
+            description="Loads Qwen2.5-VL with transformers from a folder in models/text_encoders, for prompt "
+            "encoding and auto-captions (core's CLIPLoader with type qwen_image also works for prompts).",
+            inputs=[
+                io.Combo.Input(
+                    "folder",
+                    options=_text_encoder_choices(),
+                    tooltip="a folder with text_encoder/, tokenizer/ and processor/ (as in Qwen/Qwen-Image-Layered)",
+                )
+            ],
+            outputs=[TextEncoderType.Output(display_name="text_encoder")],
+        )
+
+    @classmethod
+    def execute(cls, folder) -> io.NodeOutput:
+        from layered_core.text import load_text_encoder
+
+        for root in folder_paths.get_folder_paths("text_encoders"):
+            path = Path(root) / folder
+            if path.is_dir() and path.resolve().parent == Path(root).resolve():
+                device = mm.text_encoder_device()
+                dtype = torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+                return io.NodeOutput(load_text_encoder(path, dtype=dtype, device=device))
+        raise ValueError(f"{folder}: not found in models/text_encoders")
+
+
+class TextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=f"{PREFIX}TextEncode",
+            display_name="Encode Prompt (Qwen-Image-Layered)",
+            category=CATEGORY,
+            description="The reference chat template, its 34 template tokens dropped: CONDITIONING for Decompose.",
+            inputs=[
+                TextEncoderType.Input("text_encoder", tooltip="from Load Qwen2.5-VL (transformers folder)"),
+                io.String.Input("prompt", multiline=True, default="", tooltip="describe the whole image"),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder, prompt) -> io.NodeOutput:
+        embeddings, mask = text_encoder.encode([prompt], max_sequence_length=512, truncate=True)
+        extra = {} if bool(mask.all()) else {"attention_mask": mask.cpu()}
+        return io.NodeOutput([[embeddings.float().cpu(), extra]])
+
+
+class Caption(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=f"{PREFIX}Caption",
+            display_name="Auto-caption (Qwen2.5-VL)",
+            category=CATEGORY,
+            description="The reference auto-caption of an image (greedy), as a STRING prompt.",
+            inputs=[
+                TextEncoderType.Input("text_encoder", tooltip="from Load Qwen2.5-VL (transformers folder)"),
+                io.Image.Input("image", tooltip="caption the bucket-resized image, as the reference does"),
+                io.Combo.Input("language", options=["en", "zh"], default="en", tooltip="annotator instruction"),
+                io.Int.Input("max_new_tokens", default=512, min=1, max=2048, tooltip="caption length limit"),
+            ],
+            outputs=[io.String.Output(display_name="caption")],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder, image, language, max_new_tokens) -> io.NodeOutput:
+        pil = rgba_to_pil(rgba_from_tensor(image[:1]))
+        return io.NodeOutput(text_encoder.caption(pil, language=language, max_new_tokens=max_new_tokens))
+
+
+NODES = [LoadMMDiT, LoadRGBAVAE, LoadTextEncoder, TextEncode, Caption, EncodeImage, Decompose, DecodeLayers, SavePSD]
