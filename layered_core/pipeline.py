@@ -254,6 +254,8 @@ def _to(conditioning: Conditioning, device, dtype) -> Conditioning:
 
 
 def _device_of(module) -> torch.device:
+    if isinstance(getattr(module, "device", None), torch.device):
+        return module.device
     try:
         return next(module.parameters()).device
     except (AttributeError, StopIteration):

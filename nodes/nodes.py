@@ -187,26 +187,9 @@ class Decompose(io.ComfyNode):
         device = model.load_device
         shape = (reference.shape[0], 16, layers + 1, reference.shape[-2], reference.shape[-1])
         mm.load_models_gpu([model], memory_required=base.memory_required(shape))
-        dtype = base.get_dtype_inference()
-        diffusion = base.diffusion_model
-        options = model.model_options.get("transformer_options", {})
+        velocity = _ComfyTransformer(model)
 
-        def velocity(latents, cond, text, sigma, mask):
-            out = diffusion(
-                latents.to(device, dtype),
-                sigma.to(device),
-                context=text.to(device, dtype),
-                attention_mask=None if mask is None else mask.to(device),
-                ref_latents=[cond[:, :, None].to(device, dtype)],
-                transformer_options=options,
-            )
-            return out.float()
-
-        preview = latent_preview.prepare_callback(model, steps)
-
-        def callback(info):
-            mm.throw_exception_if_processing_interrupted()
-            preview(info.step, info.denoised, info.latents, info.total)
+        callback = _step_callback(model, steps)
 
         # the Wan 2.1 latent format normalises 5-D latents (B, C, T, h, w)
         normalised = base.process_latent_in(reference[:, :, None].to(device, torch.float32))[:, :, 0]
@@ -223,6 +206,17 @@ class Decompose(io.ComfyNode):
             callback=callback,
         )
         return io.NodeOutput({"samples": base.process_latent_out(latents).cpu()})
+
+
+def _step_callback(model, steps: int):
+    """After each step: stop if the user cancelled, then progress with a latent preview (frame 0)."""
+    progress = latent_preview.prepare_callback(model, steps)
+
+    def callback(info) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        progress(info.step, info.denoised, info.latents, info.total)
+
+    return callback
 
 
 def _to_device(conditioning: Conditioning, device) -> Conditioning:
@@ -406,4 +400,179 @@ class Caption(io.ComfyNode):
         return io.NodeOutput(text_encoder.caption(pil, language=language, max_new_tokens=max_new_tokens))
 
 
-NODES = [LoadMMDiT, LoadRGBAVAE, LoadTextEncoder, TextEncode, Caption, EncodeImage, Decompose, DecodeLayers, SavePSD]
+class SplitLayer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=f"{PREFIX}SplitLayer",
+            display_name="Split Layer (recursive)",
+            category=CATEGORY,
+            description="Decomposes one layer of a stack again into sub-layers, kept as a tree at the layer's "
+            "place (a group in the PSD). Chain it to split deeper.",
+            inputs=[
+                LayerStackType.Input("stack", tooltip="the layer stack from Decode Layers or another split"),
+                io.Model.Input("model", tooltip="the VLD-MMDiT"),
+                io.Vae.Input("vae", tooltip="this pack's RGBA-VAE"),
+                TextEncoderType.Input("text_encoder", tooltip="for the prompt (or the auto-caption)"),
+                io.String.Input("path", default="1", tooltip="1-based layer number, bottom = 1; '2/1' for a sub-layer"),
+                io.Int.Input("layers", default=2, min=1, max=MAX_LAYERS, tooltip="sub-layer count"),
+                io.String.Input("prompt", default="", multiline=True, tooltip="empty: auto-caption of the layer"),
+                io.Int.Input("steps", default=50, min=1, max=200, tooltip="Euler steps"),
+                io.Float.Input("cfg", default=4.0, min=1.0, max=20.0, step=0.1, tooltip="true-CFG scale"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="noise seed"),
+            ],
+            outputs=[LayerStackType.Output(display_name="stack")],
+        )
+
+    @classmethod
+    def execute(cls, stack, model, vae, text_encoder, path, layers, prompt, steps, cfg, seed) -> io.NodeOutput:
+        from layered_core.pipeline import DecomposeOptions, LayeredPipeline
+
+        if not _is_ours(vae):
+            raise ValueError("Split Layer needs this pack's RGBA-VAE (Load RGBA-VAE)")
+        try:
+            index = tuple(int(part) - 1 for part in str(path).replace(" ", "").split("/"))
+        except ValueError:
+            raise ValueError(f"path must be layer numbers like '3' or '2/1', got {path!r}") from None
+        mm.load_models_gpu([model])
+        pipeline = LayeredPipeline(_ComfyTransformer(model), _ManagedVAE(vae), text_encoder)
+        options = DecomposeOptions(steps=steps, cfg_scale=cfg, seed=seed)
+        callback = _step_callback(model, steps)
+
+        return io.NodeOutput(pipeline.split(stack, index, layers, prompt=prompt, options=options, callback=callback))
+
+
+class _ComfyTransformer:
+    """A ComfyUI MODEL as the ``model(latents, condition, text, sigma, mask)`` the sampler calls."""
+
+    def __init__(self, patcher):
+        self.patcher = patcher
+        self.compute_dtype = patcher.model.get_dtype_inference()
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.patcher.load_device)
+
+    def __call__(self, latents, condition, text, sigma, mask):
+        base = self.patcher.model
+        device, dtype = self.patcher.load_device, self.compute_dtype
+        out = base.diffusion_model(
+            latents.to(device, dtype),
+            sigma.to(device),
+            context=text.to(device, dtype),
+            attention_mask=None if mask is None else mask.to(device),
+            ref_latents=[condition[:, :, None].to(device, dtype)],
+            transformer_options=self.patcher.model_options.get("transformer_options", {}),
+        )
+        return out.float()
+
+
+class _ManagedVAE:
+    """This pack's VAE, loaded through ComfyUI before each use, with RGBAVAE's encode/decode."""
+
+    def __init__(self, patcher: VAEPatcher):
+        self.patcher = patcher
+
+    def encode(self, image):
+        return self.patcher.encode(image)
+
+    def decode(self, latent, tile=None):
+        return self.patcher.decode(latent)
+
+
+class ImageToLayers(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=f"{PREFIX}ImageToLayers",
+            display_name="Image to Layers",
+            category=CATEGORY,
+            description="Encode, caption (if the prompt is empty), sample and decode in one node.",
+            inputs=[
+                io.Model.Input("model", tooltip="the VLD-MMDiT"),
+                io.Vae.Input("vae", tooltip="this pack's RGBA-VAE"),
+                TextEncoderType.Input("text_encoder", tooltip="from Load Qwen2.5-VL (transformers folder)"),
+                io.Image.Input("image", tooltip="RGB or RGBA"),
+                io.String.Input("prompt", default="", multiline=True, tooltip="empty: English auto-caption"),
+                io.Int.Input("layers", default=4, min=1, max=MAX_LAYERS, tooltip="layer count N"),
+                io.Int.Input("steps", default=50, min=1, max=200, tooltip="Euler steps"),
+                io.Float.Input("cfg", default=4.0, min=1.0, max=20.0, step=0.1, tooltip="true-CFG scale"),
+                io.Boolean.Input("cfg_normalize", default=True, tooltip="rescale guided velocity to the cond norm"),
+                io.Combo.Input("resolution", options=["640", "1024"], default="640", tooltip="bucket area side"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="noise seed"),
+            ],
+            outputs=[
+                io.Image.Output(display_name="layers", tooltip="[N, H, W, 4], bottom to top"),
+                io.Mask.Output(display_name="masks", tooltip="[N, H, W], 1 = transparent"),
+                io.Image.Output(display_name="composite", tooltip="frame 0, the model's own composite"),
+                LayerStackType.Output(display_name="stack"),
+                io.String.Output(display_name="prompt", tooltip="the prompt used (the caption if it was empty)"),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls, model, vae, text_encoder, image, prompt, layers, steps, cfg, cfg_normalize, resolution, seed
+    ) -> io.NodeOutput:
+        from layered_core.pipeline import DecomposeOptions, LayeredPipeline
+
+        if not _is_ours(vae):
+            raise ValueError("Image to Layers needs this pack's RGBA-VAE (Load RGBA-VAE)")
+        mm.load_models_gpu([model])
+        pipeline = LayeredPipeline(_ComfyTransformer(model), _ManagedVAE(vae), text_encoder)
+        options = DecomposeOptions(
+            layers=layers,
+            steps=steps,
+            cfg_scale=cfg,
+            cfg_normalize=cfg_normalize,
+            resolution=int(resolution),
+            seed=seed,
+        )
+        callback = _step_callback(model, steps)
+
+        result = pipeline(rgba_to_pil(rgba_from_tensor(image[:1])), prompt, options, callback=callback)
+        images = result.layers.permute(0, 2, 3, 1)
+        composite = result.composite.permute(1, 2, 0)[None]
+        return io.NodeOutput(images, 1.0 - images[..., 3], composite, result.stack(), result.prompt)
+
+
+class SaveLayerPNGs(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=f"{PREFIX}SaveLayerPNGs",
+            display_name="Save Layers (PNG zip)",
+            category=CATEGORY,
+            description="Writes every layer as a PNG in a ZIP with a manifest (names, offsets, order, tree) into "
+            "the output folder; never overwrites.",
+            inputs=[
+                LayerStackType.Input("stack", tooltip="the layer stack from Decode Layers or Split Layer"),
+                io.String.Input("filename_prefix", default="layers/QwenLayered", tooltip="may name a subfolder"),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, stack, filename_prefix) -> io.NodeOutput:
+        from layered_core.export import save_png_zip
+        from layered_core.layers import composite, rgba_to_tensor
+
+        save_png_zip(stack, _unused_output_path(filename_prefix, ".zip", stack.width, stack.height))
+        return io.NodeOutput(ui=ui.PreviewImage(rgba_to_tensor(composite(stack)), cls=cls))
+
+
+NODES = [
+    ImageToLayers,
+    SplitLayer,
+    SaveLayerPNGs,
+    LoadMMDiT,
+    LoadRGBAVAE,
+    LoadTextEncoder,
+    TextEncode,
+    Caption,
+    EncodeImage,
+    Decompose,
+    DecodeLayers,
+    SavePSD,
+]

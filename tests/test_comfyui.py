@@ -32,6 +32,9 @@ NODE_IDS = {
     "QwenLayeredDecompose",
     "QwenLayeredDecodeLayers",
     "QwenLayeredSavePSD",
+    "QwenLayeredImageToLayers",
+    "QwenLayeredSplitLayer",
+    "QwenLayeredSaveLayerPNGs",
 }
 
 if not (COMFYUI / "main.py").is_file() or not PYTHON.is_file():
@@ -51,7 +54,9 @@ class Server:
     def __init__(self, base: Path, extra_args=()):
         self.port = _free_port()
         self.log = base / "comfyui.log"
-        command = [str(PYTHON), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port)]
+        # --cpu and --lowvram exclude each other; without a GPU ComfyUI runs on the CPU either way
+        device = [] if "--lowvram" in extra_args else ["--cpu"]
+        command = [str(PYTHON), "main.py", *device, "--listen", "127.0.0.1", "--port", str(self.port)]
         command += ["--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
         self.process = subprocess.Popen(
             [*command, *extra_args], cwd=COMFYUI, stdout=self.log.open("w"), stderr=subprocess.STDOUT
@@ -76,7 +81,8 @@ class Server:
             f"http://127.0.0.1:{self.port}{path}", json.dumps(data).encode(), {"Content-Type": "application/json"}
         )
         with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response)
+            body = response.read()
+        return json.loads(body) if body else None
 
     def run(self, workflow: dict, timeout: float = 300) -> dict:
         prompt_id = self.post("/prompt", {"prompt": workflow})["prompt_id"]
@@ -134,12 +140,17 @@ def test_pack_loads_and_every_node_is_described(server):
 
 def _fast(workflow: dict) -> dict:
     for node in workflow.values():
-        if node["class_type"] in ("QwenLayeredDecompose", "KSampler"):
+        if node["class_type"] in (
+            "QwenLayeredDecompose",
+            "KSampler",
+            "QwenLayeredImageToLayers",
+            "QwenLayeredSplitLayer",
+        ):
             node["inputs"]["steps"] = 2
     return workflow
 
 
-@pytest.mark.parametrize("name", ["image_to_layers.api.json", "core_ksampler_interop.api.json"])
+@pytest.mark.parametrize("name", ["image_to_layers.api.json", "core_ksampler_interop.api.json", "split_layer.api.json"])
 def test_workflow_runs(server, name):
     running, base = server
     workflow = _fast(json.loads((REPO / "workflows" / name).read_text()))
@@ -152,9 +163,12 @@ def test_workflow_runs(server, name):
     assert len(written) == 1
     from psd_tools import PSDImage
 
-    layers = [layer for layer in PSDImage.open(next(iter(written))) if not layer.is_group()]
-    expected = next(n["inputs"]["layers"] for n in workflow.values() if "layers" in n["inputs"])
-    assert len(layers) == expected
+    psd = PSDImage.open(next(iter(written)))
+    counts = [n["inputs"]["layers"] for n in workflow.values() if "layers" in n["inputs"]]
+    leaves = [layer for layer in psd.descendants() if not layer.is_group()]
+    # one decomposition, and with a split: one layer replaced by a group of its sub-layers
+    assert len(leaves) == counts[0] + (counts[1] - 1 if len(counts) > 1 else 0)
+    assert sum(1 for layer in psd.descendants() if layer.is_group()) == len(counts) - 1
 
 
 def test_rerun_with_another_seed_writes_a_new_file_and_keeps_the_old(server):
@@ -170,3 +184,63 @@ def test_rerun_with_another_seed_writes_a_new_file_and_keeps_the_old(server):
     changed = running.run(workflow)
     assert changed["status"]["status_str"] == "success"
     assert len(list((base / "output").rglob("*.psd"))) == count + 1
+
+
+def _slow(workflow: dict, steps: int) -> dict:
+    for node in workflow.values():
+        if node["class_type"] == "QwenLayeredDecompose":
+            node["inputs"]["steps"] = steps
+            node["inputs"]["seed"] = 1000 + steps  # never cached
+    return workflow
+
+
+def test_cancel_stops_within_one_step(server):
+    running, base = server
+    workflow = _slow(json.loads((REPO / "workflows" / "image_to_layers.api.json").read_text()), 200)
+    prompt_id = running.post("/prompt", {"prompt": workflow})["prompt_id"]
+    time.sleep(6)  # loading, caption and some steps
+    cancelled_at = time.monotonic()
+    running.post("/interrupt", {"prompt_id": prompt_id})
+    while prompt_id not in running.get(f"/history/{prompt_id}"):
+        time.sleep(0.05)
+        assert time.monotonic() - cancelled_at < 60
+    stopped_after = time.monotonic() - cancelled_at
+    status = running.get(f"/history/{prompt_id}")[prompt_id]["status"]
+    kinds = [m[0] for m in status["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    # a whole step of this tiny model at the 640 bucket takes about 0.3 s on 2 cores; comfy.ops checks the
+    # interrupt flag before every layer, so the run ends well inside one step plus the polling interval
+    assert stopped_after < 1.0, stopped_after
+
+
+def test_comfy_cli_runs_a_workflow(server, tmp_path):
+    running, base = server
+    comfy = COMFYUI / ".venv" / "bin" / "comfy"
+    if not comfy.is_file():
+        pytest.skip(f"comfy-cli is not installed in {COMFYUI / '.venv'}")
+    workflow = _fast(json.loads((REPO / "workflows" / "image_to_layers.api.json").read_text()))
+    workflow["9"]["inputs"]["seed"] = 77
+    path = tmp_path / "workflow.json"
+    path.write_text(json.dumps(workflow))
+    command = [str(comfy), "--skip-prompt", "--no-json", "run", "--workflow", str(path)]
+    command += ["--host", "127.0.0.1", "--port", str(running.port), "--wait", "--timeout", "120"]
+    env = {**os.environ, "DO_NOT_TRACK": "1", "COMFY_NO_WATCH": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_lowvram_server_runs_the_workflow(tmp_path_factory, server):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("--lowvram needs a GPU: ComfyUI refuses --lowvram together with --cpu")
+    _, shared = server
+    base = tmp_path_factory.mktemp("comfyui_lowvram")
+    for name in ("custom_nodes", "models", "input"):
+        (base / name).symlink_to(shared / name, target_is_directory=True)
+    lowvram = Server(base, extra_args=("--lowvram",))
+    try:
+        history = lowvram.run(_fast(json.loads((REPO / "workflows" / "image_to_layers.api.json").read_text())))
+        assert history["status"]["status_str"] == "success"
+    finally:
+        lowvram.stop()
