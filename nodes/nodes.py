@@ -25,26 +25,50 @@ CATEGORY = "Qwen-Image-Layered"
 LayerStackType = io.Custom("QWEN_LAYER_STACK")
 
 
-def _model_choices() -> list[str]:
-    """Single files in models/diffusion_models, and diffusers folders (with config.json) there."""
-    names = list(folder_paths.get_filename_list("diffusion_models"))
-    for root in folder_paths.get_folder_paths("diffusion_models"):
+def _folders(kind: str, *markers: str) -> list[str]:
+    """Subfolders of models/<kind> holding one of ``markers`` (diffusers-style model folders)."""
+    names = []
+    for root in folder_paths.get_folder_paths(kind):
         if os.path.isdir(root):
             names += sorted(
-                entry for entry in os.listdir(root) if os.path.isfile(os.path.join(root, entry, "config.json"))
+                entry
+                for entry in os.listdir(root)
+                if any(os.path.exists(os.path.join(root, entry, m)) for m in markers)
             )
     return names
 
 
+def _find_folder(kind: str, name: str) -> Path | None:
+    """The folder ``name`` directly inside one of models/<kind>'s roots (nothing outside them)."""
+    for root in folder_paths.get_folder_paths(kind):
+        path = Path(root) / name
+        if path.is_dir() and path.resolve().parent == Path(root).resolve():
+            return path
+    return None
+
+
+def _model_choices() -> list[str]:
+    """Single files in models/diffusion_models, and diffusers folders (with config.json) there."""
+    return list(folder_paths.get_filename_list("diffusion_models")) + _folders("diffusion_models", "config.json")
+
+
 def _model_path(name: str) -> str:
-    path = folder_paths.get_full_path("diffusion_models", name)
+    path = folder_paths.get_full_path("diffusion_models", name) or _find_folder("diffusion_models", name)
     if path is None:
-        for root in folder_paths.get_folder_paths("diffusion_models"):
-            candidate = os.path.join(root, name)
-            if os.path.isdir(candidate) and Path(candidate).resolve().parent == Path(root).resolve():
-                return candidate
         raise ValueError(f"{name}: not found in models/diffusion_models")
-    return path
+    return str(path)
+
+
+def _steps_input():
+    return io.Int.Input("steps", default=50, min=1, max=200, tooltip="Euler steps (the official app uses 50)")
+
+
+def _cfg_input():
+    return io.Float.Input("cfg", default=4.0, min=1.0, max=20.0, step=0.1, tooltip="true-CFG scale; 1 turns it off")
+
+
+def _seed_input():
+    return io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="noise seed")
 
 
 class LoadMMDiT(io.ComfyNode):
@@ -171,10 +195,10 @@ class Decompose(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="the official app uses a single space"),
                 io.Latent.Input("condition", tooltip="the input image's latent from Encode Image for Layers"),
                 io.Int.Input("layers", default=4, min=1, max=MAX_LAYERS, tooltip="layer count N"),
-                io.Int.Input("steps", default=50, min=1, max=200, tooltip="Euler steps"),
-                io.Float.Input("cfg", default=4.0, min=1.0, max=20.0, step=0.1, tooltip="true-CFG scale"),
+                _steps_input(),
+                _cfg_input(),
                 io.Boolean.Input("cfg_normalize", default=True, tooltip="rescale guided velocity to the cond norm"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="noise seed"),
+                _seed_input(),
             ],
             outputs=[io.Latent.Output(tooltip="[B, 16, N+1, H/8, W/8]: frame 0 the composite, then the layers")],
         )
@@ -311,16 +335,7 @@ TextEncoderType = io.Custom("QWEN_LAYERED_TEXT_ENCODER")
 
 def _text_encoder_choices() -> list[str]:
     """Folders in models/text_encoders holding a transformers Qwen2.5-VL (text_encoder/ + tokenizer/)."""
-    names = []
-    for root in folder_paths.get_folder_paths("text_encoders"):
-        if os.path.isdir(root):
-            names += sorted(
-                entry
-                for entry in os.listdir(root)
-                if os.path.isdir(os.path.join(root, entry, "text_encoder"))
-                or os.path.isfile(os.path.join(root, entry, "config.json"))
-            )
-    return names
+    return _folders("text_encoders", "text_encoder", "config.json")
 
 
 class LoadTextEncoder(io.ComfyNode):
@@ -346,13 +361,12 @@ class LoadTextEncoder(io.ComfyNode):
     def execute(cls, folder) -> io.NodeOutput:
         from layered_core.text import load_text_encoder
 
-        for root in folder_paths.get_folder_paths("text_encoders"):
-            path = Path(root) / folder
-            if path.is_dir() and path.resolve().parent == Path(root).resolve():
-                device = mm.text_encoder_device()
-                dtype = torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
-                return io.NodeOutput(load_text_encoder(path, dtype=dtype, device=device))
-        raise ValueError(f"{folder}: not found in models/text_encoders")
+        path = _find_folder("text_encoders", folder)
+        if path is None:
+            raise ValueError(f"{folder}: not found in models/text_encoders")
+        device = mm.text_encoder_device()
+        dtype = torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+        return io.NodeOutput(load_text_encoder(path, dtype=dtype, device=device))
 
 
 class TextEncode(io.ComfyNode):
@@ -417,9 +431,9 @@ class SplitLayer(io.ComfyNode):
                 io.String.Input("path", default="1", tooltip="1-based layer number, bottom = 1; '2/1' for a sub-layer"),
                 io.Int.Input("layers", default=2, min=1, max=MAX_LAYERS, tooltip="sub-layer count"),
                 io.String.Input("prompt", default="", multiline=True, tooltip="empty: auto-caption of the layer"),
-                io.Int.Input("steps", default=50, min=1, max=200, tooltip="Euler steps"),
-                io.Float.Input("cfg", default=4.0, min=1.0, max=20.0, step=0.1, tooltip="true-CFG scale"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="noise seed"),
+                _steps_input(),
+                _cfg_input(),
+                _seed_input(),
             ],
             outputs=[LayerStackType.Output(display_name="stack")],
         )
@@ -495,11 +509,11 @@ class ImageToLayers(io.ComfyNode):
                 io.Image.Input("image", tooltip="RGB or RGBA"),
                 io.String.Input("prompt", default="", multiline=True, tooltip="empty: English auto-caption"),
                 io.Int.Input("layers", default=4, min=1, max=MAX_LAYERS, tooltip="layer count N"),
-                io.Int.Input("steps", default=50, min=1, max=200, tooltip="Euler steps"),
-                io.Float.Input("cfg", default=4.0, min=1.0, max=20.0, step=0.1, tooltip="true-CFG scale"),
+                _steps_input(),
+                _cfg_input(),
                 io.Boolean.Input("cfg_normalize", default=True, tooltip="rescale guided velocity to the cond norm"),
                 io.Combo.Input("resolution", options=["640", "1024"], default="640", tooltip="bucket area side"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="noise seed"),
+                _seed_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="layers", tooltip="[N, H, W, 4], bottom to top"),
