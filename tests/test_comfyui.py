@@ -194,23 +194,32 @@ def _slow(workflow: dict, steps: int) -> dict:
     return workflow
 
 
+def _seconds_for(running, steps: int) -> float:
+    workflow = _slow(json.loads((REPO / "workflows" / "image_to_layers.api.json").read_text()), steps)
+    start = time.monotonic()
+    assert running.run(workflow)["status"]["status_str"] == "success"
+    return time.monotonic() - start
+
+
 def test_cancel_stops_within_one_step(server):
     running, base = server
+    # the loaders, encoding and caption are cached between these runs: the difference is 6 sampling steps
+    step = (_seconds_for(running, 8) - _seconds_for(running, 2)) / 6
     workflow = _slow(json.loads((REPO / "workflows" / "image_to_layers.api.json").read_text()), 200)
     prompt_id = running.post("/prompt", {"prompt": workflow})["prompt_id"]
-    time.sleep(6)  # loading, caption and some steps
+    time.sleep(max(3.0, 5 * step))  # well into the sampling
     cancelled_at = time.monotonic()
     running.post("/interrupt", {"prompt_id": prompt_id})
     while prompt_id not in running.get(f"/history/{prompt_id}"):
-        time.sleep(0.05)
+        time.sleep(0.02)
         assert time.monotonic() - cancelled_at < 60
     stopped_after = time.monotonic() - cancelled_at
     status = running.get(f"/history/{prompt_id}")[prompt_id]["status"]
     kinds = [m[0] for m in status["messages"]]
     assert "execution_interrupted" in kinds, kinds
-    # a whole step of this tiny model at the 640 bucket takes about 0.3 s on 2 cores; comfy.ops checks the
-    # interrupt flag before every layer, so the run ends well inside one step plus the polling interval
-    assert stopped_after < 1.0, stopped_after
+    # comfy.ops checks the interrupt flag before every layer, so the run ends inside the step it is in;
+    # 0.3 s covers the HTTP round trips and the history write
+    assert stopped_after < step + 0.3, (stopped_after, step)
 
 
 def test_comfy_cli_runs_a_workflow(server, tmp_path):
