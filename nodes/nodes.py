@@ -126,6 +126,13 @@ class LoadRGBAVAE(io.ComfyNode):
         return io.NodeOutput(VAEPatcher(vae))
 
 
+def _single_image(image: torch.Tensor, node: str):
+    """One IMAGE as a straight-RGBA PIL image; a batch is refused rather than cut to its first image."""
+    if image.shape[0] != 1:
+        raise ValueError(f"{node} takes one image at a time, got a batch of {image.shape[0]}")
+    return rgba_to_pil(rgba_from_tensor(image))
+
+
 def _is_ours(vae) -> bool:
     return isinstance(vae, VAEPatcher)
 
@@ -151,7 +158,7 @@ class EncodeImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, image, resolution) -> io.NodeOutput:
-        pil = rgba_to_pil(rgba_from_tensor(image[:1]))
+        pil = _single_image(image, "Encode Image for Layers")
         pil = resize_rgba(pil, bucket_size(*pil.size, int(resolution)))
         pixels = image_to_tensor(pil)  # (1, 4, H, W)
         if _is_ours(vae):
@@ -275,6 +282,8 @@ class DecodeLayers(io.ComfyNode):
         latent = samples["samples"]
         if latent.ndim != 5 or latent.shape[2] < 2:
             raise ValueError(f"expected a layered latent [B, 16, N+1, h, w] with N >= 1, got {tuple(latent.shape)}")
+        if latent.shape[0] != 1:
+            raise ValueError(f"Decode Layers takes one decomposition at a time, got a batch of {latent.shape[0]}")
         frames = latent[0].transpose(0, 1)  # (N+1, 16, h, w), decoded independently
         if _is_ours(vae):
             mean, std = _latent_stats(vae, frames.device)
@@ -410,7 +419,7 @@ class Caption(io.ComfyNode):
 
     @classmethod
     def execute(cls, text_encoder, image, language, max_new_tokens) -> io.NodeOutput:
-        pil = rgba_to_pil(rgba_from_tensor(image[:1]))
+        pil = _single_image(image, "Auto-caption")
         return io.NodeOutput(text_encoder.caption(pil, language=language, max_new_tokens=max_new_tokens))
 
 
@@ -544,7 +553,7 @@ class ImageToLayers(io.ComfyNode):
         )
         callback = _step_callback(model, steps)
 
-        result = pipeline(rgba_to_pil(rgba_from_tensor(image[:1])), prompt, options, callback=callback)
+        result = pipeline(_single_image(image, "Image to Layers"), prompt, options, callback=callback)
         images = result.layers.permute(0, 2, 3, 1)
         composite = result.composite.permute(1, 2, 0)[None]
         return io.NodeOutput(images, 1.0 - images[..., 3], composite, result.stack(), result.prompt)
