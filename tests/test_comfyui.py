@@ -222,15 +222,49 @@ def test_cancel_stops_within_one_step(server):
     assert stopped_after < step + 0.3, (stopped_after, step)
 
 
-def test_comfy_cli_runs_a_workflow(server, tmp_path):
-    running, base = server
+def _comfy_cli() -> Path:
     comfy = COMFYUI / ".venv" / "bin" / "comfy"
     if not comfy.is_file():
         pytest.skip(f"comfy-cli is not installed in {COMFYUI / '.venv'}")
+    return comfy
+
+
+@pytest.mark.parametrize("name", ["image_to_layers", "core_ksampler_interop", "split_layer"])
+def test_ui_workflow_is_its_api_twin(server, tmp_path, name):
+    """comfy-cli's UI -> API converter (what `comfy run` uses) turns each UI file into its API file."""
+    running, base = server
+    _comfy_cli()
+    info = tmp_path / "object_info.json"
+    info.write_text(json.dumps(running.get("/object_info")))
+    script = (
+        "import json, sys; from comfy_cli.workflow_to_api import convert_ui_to_api; "
+        "print(json.dumps(convert_ui_to_api(json.load(open(sys.argv[1])), json.load(open(sys.argv[2])))))"
+    )
+    ui = REPO / "workflows" / f"{name}.ui.json"
+    result = subprocess.run(
+        [str(PYTHON), "-c", script, str(ui), str(info)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    converted = json.loads(result.stdout)
+    expected = json.loads((REPO / "workflows" / f"{name}.api.json").read_text())
+    assert {k: (v["class_type"], v["inputs"]) for k, v in converted.items()} == {
+        k: (v["class_type"], v["inputs"]) for k, v in expected.items()
+    }
+
+
+def test_comfy_cli_runs_a_workflow(server, tmp_path):
+    """`comfy run --workflow` on a UI-format file (made by workflows/ui_from_api.py, with 2 steps)."""
+    import importlib.util
+
+    running, base = server
+    comfy = _comfy_cli()
+    spec = importlib.util.spec_from_file_location("ui_from_api", REPO / "workflows" / "ui_from_api.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     workflow = _fast(json.loads((REPO / "workflows" / "image_to_layers.api.json").read_text()))
     workflow["9"]["inputs"]["seed"] = 77
-    path = tmp_path / "workflow.json"
-    path.write_text(json.dumps(workflow))
+    path = tmp_path / "workflow.ui.json"
+    path.write_text(json.dumps(module.ui_from_api(workflow, running.get("/object_info"))))
     command = [str(comfy), "--skip-prompt", "--no-json", "run", "--workflow", str(path)]
     command += ["--host", "127.0.0.1", "--port", str(running.port), "--wait", "--timeout", "120"]
     env = {**os.environ, "DO_NOT_TRACK": "1", "COMFY_NO_WATCH": "1"}
