@@ -615,22 +615,3 @@ def save_mmdit(
         raise ValueError(f"unknown transformer layout {layout!r}")
     _atomic_save(out, path, metadata)
     return path
-
-
-def dequantized_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The float32 transformer weights an fp8 file stands for (scale applied, aux tensors dropped)."""
-    source = open_checkpoint(path)
-    prefix = find_prefix(source.keys(), TRANSFORMER_PREFIXES, "transformer_blocks.0.")
-    quantized = quantized_layers(source, prefix)
-    aux = _auxiliary_keys(source, prefix, quantized)
-    out = {}
-    for key in source.keys():
-        if key in aux or not key.startswith(prefix):
-            continue
-        name = key[len(prefix) :]
-        tensor = source.get(key)
-        layer = quantized.get(name[: -len(".weight")]) if name.endswith(".weight") else None
-        if layer is not None:
-            tensor = tensor.to(torch.float32) * source.get(layer.weight_scale).to(torch.float32)
-        out[name] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
-    return out

@@ -190,8 +190,8 @@ class LayeredPipeline:
 
         device = _device_of(self.transformer)
         dtype = getattr(self.transformer, "compute_dtype", torch.float32)
-        positive = _to(positive, device, dtype)
-        negative = None if negative is None else _to(negative, device, dtype)
+        positive = positive.to(device, dtype)
+        negative = None if negative is None else negative.to(device, dtype)
 
         start = time.perf_counter()
         latents = sample(
@@ -246,11 +246,6 @@ class LayeredPipeline:
         names = [f"{layer.name} / {index + 1}" for index in range(count)]
         sub_stack = stack_from_tensor(result.layers.permute(0, 2, 3, 1), names=names)
         return attach_split(stack, resolved, sub_stack)
-
-
-def _to(conditioning: Conditioning, device, dtype) -> Conditioning:
-    mask = None if conditioning.mask is None else conditioning.mask.to(device)
-    return Conditioning(conditioning.embeddings.to(device=device, dtype=dtype), mask)
 
 
 def _device_of(module) -> torch.device:

@@ -69,6 +69,10 @@ class Conditioning:
     embeddings: torch.Tensor
     mask: torch.Tensor | None = None
 
+    def to(self, device, dtype: torch.dtype | None = None) -> Conditioning:
+        mask = None if self.mask is None else self.mask.to(device)
+        return Conditioning(self.embeddings.to(device=device, dtype=dtype), mask)
+
 
 def _unpadded_length(c: Conditioning) -> int | None:
     """The prompt length when no row of it is padded, else None."""

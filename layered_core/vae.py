@@ -285,7 +285,8 @@ class RGBAVAE(nn.Module):
         model.load_state_dict(converted, strict=True, assign=True)
         return model.eval()
 
-    def _latent_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def latent_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (mean, std), (1, C, 1, 1) float32: normalised latent = (z - mean) / std."""
         mean = torch.tensor(self.config.latents_mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         std = torch.tensor(self.config.latents_std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         return mean, std
@@ -313,7 +314,7 @@ class RGBAVAE(nn.Module):
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         moments = self.conv1(self.encoder(x))
         mode = moments[:, : self.config.z_dim].float()
-        mean, std = self._latent_stats(mode.device)
+        mean, std = self.latent_stats(mode.device)
         return (mode - mean) / std
 
     @torch.no_grad()
@@ -347,7 +348,7 @@ class RGBAVAE(nn.Module):
 
     def _decode_tile(self, latent: torch.Tensor) -> torch.Tensor:
         weight = self.decoder.conv1.weight
-        mean, std = self._latent_stats(weight.device)
+        mean, std = self.latent_stats(weight.device)
         z = (latent.to(device=weight.device, dtype=torch.float32) * std + mean).to(weight.dtype)
         image = self.decoder(self.conv2(z))
         return (image.float().clamp(-1.0, 1.0) + 1.0) / 2.0

@@ -133,6 +133,15 @@ def _single_image(image: torch.Tensor, node: str):
     return rgba_to_pil(rgba_from_tensor(image))
 
 
+def _layer_outputs() -> list:
+    """The outputs every node that returns layers starts with."""
+    return [
+        io.Image.Output(display_name="layers", tooltip="[N, H, W, 4], bottom to top"),
+        io.Mask.Output(display_name="masks", tooltip="[N, H, W], 1 = transparent"),
+        io.Image.Output(display_name="composite", tooltip="frame 0, the model's own composite"),
+    ]
+
+
 def _is_ours(vae) -> bool:
     return isinstance(vae, VAEPatcher)
 
@@ -163,19 +172,12 @@ class EncodeImage(io.ComfyNode):
         pixels = image_to_tensor(pil)  # (1, 4, H, W)
         if _is_ours(vae):
             normalised = vae.encode(pixels)
-            mean, std = _latent_stats(vae, normalised.device)
+            mean, std = vae.vae.latent_stats(normalised.device)
             samples = (normalised * std + mean)[:, :, None]
         else:  # core's VAE takes [B, H, W, C]; one image per call (a batch would be read as time)
             samples = vae.encode(pixels.permute(0, 2, 3, 1))
         resized = pixels.permute(0, 2, 3, 1)
         return io.NodeOutput({"samples": samples.float().cpu()}, resized)
-
-
-def _latent_stats(vae: VAEPatcher, device):
-    config = vae.vae.config
-    mean = torch.tensor(config.latents_mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(config.latents_std, device=device).view(1, -1, 1, 1)
-    return mean, std
 
 
 def _conditioning(conditioning) -> Conditioning:
@@ -227,8 +229,8 @@ class Decompose(io.ComfyNode):
         latents = sample(
             velocity,
             normalised,
-            _to_device(_conditioning(positive), device),
-            _to_device(_conditioning(negative), device),
+            _conditioning(positive).to(device),
+            _conditioning(negative).to(device),
             layers=layers,
             steps=steps,
             cfg_scale=cfg,
@@ -250,11 +252,6 @@ def _step_callback(model, steps: int):
     return callback
 
 
-def _to_device(conditioning: Conditioning, device) -> Conditioning:
-    mask = None if conditioning.mask is None else conditioning.mask.to(device)
-    return Conditioning(conditioning.embeddings.to(device), mask)
-
-
 class DecodeLayers(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -269,9 +266,7 @@ class DecodeLayers(io.ComfyNode):
                 io.Latent.Input("samples", tooltip="[B, 16, N+1, h, w] from Decompose or a core sampler"),
             ],
             outputs=[
-                io.Image.Output(display_name="layers", tooltip="[N, H, W, 4], bottom to top"),
-                io.Mask.Output(display_name="masks", tooltip="[N, H, W], 1 = transparent"),
-                io.Image.Output(display_name="composite", tooltip="frame 0, the model's own composite"),
+                *_layer_outputs(),
                 io.String.Output(display_name="boxes", tooltip="JSON: each layer's alpha box [x0, y0, x1, y1]"),
                 LayerStackType.Output(display_name="stack"),
             ],
@@ -286,7 +281,7 @@ class DecodeLayers(io.ComfyNode):
             raise ValueError(f"Decode Layers takes one decomposition at a time, got a batch of {latent.shape[0]}")
         frames = latent[0].transpose(0, 1)  # (N+1, 16, h, w), decoded independently
         if _is_ours(vae):
-            mean, std = _latent_stats(vae, frames.device)
+            mean, std = vae.vae.latent_stats(frames.device)
             images = torch.cat([vae.decode((chunk - mean) / std).cpu() for chunk in frames.split(4)])
             images = images.permute(0, 2, 3, 1)
         else:
@@ -525,9 +520,7 @@ class ImageToLayers(io.ComfyNode):
                 _seed_input(),
             ],
             outputs=[
-                io.Image.Output(display_name="layers", tooltip="[N, H, W, 4], bottom to top"),
-                io.Mask.Output(display_name="masks", tooltip="[N, H, W], 1 = transparent"),
-                io.Image.Output(display_name="composite", tooltip="frame 0, the model's own composite"),
+                *_layer_outputs(),
                 LayerStackType.Output(display_name="stack"),
                 io.String.Output(display_name="prompt", tooltip="the prompt used (the caption if it was empty)"),
             ],

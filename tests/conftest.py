@@ -6,20 +6,9 @@ import pytest
 import torch
 
 from layered_core.mmdit import MMDiTConfig
+from layered_core.tiny_models import randomize_
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
-
-
-def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
-    """Fill every parameter with seeded noise so no weight sits at its (often trivial) init:
-    norm weights around 1, everything else around 0."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            noise = torch.randn(p.shape, generator=gen) * std
-            is_norm_weight = name.endswith(".weight") and "norm" in name.split(".")[-2] and p.ndim == 1
-            p.copy_(1.0 + noise if is_norm_weight else noise)
-    return module
 
 
 def reference_transformer(config: MMDiTConfig, seed: int = 0):
