@@ -106,7 +106,10 @@ def load_layered_model(path: str, weight_dtype: str = "default") -> comfy.model_
     cast_from = None if model_config.quant_config else dtype
     model_config.set_inference_dtype(dtype, mm.unet_manual_cast(cast_from, load_device, supported), device=load_device)
     model = LayeredQwenImage(model_config)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+    # CoreModelPatcher is what core's loaders use: the dynamic-VRAM patcher on NVIDIA GPUs, the classic one
+    # elsewhere (and on older ComfyUI, which has only the classic one)
+    patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    patcher = patcher_class(model, load_device=load_device, offload_device=mm.unet_offload_device())
     model.load_model_weights(state, "")
     return patcher
 

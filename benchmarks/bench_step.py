@@ -1,0 +1,277 @@
+"""Seconds per sampling step (cond + uncond) of the full-size VLD-MMDiT on one GPU: ours in several
+settings against diffusers and ComfyUI core on the same random bf16 weights, against the FLOP floor,
+with every output's relative L2 error against a float32 reference. Prints a table.
+
+    python benchmarks/bench_step.py                          # 640 px, 4 layers, 256 text tokens
+    python benchmarks/bench_step.py --resolution 1024 --layers 8 --variants compiled --no-peers
+    COMFYUI_PATH=~/ComfyUI python benchmarks/bench_step.py   # core's model needs a ComfyUI checkout
+
+How each runs a step, as its own sampler does: ours and ComfyUI core run cond and uncond as one batch-2
+forward; diffusers' QwenImageLayeredPipeline runs them as two batch-1 forwards. The peers share our
+weight tensors (assigned, not copied). The floor is the step's FLOP at --gemm-tflops (the bf16 matrix
+product rate measured on the H100: 755 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_mmdit import (  # noqa: E402
+    float32_reference,
+    flops_per_forward,
+    peak_gib,
+    random_weights_,
+    reference_model,
+    reset_peak,
+    sync,
+    timed,
+)
+
+from layered_core.mmdit import GeluProjection, MMDiTConfig, VLDMMDiT, pack_latents, unpack_latents  # noqa: E402
+
+VARIANTS = ("eager", "eager-unfused", "compiled", "compiled-unfused", "fp8", "fp8-eager", "max-autotune")
+
+
+def comfy_core_model(state: dict, config: MMDiTConfig, comfyui: Path):
+    """ComfyUI core's QwenImageTransformer2DModel (as its model detection configures it for the layered
+    file) around the given tensors."""
+    sys.path.insert(0, str(comfyui))
+    import comfy.ldm.qwen_image.model as core
+    import comfy.ops
+
+    with torch.device("meta"):
+        model = core.QwenImageTransformer2DModel(
+            num_layers=config.num_layers,
+            attention_head_dim=config.head_dim,
+            num_attention_heads=config.num_heads,
+            joint_attention_dim=config.text_dim,
+            axes_dims_rope=tuple(config.axes_dims),
+            use_additional_t_cond=True,
+            default_ref_method="negative_index",
+            image_model="qwen_image",
+            dtype=torch.bfloat16,
+            operations=comfy.ops.disable_weight_init,
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=640, help="square image side in pixels")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--text-tokens", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--variants", default="eager,compiled,fp8", help=f"comma-separated, of {VARIANTS}")
+    parser.add_argument("--no-peers", action="store_true", help="skip diffusers and ComfyUI core")
+    parser.add_argument("--no-float32", action="store_true", help="skip the float32 reference (no errors)")
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI")))
+    parser.add_argument("--gemm-tflops", type=float, default=755.0)
+    parser.add_argument("--profile", action="store_true", help="kernel-time groups of the first compiled variant")
+    args = parser.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+
+    config = MMDiTConfig.full()
+    dtype, device = torch.bfloat16, "cuda"
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = VLDMMDiT(config, dtype=dtype)
+    model = model.to_empty(device=device).eval().requires_grad_(False)
+    random_weights_(model)
+    model.compute_dtype = dtype
+    sync()
+    print(
+        f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters in {time.perf_counter() - t0:.1f} s"
+    )
+
+    h = w = args.resolution // 8
+    frames = args.layers + 1
+    gen = torch.Generator(device=device).manual_seed(1)
+    latents = torch.randn(2, 16, frames, h, w, generator=gen, device=device)
+    condition = torch.randn(2, 16, h, w, generator=gen, device=device)
+    text = torch.randn(2, args.text_tokens, config.text_dim, generator=gen, device=device).to(dtype)
+    sigma = torch.tensor([0.75, 0.75], device=device)  # exact in bf16 (diffusers rounds the timestep to it)
+    grid = (h // 2) * (w // 2)
+    flops = flops_per_forward(config, (frames + 1) * grid, args.text_tokens, frames * grid)
+    floor = 2 * flops / (args.gemm_tflops * 1e12)
+
+    rows: list[tuple[str, float, float, str]] = []  # name, s/step, peak GiB, note
+    outputs: dict[str, torch.Tensor] = {}  # first batch element of each, for the error column
+
+    def measure(name: str, step, note: str = "") -> None:
+        reset_peak()
+        start = time.perf_counter()
+        out = step()
+        sync()
+        first = time.perf_counter() - start
+        seconds = statistics.median(timed(step, args.warmup, args.iters))
+        rows.append((name, seconds, peak_gib(), f"{note}first call {first:.1f} s"))
+        outputs[name] = out[:1].float()
+        print(f"{name}: {seconds:.3f} s/step, first call {first:.1f} s", flush=True)
+
+    def ours_step():
+        return model(latents, condition, text, sigma)
+
+    with torch.inference_mode():
+        if not args.no_peers:
+            run_peers(model, config, latents, condition, text, sigma, measure, Path(args.comfyui))
+        if not args.no_float32:
+            truth = float32_output(model, config, latents, condition, text, sigma)
+        # fp8 last: quantising frees the bf16 weights the others need
+        for variant in sorted(variants, key=lambda v: v.startswith("fp8")):
+            if variant in ("eager", "eager-unfused"):
+                GeluProjection.fused_epilogue = variant == "eager"
+                measure(f"ours {variant}", ours_step)
+                GeluProjection.fused_epilogue = True
+            elif variant in ("compiled", "compiled-unfused", "max-autotune"):
+                GeluProjection.fused_epilogue = variant != "compiled-unfused"
+                torch._dynamo.reset()
+                model.compile_blocks(mode="max-autotune-no-cudagraphs" if variant == "max-autotune" else None)
+                measure(f"ours {variant}", ours_step)
+                if args.profile and variant == "compiled":
+                    profile(ours_step)
+                model.uncompile_blocks()
+                GeluProjection.fused_epilogue = True
+            elif variant.startswith("fp8"):
+                from layered_core.ops import FP8Linear, quantize_linears_fp8
+
+                if not any(isinstance(m, FP8Linear) for m in model.modules()):
+                    quantize_linears_fp8(model)
+                    torch.cuda.empty_cache()
+                torch._dynamo.reset()
+                if variant == "fp8":
+                    model.compile_blocks()
+                measure(f"ours {variant}", ours_step, "e4m3 weights, rowwise-scaled activations; ")
+                model.uncompile_blocks()
+
+    print()
+    print(
+        f"VLD-MMDiT full size, bf16 weights, {args.resolution}x{args.resolution} px, {args.layers} layers, "
+        f"{args.text_tokens} text tokens, cond + uncond per step, {torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"FLOP per step {2 * flops / 1e12:.1f} T; floor {floor:.3f} s/step at {args.gemm_tflops:.0f} TFLOP/s "
+        f"({(frames + 1) * grid + args.text_tokens} tokens per sample)"
+    )
+    peers = {name: seconds for name, seconds, _, _ in rows if not name.startswith("ours")}
+    header = f"{'impl':<24} {'s/step':>7} {'x floor':>8} {'TFLOP/s':>8} {'peak GiB':>9} {'rel L2':>9}"
+    header += "".join(f" {'vs ' + p.split()[0]:>13}" for p in peers)
+    print(header + "  note")
+    for name, seconds, peak, note in rows:
+        error = relative_l2(outputs[name], truth) if not args.no_float32 else float("nan")
+        line = f"{name:<24} {seconds:>7.3f} {seconds / floor:>8.2f} {2 * flops / seconds / 1e12:>8.0f} {peak:>9.1f}"
+        line += f" {error:>9.2e}" + "".join(f" {peers[p] / seconds:>12.2f}x" for p in peers)
+        print(line + f"  {note}")
+    print("rel L2: against the float32 reference forward (diffusers' model computing in float32) on sample 0")
+
+
+def run_peers(model, config, latents, condition, text, sigma, measure, comfyui: Path) -> None:
+    """diffusers and ComfyUI core on our weight tensors, each stepping as its own sampler does."""
+    dtype, device = torch.bfloat16, latents.device
+    frames, h, w = latents.shape[2:]
+    grid = (h // 2) * (w // 2)
+    state = model.state_dict()
+    shapes = [[(1, h // 2, w // 2)] * (frames + 1)]
+    ref = reference_model(state, config)
+
+    def diffusers_forward(b: slice):
+        n = b.stop - b.start
+        tokens = torch.cat([pack_latents(latents[b]), pack_latents(condition[b, :, None])], 1)
+        out = ref(
+            hidden_states=tokens.to(dtype),
+            encoder_hidden_states=text[b],
+            timestep=sigma[b].to(dtype),
+            img_shapes=shapes * n,
+            additional_t_cond=torch.zeros(n, dtype=torch.long, device=device),
+            return_dict=False,
+        )[0]
+        return unpack_latents(out[:, : frames * grid], frames, h, w)
+
+    def diffusers_step():
+        return torch.cat([diffusers_forward(slice(0, 1)), diffusers_forward(slice(1, 2))])
+
+    measure("diffusers 0.42.1", diffusers_step, "two batch-1 forwards; ")
+    if not (comfyui / "comfy").is_dir():
+        print(f"ComfyUI core skipped: no checkout at {comfyui}")
+        return
+    try:
+        core = comfy_core_model(state, config, comfyui)
+    except Exception as error:  # a missing dependency of that checkout: say so, keep the rest
+        print(f"ComfyUI core skipped: {type(error).__name__}: {error}")
+        return
+
+    def core_step():
+        return core(latents.to(dtype), sigma, text, ref_latents=[condition[:, :, None].to(dtype)])
+
+    measure("ComfyUI core v0.30", core_step, "one batch-2 forward; ")
+
+
+def float32_output(model, config, latents, condition, text, sigma) -> torch.Tensor:
+    """Sample 0 through diffusers' model computing in float32 (one block widened at a time)."""
+    t0 = time.perf_counter()
+    frames, h, w = latents.shape[2:]
+    grid = (h // 2) * (w // 2)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref32 = float32_reference(model.state_dict(), config)
+    tokens = torch.cat([pack_latents(latents[:1]), pack_latents(condition[:1, :, None])], 1).float()
+    out = ref32(
+        hidden_states=tokens,
+        encoder_hidden_states=text[:1].float(),
+        timestep=sigma[:1],
+        img_shapes=[[(1, h // 2, w // 2)] * (frames + 1)],
+        additional_t_cond=torch.zeros(1, dtype=torch.long, device=latents.device),
+        return_dict=False,
+    )[0]
+    print(f"float32 reference forward: {time.perf_counter() - t0:.1f} s", flush=True)
+    return unpack_latents(out[:, : frames * grid], frames, h, w).float()
+
+
+def profile(step) -> None:
+    """CUDA time of one step by kernel group: matrix products, attention, everything else."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        step()
+        sync()
+    groups = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    kernels = []
+    for event in profiler.key_averages():
+        cuda_us = getattr(event, "device_time_total", 0)
+        if cuda_us <= 0 or event.key.startswith(("aten::", "cuda")):
+            continue
+        key = event.key.lower()
+        if any(tag in key for tag in ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "_mm_")):
+            group = "matmul"
+        elif any(tag in key for tag in ("flash", "fmha", "attention", "sdpa", "cudnn")):
+            group = "attention"
+        else:
+            group = "other"
+        groups[group] += cuda_us
+        kernels.append((cuda_us, group, event.key[:100], event.count))
+    total = sum(groups.values())
+    print(
+        "kernel time of one step: "
+        + ", ".join(f"{g} {us / 1000:.1f} ms ({us / total:.0%})" for g, us in groups.items())
+    )
+    for us, group, key, count in sorted(kernels, reverse=True)[:14]:
+        print(f"  {us / 1000:>8.2f} ms  {group:<9} {count:>5}x  {key}")
+
+
+if __name__ == "__main__":
+    main()
