@@ -5,7 +5,8 @@ Plain PyTorch gets :class:`TorchOps`; ComfyUI passes its ``comfy.ops`` family in
 what gives weight casting, low-VRAM streaming and LoRA patching there.
 
 :class:`FP8Linear` holds a float8 e4m3 weight with its per-tensor scale, as ComfyUI's scaled fp8
-files store them, so a 20 GB fp8 checkpoint stays 20 GB in memory.
+files store them, so a 20 GB fp8 checkpoint stays 20 GB in memory. On GPUs with fp8 tensor cores
+(compute capability 8.9+: Ada, Hopper) it also multiplies in fp8, through ``torch._scaled_mm``.
 """
 
 from __future__ import annotations
@@ -30,19 +31,74 @@ def resolve_operations(operations):
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+# An all-zero row still gets a finite, non-zero scale (its fp8 values are all zero either way).
+AMAX_FLOOR = 1e-12
+FP8_COMPUTE_MODES = ("auto", "fp8", "dequantize")
+
+
+def fp8_matmul_supported(device: torch.device) -> bool:
+    """Whether ``device`` has fp8 tensor cores that ``torch._scaled_mm`` uses with rowwise scales.
+
+    CUDA compute capability 8.9 (Ada) or later. ROCm is left out: its fp8 matmul wants the ``fnuz``
+    variant on MI300, not the ``e4m3fn`` the checkpoints hold.
+    """
+    if device.type != "cuda" or torch.version.hip:
+        return False
+    # get_device_properties, unlike get_device_capability, is constant-folded by torch.compile.
+    properties = torch.cuda.get_device_properties(device)
+    return (properties.major, properties.minor) >= (8, 9)
+
+
+def quantize_rows_fp8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) dynamic e4m3 quantisation of a 2-D activation.
+
+    Returns ``(rows / scale in float8_e4m3fn, scale)`` with ``scale = amax(|row|) / 448`` as a float32
+    (M, 1) tensor, so each row's largest value maps to the top of the fp8 range. One outlier token
+    then costs precision in its own row only, which per-tensor scaling would spread over all rows.
+    """
+    amax = torch.linalg.vector_norm(rows, ord=float("inf"), dim=-1, keepdim=True).to(torch.float32)
+    scale = amax.clamp(min=AMAX_FLOOR) / E4M3_MAX
+    # Dividing promotes to float32; the clamp guards the cast against rounding just past 448 (e4m3fn
+    # has no infinity: an out-of-range value would become NaN).
+    quantized = (rows / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return quantized, scale
 
 
 class FP8Linear(nn.Module):
     """A Linear whose weight stays in float8 with a float32 per-tensor scale.
 
-    ``weight_real = weight.float() * weight_scale``. The matmul runs in the input's dtype on a
-    weight dequantised just in time, so only one layer's weight is ever held at full precision.
+    ``weight_real = weight.float() * weight_scale``. ``compute`` picks the matmul:
+
+    - ``"fp8"``: activations are quantised per row to e4m3 on the fly and multiplied with the fp8
+      weight by ``torch._scaled_mm`` (fp8 tensor cores, bf16 output); twice the bf16 matmul rate on
+      Hopper, and the weight is never widened.
+    - ``"dequantize"``: the weight is dequantised just in time to the input's dtype and ``F.linear``
+      runs; only one layer's weight is ever held at full precision.
+    - ``"auto"`` (default): ``"fp8"`` where it is supported and exact in its layout (CUDA capability
+      8.9+, e4m3 weight, bf16 input, both weight dimensions multiples of 16, no autograd), else
+      ``"dequantize"``. On CPU this is always ``"dequantize"``: the CPU fp8 matmul exists but is slower.
+
+    ``fast_accum`` lets the fp8 kernel accumulate at reduced precision (faster on Hopper).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        compute: str = "auto",
+        fast_accum: bool = False,
+    ):
         super().__init__()
+        if compute not in FP8_COMPUTE_MODES:
+            raise ValueError(f"FP8Linear compute must be one of {', '.join(FP8_COMPUTE_MODES)}, got {compute!r}")
         self.in_features = in_features
         self.out_features = out_features
+        self.compute = compute
+        self.fast_accum = fast_accum
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, device=device, dtype=torch.float8_e4m3fn),
             requires_grad=False,
@@ -54,16 +110,110 @@ class FP8Linear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def like(cls, linear: nn.Linear) -> FP8Linear:
+    def like(cls, linear: nn.Linear, compute: str = "auto") -> FP8Linear:
         """An empty FP8Linear on the meta device shaped like ``linear`` (for assign-loading)."""
-        return cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        return cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", compute=compute
+        )
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype), .bfloat16() and .half() cast every floating-point tensor, float8 included,
+        # which would silently turn this layer back into a full-precision one. The fp8 weight and its
+        # float32 scale keep their dtypes and only follow moves between devices; the bias is cast.
+        # detach(): Module._apply swaps a parameter's data in place, so keep the tensors themselves.
+        weight, scale = self.weight.detach(), self.weight_scale.detach()
+        super()._apply(fn, recurse)
+        if self.weight.dtype != weight.dtype:
+            self.weight = nn.Parameter(weight.to(self.weight.device), requires_grad=False)
+        if self.weight_scale.dtype != scale.dtype:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return self
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.weight.to(torch.float32) * self.weight_scale).to(dtype)
 
+    def fp8_matmul_problem(self, x: torch.Tensor) -> str | None:
+        """Why the fp8 matmul cannot run on ``x`` here, or None when it can.
+
+        Everything checked is static (dtypes, shapes, device), so torch.compile traces the choice
+        without a graph break.
+        """
+        if self.weight.dtype != torch.float8_e4m3fn:
+            # The rowwise kernels take an e4m3 second operand only.
+            return f"the weight is {self.weight.dtype}, the fp8 matmul needs float8_e4m3fn"
+        if x.device.type == "cuda":
+            if not fp8_matmul_supported(x.device):
+                return f"{x.device} has no fp8 tensor cores (compute capability 8.9+ needed)"
+            # cuBLASLt/CUTLASS fp8 operands must be 16-byte aligned: K and N multiples of 16 (M is free).
+            if self.in_features % 16 or self.out_features % 16:
+                return f"in_features={self.in_features} and out_features={self.out_features} must be multiples of 16"
+            if not self.weight.is_contiguous():
+                return "the weight is not contiguous, so weight.t() is not column-major"
+        return None
+
+    def uses_fp8_matmul(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs the fp8 matmul (raises if ``compute="fp8"`` cannot)."""
+        if self.compute == "dequantize":
+            return False
+        problem = self.fp8_matmul_problem(x)
+        if self.compute == "fp8":
+            if problem is not None:
+                raise ValueError(
+                    f"FP8Linear({self.in_features} -> {self.out_features}) with compute='fp8' cannot run: {problem}; "
+                    "use compute='auto' to fall back to dequantising"
+                )
+            return True
+        return (
+            problem is None
+            and fp8_matmul_supported(x.device)
+            # bf16 is the output dtype every torch version's rowwise kernel supports.
+            and x.dtype == torch.bfloat16
+            # _scaled_mm has no backward.
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_fp8_matmul(x):
+            return self._fp8_forward(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
+    def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        x_fp8, x_scale = quantize_rows_fp8(rows)
+        # Rowwise scaling wants both scales as contiguous float32 2-D tensors: (M, 1) and (1, N); the
+        # per-tensor weight scale is repeated along N.
+        weight_scale = (
+            self.weight_scale.to(torch.float32)
+            .expand(1, self.out_features)
+            .clone(memory_format=torch.contiguous_format)
+        )
+        out = torch._scaled_mm(
+            x_fp8.contiguous(),  # row-major (M, K)
+            self.weight.t(),  # column-major (K, N): a view of the (N, K) weight, no copy
+            scale_a=x_scale,
+            scale_b=weight_scale,
+            bias=None if self.bias is None else self.bias.to(torch.bfloat16),
+            out_dtype=torch.bfloat16,
+            use_fast_accum=self.fast_accum,
+        )
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8={self.weight.dtype}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, fp8={self.weight.dtype}, "
+            f"compute={self.compute}"
+        )
+
+
+def set_fp8_compute(model: nn.Module, compute: str = "auto", fast_accum: bool = False) -> int:
+    """Set the matmul mode of every :class:`FP8Linear` in ``model``; returns how many there are."""
+    if compute not in FP8_COMPUTE_MODES:
+        raise ValueError(f"compute must be one of {', '.join(FP8_COMPUTE_MODES)}, got {compute!r}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, FP8Linear):
+            module.compute = compute
+            module.fast_accum = fast_accum
+            count += 1
+    return count
