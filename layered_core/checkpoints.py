@@ -18,15 +18,16 @@ import json
 import os
 import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from .mmdit import MMDiTConfig, VLDMMDiT
-from .ops import FP8Linear
+from .ops import FP8_DTYPES, FP8Linear
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".ptl"}
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
@@ -536,6 +537,39 @@ def is_quantizable(name: str, tensor: torch.Tensor) -> bool:
     return name.startswith("transformer_blocks.") and name.endswith(".weight") and tensor.ndim == 2
 
 
+def quantize_linears_fp8(
+    model: nn.Module, predicate: Callable[[str, torch.Tensor], bool] | None = None, compute: str = "auto"
+) -> list[str]:
+    """Turn a loaded model's linears into :class:`FP8Linear` with per-tensor-scaled e4m3 weights, in place.
+
+    ``predicate(weight_name, weight)`` picks the layers; it defaults to :func:`is_quantizable`, the rule
+    ComfyUI's fp8mixed files and :func:`save_mmdit`'s fp8 layouts follow, so the result has the
+    layout of ``load_mmdit(<fp8 file>, fp8="keep")``. Layers are converted one at a time on their own
+    device and each full-precision weight is dropped as soon as its fp8 copy exists, so peak memory
+    grows by one layer. Returns the names of the converted layers.
+    """
+    predicate = predicate or is_quantizable
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and predicate(f"{name}.weight", module.weight)
+    ]
+    with torch.no_grad():
+        for name in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            linear = getattr(parent, child)
+            quantized, scale = quantize_fp8(linear.weight)
+            fp8 = FP8Linear.like(linear, compute=compute)
+            fp8.weight = nn.Parameter(quantized, requires_grad=False)
+            fp8.weight_scale = scale
+            fp8.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+            setattr(parent, child, fp8)
+            linear.weight = None  # freed now even if someone still holds the old module
+            del linear, quantized
+    return targets
+
+
 def save_mmdit(
     state_dict: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
@@ -549,9 +583,30 @@ def save_mmdit(
     layout: "diffusers" (folder: config.json + shards + index), "comfy" (single file, no prefix),
     "comfy-prefixed" (``model.diffusion_model.``), "fp8-comfy-quant" (per-layer comfy_quant +
     weight_scale, prefixed), "fp8-scaled" (older scaled_fp8 marker + scale_weight, prefixed).
+
+    A state dict that is already fp8 (from :func:`quantize_linears_fp8` or ``load_mmdit(fp8="keep")``:
+    float8 ``X.weight`` beside float32 ``X.weight_scale``) is written as it is by the fp8 layouts.
     """
     path = Path(path)
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state_dict.items()}
+    # FP8Linear's scales, by the name of the weight they scale.
+    scales = {k[: -len("_scale")]: v for k, v in state_dict.items() if k.endswith(".weight_scale")}
+    unscaled = sorted(k for k, v in state_dict.items() if v.dtype in FP8_DTYPES and k not in scales)
+    if unscaled:
+        raise ValueError(f"float8 tensors without a '.weight_scale' beside them: {', '.join(unscaled[:4])}")
+    stray = sorted(k for k in scales if k not in state_dict or state_dict[k].dtype not in FP8_DTYPES)
+    if stray:
+        raise ValueError(f"'.weight_scale' tensors whose weight is not float8: {', '.join(stray[:4])}")
+    if scales and layout not in ("fp8-comfy-quant", "fp8-scaled"):
+        raise ValueError(
+            f"the state dict holds {len(scales)} fp8 layers (e.g. {next(iter(scales))}); the {layout!r} layout "
+            "stores full-precision weights: write it as 'fp8-comfy-quant' or 'fp8-scaled', or load the model "
+            "with fp8='dequantize'"
+        )
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() and v.dtype not in FP8_DTYPES else v)
+        for k, v in state_dict.items()
+        if not k.endswith(".weight_scale")
+    }
     metadata = {CONFIG_METADATA_KEY: json.dumps(config.to_dict())} if config is not None else None
     if layout == "diffusers":
         if config is None:
@@ -596,21 +651,30 @@ def save_mmdit(
     if layout in ("comfy", "comfy-prefixed"):
         out = {prefix + k: v for k, v in tensors.items()}
     elif layout in ("fp8-comfy-quant", "fp8-scaled"):
+        formats = set()
         for name, tensor in tensors.items():
-            if not is_quantizable(name, tensor):
+            if name in scales:
+                q, scale = tensor, scales[name].to(torch.float32)
+            elif is_quantizable(name, tensor):
+                q, scale = quantize_fp8(tensor)
+            else:
                 out[prefix + name] = tensor
                 continue
             layer = prefix + name[: -len(".weight")]
-            q, scale = quantize_fp8(tensor)
+            fmt = str(q.dtype).removeprefix("torch.")
+            formats.add(q.dtype)
             out[f"{layer}.weight"] = q
             if layout == "fp8-comfy-quant":
-                conf = json.dumps({"format": "float8_e4m3fn"}).encode("utf-8")
+                conf = json.dumps({"format": fmt}).encode("utf-8")
                 out[f"{layer}.comfy_quant"] = torch.tensor(list(conf), dtype=torch.uint8)
                 out[f"{layer}.weight_scale"] = scale
             else:
                 out[f"{layer}.scale_weight"] = scale
         if layout == "fp8-scaled":
-            out[f"{prefix}scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+            # One marker gives the format of every layer in this layout.
+            if len(formats) > 1:
+                raise ValueError("the fp8-scaled layout holds one fp8 format; this state dict mixes e4m3 and e5m2")
+            out[f"{prefix}scaled_fp8"] = torch.empty(0, dtype=formats.pop() if formats else torch.float8_e4m3fn)
     else:
         raise ValueError(f"unknown transformer layout {layout!r}")
     _atomic_save(out, path, metadata)

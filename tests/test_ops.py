@@ -1,6 +1,10 @@
-"""FP8Linear's fp8 matmul (rowwise-scaled ``torch._scaled_mm``) and its fallback."""
+"""FP8Linear's fp8 matmul (rowwise-scaled ``torch._scaled_mm``), its fallback, and quantising a loaded model."""
 
 from __future__ import annotations
+
+import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -8,8 +12,19 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from layered_core import ops
-from layered_core.checkpoints import quantize_fp8
+from layered_core.checkpoints import (
+    is_quantizable,
+    load_mmdit,
+    open_checkpoint,
+    quantize_fp8,
+    quantize_linears_fp8,
+    quantized_layers,
+    save_mmdit,
+)
 from layered_core.ops import E4M3_MAX, FP8Linear, quantize_rows_fp8, set_fp8_compute
+
+from .test_checkpoints import inputs
+from .test_mmdit import load_ours
 
 
 def relative_l2(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -255,3 +270,100 @@ def test_auto_falls_back_under_autograd(fake_cuda):
     assert not linear.uses_fp8_matmul(x)
     with torch.no_grad():
         assert linear.uses_fp8_matmul(x)
+
+
+# ----------------------------------------------------------------------------- quantising a loaded model
+
+
+@pytest.fixture
+def tiny_model(tiny_reference, tiny_config):
+    return load_ours(tiny_reference, tiny_config).requires_grad_(False)
+
+
+def block_linear_names(model) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("transformer_blocks.")}
+
+
+def test_quantize_linears_replaces_the_block_linears(tiny_model, tiny_reference, tiny_config, tmp_path):
+    expected = block_linear_names(tiny_model)
+    assert len(expected) == 14 * tiny_config.num_layers
+    originals = [weakref.ref(tiny_model.get_submodule(name).weight) for name in expected]
+    full_bytes = sum(p.numel() * p.element_size() for p in tiny_model.transformer_blocks.parameters())
+
+    names = quantize_linears_fp8(tiny_model)
+
+    assert set(names) == expected
+    # The same layers as a file written by save_mmdit's fp8 layout quantises.
+    path = save_mmdit(tiny_reference.state_dict(), tmp_path / "fp8.safetensors", layout="fp8-comfy-quant")
+    assert set(quantized_layers(open_checkpoint(path), "model.diffusion_model.")) == expected
+    for name in expected:
+        layer = tiny_model.get_submodule(name)
+        assert isinstance(layer, FP8Linear) and layer.weight.dtype == torch.float8_e4m3fn
+    for name in ("img_in", "txt_in", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1"):
+        assert type(tiny_model.get_submodule(name)) is nn.Linear
+    # The full-precision weights are gone, not merely unreferenced by the model.
+    gc.collect()
+    assert all(ref() is None for ref in originals)
+    fp8_bytes = sum(
+        t.numel() * t.element_size()
+        for t in tiny_model.transformer_blocks.state_dict().values()
+        if t.is_floating_point()
+    )
+    assert fp8_bytes < 0.3 * full_bytes  # float32 -> float8, biases and scales aside
+
+
+def test_quantized_model_stays_close_to_full_precision(tiny_model, tiny_config):
+    reference = copy.deepcopy(tiny_model)
+    latents, condition, text, sigma, mask = inputs(tiny_config)
+    with torch.no_grad():
+        want = reference(latents, condition, text, sigma, mask)
+        quantize_linears_fp8(tiny_model)
+        dequantized = tiny_model(latents, condition, text, sigma, mask)
+    # e4m3 weights alone (float32 compute, dequantising path): 4.0e-2 on this random tiny model, whose
+    # large weights (std 0.2) amplify it; a bf16 copy of the same model is at 0.7e-2.
+    assert relative_l2(dequantized, want) < 5e-2
+
+    if not CPU_FP8:
+        pytest.skip(f"torch {torch.__version__} has no CPU torch._scaled_mm for the fp8-matmul half")
+    # The whole model in bf16 with the fp8 matmul forced: e4m3 weights and activations, bf16 elsewhere.
+    tiny_model.to(torch.bfloat16).compute_dtype = torch.bfloat16
+    assert set_fp8_compute(tiny_model, "fp8") == 14 * tiny_config.num_layers
+    with torch.no_grad():
+        fp8 = tiny_model(latents, condition, text, sigma, mask)
+    assert relative_l2(fp8, want) < 8e-2  # 5.8e-2 measured
+
+
+@pytest.mark.parametrize("layout", ["fp8-comfy-quant", "fp8-scaled"])
+def test_quantized_state_dict_round_trips(layout, tiny_model, tiny_config, tmp_path):
+    quantize_linears_fp8(tiny_model)
+    path = save_mmdit(tiny_model.state_dict(), tmp_path / "q.safetensors", layout=layout, config=tiny_config)
+    loaded = load_mmdit(path, dtype=torch.float32, fp8="keep")
+    ours, theirs = tiny_model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        assert theirs[name].dtype == tensor.dtype, name
+        assert torch.equal(bits(theirs[name]), bits(tensor)), name
+    latents, condition, text, sigma, mask = inputs(tiny_config)
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(latents, condition, text, sigma, mask), tiny_model(latents, condition, text, sigma, mask)
+        )
+
+
+def test_quantize_linears_takes_a_predicate(tiny_model):
+    names = quantize_linears_fp8(tiny_model, predicate=lambda name, w: name.endswith("attn.to_q.weight"))
+    assert names == ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_q"]
+    assert isinstance(tiny_model.transformer_blocks[0].attn.to_q, FP8Linear)
+    assert type(tiny_model.transformer_blocks[0].attn.to_k) is nn.Linear
+    assert is_quantizable("transformer_blocks.0.attn.to_k.weight", tiny_model.transformer_blocks[0].attn.to_k.weight)
+
+
+def test_fp8_state_dict_refused_by_full_precision_layouts(tiny_model, tmp_path):
+    quantize_linears_fp8(tiny_model)
+    with pytest.raises(ValueError, match="fp8 layers .*'comfy' layout stores full-precision weights"):
+        save_mmdit(tiny_model.state_dict(), tmp_path / "m.safetensors", layout="comfy")
+    state = dict(tiny_model.state_dict())
+    del state["transformer_blocks.0.attn.to_q.weight_scale"]
+    with pytest.raises(ValueError, match="without a '.weight_scale'.*transformer_blocks.0.attn.to_q.weight"):
+        save_mmdit(state, tmp_path / "m.safetensors", layout="fp8-comfy-quant")
+    assert not (tmp_path / "m.safetensors").exists()
