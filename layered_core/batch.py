@@ -14,14 +14,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .image import ImageError, open_image, resize_rgba
+from .image import IMAGE_SUFFIXES, ImageError, open_image, resize_rgba
 from .layers import LayerStack
 from .pipeline import DecomposeOptions, LayeredPipeline
 from .sampling import Cancelled, StepInfo
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMATS = ("psd", "zip", "png")
 DONE_FILE = "done.json"
 

@@ -3,6 +3,7 @@ RGBA layers without halos (colour resampled premultiplied by alpha)."""
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 BUCKETS = (640, 1024)
 MIN_SIDE = 16  # one 2x2 patch of the 8x-downsampled latent
 MAX_ASPECT = 8.0
@@ -23,17 +25,40 @@ class ImageError(ValueError):
 
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as straight RGBA, EXIF orientation applied."""
+    return open_image_with_alpha(path)[0]
+
+
+def open_image_with_alpha(path: str | os.PathLike) -> tuple[Image.Image, bool]:
+    """Open an image file as straight RGBA, EXIF orientation applied, and say whether the file itself is
+    transparent (an alpha band, or a palette or colour key marked transparent) rather than opaque."""
     path = Path(path)
     try:
         with Image.open(path) as image:
             image.load()
-            return to_rgba(ImageOps.exif_transpose(image), name=str(path))
+            transparent = "transparency" in image.info or any(band in ("A", "a") for band in image.getbands())
+            return to_rgba(ImageOps.exif_transpose(image), name=str(path)), transparent
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ImageError(f"{path}: not a readable image ({e})") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"{path}: refused, the image is too large to open safely ({e})") from None
+
+
+def find_image_files(folder: str | os.PathLike, pattern: str = "*") -> list[Path]:
+    """The image files directly in ``folder`` (by suffix, not recursive) whose names match the glob
+    ``pattern`` (either case, as the suffixes), sorted by name. Hidden files are left out: a macOS
+    ``._photo.jpg`` is no image."""
+    folder = Path(folder)
+    found = [
+        path
+        for path in folder.iterdir()
+        if not path.name.startswith(".")
+        and path.suffix.lower() in IMAGE_SUFFIXES
+        and fnmatch.fnmatchcase(path.name.lower(), pattern.lower())
+        and path.is_file()
+    ]
+    return sorted(found, key=lambda path: path.name)
 
 
 def to_rgba(image: Image.Image, name: str = "image") -> Image.Image:

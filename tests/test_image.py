@@ -7,7 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from layered_core.image import ImageError, bucket_size, flatten, open_image, resize_layers, resize_rgba
+from layered_core.image import (
+    ImageError,
+    bucket_size,
+    find_image_files,
+    flatten,
+    open_image,
+    open_image_with_alpha,
+    resize_layers,
+    resize_rgba,
+)
 
 
 @pytest.mark.parametrize(
@@ -89,6 +98,34 @@ def test_unreadable_files_are_named(tmp_path):
         open_image(broken)
     with pytest.raises(ImageError, match="no such file"):
         open_image(tmp_path / "missing.png")
+
+
+def test_open_image_says_whether_the_file_is_transparent(tmp_path):
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "rgb.png")
+    Image.new("RGBA", (4, 4), (1, 2, 3, 255)).save(tmp_path / "opaque_rgba.png")  # an alpha band, all opaque
+    Image.new("LA", (4, 4), (9, 100)).save(tmp_path / "la.png")
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "keyed.png", transparency=(1, 2, 3))
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "photo.jpg")
+    found = {path.name: open_image_with_alpha(path) for path in tmp_path.iterdir()}
+    assert {name: transparent for name, (_, transparent) in found.items()} == {
+        "rgb.png": False,
+        "opaque_rgba.png": True,
+        "la.png": True,
+        "keyed.png": True,
+        "photo.jpg": False,
+    }
+    assert found["keyed.png"][0].getpixel((0, 0)) == (1, 2, 3, 0)  # the colour key became alpha 0
+    assert found["la.png"][0].getpixel((0, 0)) == (9, 9, 9, 100)
+
+
+def test_find_image_files_by_suffix_and_pattern_sorted_by_name(tmp_path):
+    for name in ("b.PNG", "a.jpg", "c.webp", "notes.txt", "._a.jpg", "model.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub.png").mkdir()  # a folder named like an image
+    assert [path.name for path in find_image_files(tmp_path)] == ["a.jpg", "b.PNG", "c.webp"]
+    assert [path.name for path in find_image_files(tmp_path, "*.png")] == ["b.PNG"]
+    assert [path.name for path in find_image_files(tmp_path, "[ab]*")] == ["a.jpg", "b.PNG"]
+    assert find_image_files(tmp_path, "*.gif") == []
 
 
 def test_flatten_onto_colour():
