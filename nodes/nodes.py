@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import comfy.model_management as mm
+import comfy.utils
 import folder_paths
 import latent_preview
 import torch
 from comfy_api.latest import io, ui
 
 from layered_core.checkpoints import load_vae
-from layered_core.image import bucket_size, image_to_tensor, resize_rgba
+from layered_core.image import bucket_size, find_image_files, image_to_tensor, open_image_with_alpha, resize_rgba
 from layered_core.layers import rgba_from_tensor, rgba_to_pil, stack_from_tensor
 from layered_core.psd import save_psd
 from layered_core.sampling import MAX_LAYERS, Conditioning, sample
@@ -218,7 +220,9 @@ class Decompose(io.ComfyNode):
         reference = condition["samples"]
         reference = reference[:, :, 0] if reference.ndim == 5 else reference
         device = model.load_device
-        shape = (reference.shape[0], 16, layers + 1, reference.shape[-2], reference.shape[-1])
+        # cond and uncond run as one batch when CFG is on: the activations to make room for are twice as large
+        batch = reference.shape[0] * (2 if cfg > 1 else 1)
+        shape = (batch, 16, layers + 1, reference.shape[-2], reference.shape[-1])
         mm.load_models_gpu([model], memory_required=base.memory_required(shape))
         velocity = _ComfyTransformer(model)
 
@@ -578,7 +582,111 @@ class SaveLayerPNGs(io.ComfyNode):
         return io.NodeOutput(ui=ui.PreviewImage(rgba_to_tensor(composite(stack)), cls=cls))
 
 
+def _input_folder(folder: str) -> tuple[Path, Path]:
+    """(input directory, ``folder`` in it), both resolved; a folder that resolves outside the input
+    directory (``..``, an absolute path, a symlink leading out) is refused."""
+    root = Path(folder_paths.get_input_directory()).resolve()
+    path = (root / folder).resolve()
+    if Path(folder).is_absolute() or not path.is_relative_to(root):
+        raise ValueError(
+            f"folder {folder!r} is outside ComfyUI's input directory {root}; refused (give a folder inside it)"
+        )
+    return root, path
+
+
+def _folder_images(folder: str, pattern: str, limit: int) -> list[Path]:
+    """The image files of ``folder`` in the input directory matching ``pattern``, sorted by name, the
+    first ``limit`` (0 = all); an escape, a missing folder or no match at all is an error naming both."""
+    root, path = _input_folder(folder)
+    if not path.is_dir():
+        raise ValueError(f"folder {folder!r} (pattern {pattern!r}): no such folder in the input directory {root}")
+    files = find_image_files(path, pattern)
+    files = files[:limit] if limit > 0 else files
+    if not files:
+        raise ValueError(f"folder {folder!r} has no image files matching the pattern {pattern!r}")
+    for file in files:
+        if not file.resolve().is_relative_to(root):
+            raise ValueError(f"{file.name} in folder {folder!r} links outside the input directory {root}; refused")
+    return files
+
+
+class LoadImageFolder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=f"{PREFIX}LoadImageFolder",
+            display_name="Load Image Folder (batch)",
+            category=CATEGORY,
+            description="Loads every image of a folder in ComfyUI's input directory as a list, sorted by name, "
+            "so the nodes after it run once per image; other files are skipped. Reruns when the folder changes.",
+            inputs=[
+                io.String.Input(
+                    "folder",
+                    default="batch",
+                    tooltip="a folder inside ComfyUI's input directory ('batch' = input/batch)",
+                ),
+                io.String.Input(
+                    "pattern", default="*", optional=True, tooltip="glob on the file names in either case, e.g. '*.png'"
+                ),
+                io.Int.Input(
+                    "limit",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    optional=True,
+                    tooltip="the first N images by name; 0 = all",
+                ),
+            ],
+            outputs=[
+                io.Image.Output(
+                    display_name="images",
+                    tooltip="one [1, H, W, C] per file, EXIF orientation applied; C = 4 when the file has alpha",
+                    is_output_list=True,
+                ),
+                io.String.Output(
+                    display_name="names",
+                    tooltip="each file's name without its suffix, for filename prefixes",
+                    is_output_list=True,
+                ),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, folder, pattern="*"):
+        if folder is None or pattern is None:  # linked: checked when it runs
+            return True
+        try:
+            _folder_images(folder, pattern, 0)
+        except (ValueError, OSError) as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, folder, pattern="*", limit=0):
+        if folder is None or pattern is None or limit is None:  # linked: not known before it runs
+            return float("nan")
+        try:
+            files = _folder_images(folder, pattern, limit)
+        except (ValueError, OSError) as e:
+            return str(e)  # the run fails and caches nothing
+        listing = [(file.name, file.stat().st_mtime_ns, file.stat().st_size) for file in files]
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+    @classmethod
+    def execute(cls, folder, pattern="*", limit=0) -> io.NodeOutput:
+        files = _folder_images(folder, pattern, limit)
+        progress = comfy.utils.ProgressBar(len(files))
+        images = []
+        for file in files:
+            rgba, transparent = open_image_with_alpha(file)
+            pixels = image_to_tensor(rgba).permute(0, 2, 3, 1)  # [1, H, W, 4]
+            images.append(pixels if transparent else pixels[..., :3].contiguous())
+            progress.update(1)
+        return io.NodeOutput(images, [file.stem for file in files])
+
+
 NODES = [
+    LoadImageFolder,
     ImageToLayers,
     SplitLayer,
     SaveLayerPNGs,
