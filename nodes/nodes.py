@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import comfy.model_management as mm
@@ -328,14 +329,16 @@ class SavePSD(io.ComfyNode):
 
 def _unused_output_path(filename_prefix: str, suffix: str, width: int, height: int) -> Path:
     """A new file in ComfyUI's output folder: core's naming (prefix_00001_), a path outside it refused
-    (core checks that), and an existing file never overwritten."""
+    (core checks that), and an existing file never overwritten. The number follows the files of the same
+    suffix only, so the PSD and the ZIP of one image share it."""
     output_dir = folder_paths.get_output_directory()
-    folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, output_dir, width, height)
-    while True:
-        path = Path(folder) / f"{filename}_{counter:05}_{suffix}"
-        if not path.exists():
-            return path
+    folder, filename, _, _, _ = folder_paths.get_save_image_path(filename_prefix, output_dir, width, height)
+    numbered = re.compile(rf"{re.escape(filename)}_(\d{{5,}})_{re.escape(suffix)}")
+    used = [int(match[1]) for name in os.listdir(folder) if (match := numbered.fullmatch(name))]
+    counter = max(used, default=0) + 1
+    while (path := Path(folder) / f"{filename}_{counter:05}_{suffix}").exists():
         counter += 1
+    return path
 
 
 TextEncoderType = io.Custom("QWEN_LAYERED_TEXT_ENCODER")
