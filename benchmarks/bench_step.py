@@ -150,7 +150,8 @@ def main() -> None:
                 model.uncompile_blocks()
                 GeluProjection.fused_epilogue = True
             elif variant.startswith("fp8"):
-                from layered_core.ops import FP8Linear, quantize_linears_fp8
+                from layered_core.checkpoints import quantize_linears_fp8
+                from layered_core.ops import FP8Linear
 
                 if not any(isinstance(m, FP8Linear) for m in model.modules()):
                     quantize_linears_fp8(model)
@@ -181,6 +182,10 @@ def main() -> None:
         line += f" {error:>9.2e}" + "".join(f" {peers[p] / seconds:>12.2f}x" for p in peers)
         print(line + f"  {note}")
     print("rel L2: against the float32 reference forward (diffusers' model computing in float32) on sample 0")
+    bf16 = next((outputs[n] for n in ("ours compiled", "ours eager") if n in outputs), None)
+    for name in outputs:
+        if name.startswith("ours fp8") and bf16 is not None:
+            print(f"{name} against our bf16 output: rel L2 {relative_l2(outputs[name], bf16):.2e} (target <= 5e-2)")
 
 
 def run_peers(model, config, latents, condition, text, sigma, measure, comfyui: Path) -> None:
