@@ -13,11 +13,14 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
+
+from layered_core.image import bucket_size
 
 REPO = Path(__file__).resolve().parent.parent
 COMFYUI = Path(os.environ.get("COMFYUI_PATH", Path.home() / "ComfyUI"))
@@ -35,7 +38,12 @@ NODE_IDS = {
     "QwenLayeredImageToLayers",
     "QwenLayeredSplitLayer",
     "QwenLayeredSaveLayerPNGs",
+    "QwenLayeredLoadImageFolder",
 }
+WORKFLOWS = sorted(path.name.removesuffix(".api.json") for path in (REPO / "workflows").glob("*.api.json"))
+BATCH = "batch"  # the input folder of workflows/batch_folder.api.json
+# the images the fixture puts there, by name, and their size (width, height) once EXIF orientation is applied
+BATCH_SIZES = {"cutout": (128, 72), "photo": (80, 112)}
 
 if not (COMFYUI / "main.py").is_file() or not PYTHON.is_file():
     pytest.skip(
@@ -118,10 +126,32 @@ def server(tmp_path_factory):
     (base / "input").mkdir()
     pixels = np.random.default_rng(0).integers(0, 256, (72, 128, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(base / "input" / "example.png")
+    _batch_folder(base / "input" / BATCH)
     running = Server(base)
     yield running, base
     running.stop()
     shutil.rmtree(base / "custom_nodes", ignore_errors=True)
+
+
+def _batch_folder(folder: Path) -> None:
+    """Two images of different sizes and modes (an RGBA PNG, an RGB JPEG stored on its side with an EXIF
+    orientation) and a file that is no image."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    cutout = rng.integers(0, 256, (72, 128, 4), dtype=np.uint8)
+    cutout[:, :32, 3] = 0  # a transparent strip, and soft alpha elsewhere
+    Image.fromarray(cutout, "RGBA").save(folder / "cutout.png")
+    photo = Image.fromarray(rng.integers(0, 256, (80, 112, 3), dtype=np.uint8), "RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display, so 112x80 shows as 80x112
+    photo.save(folder / "photo.jpg", quality=95, exif=exif)
+    (folder / "notes.txt").write_text("not an image\n")
+
+
+def _displayed(path: Path) -> np.ndarray:
+    """A file's pixels as a viewer shows them (EXIF orientation applied), in the file's own mode."""
+    with Image.open(path) as image:
+        return np.asarray(ImageOps.exif_transpose(image))
 
 
 def test_pack_loads_and_every_node_is_described(server):
@@ -150,25 +180,57 @@ def _fast(workflow: dict) -> dict:
     return workflow
 
 
-@pytest.mark.parametrize("name", ["image_to_layers.api.json", "core_ksampler_interop.api.json", "split_layer.api.json"])
+def _psds(base: Path) -> set[Path]:
+    return set((base / "output").rglob("*.psd")) if (base / "output").exists() else set()
+
+
+def _is_batch(workflow: dict) -> bool:
+    return any(node["class_type"] == "QwenLayeredLoadImageFolder" for node in workflow.values())
+
+
+def _saved_stem(path: Path) -> str:
+    """The filename prefix of a saved file: 'photo' for photo_00002_.psd."""
+    return path.name.rsplit("_", 2)[0]
+
+
+def _check_psds(workflow: dict, base: Path, written: set[Path]) -> None:
+    """One PSD per input image (for the folder workflow: one per image, named from its stem, at its own
+    size bucket), each with the workflow's layers."""
+    from psd_tools import PSDImage
+
+    if _is_batch(workflow):
+        by_stem = {_saved_stem(path): path for path in written}
+        assert sorted(by_stem) == sorted(BATCH_SIZES) and len(written) == len(BATCH_SIZES), sorted(written)
+        assert {path.parent for path in written} == {base / "output" / BATCH}
+    else:
+        assert len(written) == 1, sorted(written)
+    counts = [n["inputs"]["layers"] for n in workflow.values() if "layers" in n["inputs"]]
+    for path in written:
+        psd = PSDImage.open(path)
+        leaves = [layer for layer in psd.descendants() if not layer.is_group()]
+        # one decomposition, and with a split: one layer replaced by a group of its sub-layers
+        assert len(leaves) == counts[0] + (counts[1] - 1 if len(counts) > 1 else 0)
+        assert sum(1 for layer in psd.descendants() if layer.is_group()) == len(counts) - 1
+        if _is_batch(workflow):  # each image decomposed on its own, upright
+            assert psd.size == bucket_size(*BATCH_SIZES[_saved_stem(path)]), path
+        if any(node["class_type"] == "QwenLayeredSaveLayerPNGs" for node in workflow.values()):
+            # the ZIP of the same stack carries the PSD's name and number
+            with zipfile.ZipFile(path.with_suffix(".zip")) as archive:
+                manifest = json.loads(archive.read("manifest.json"))
+            assert (manifest["canvas"]["width"], manifest["canvas"]["height"]) == psd.size
+            assert len(manifest["layers"]) == len(list(psd)) == counts[0]
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
 def test_workflow_runs(server, name):
     running, base = server
-    workflow = _fast(json.loads((REPO / "workflows" / name).read_text()))
-    before = set((base / "output").rglob("*.psd")) if (base / "output").exists() else set()
+    workflow = _fast(json.loads((REPO / "workflows" / f"{name}.api.json").read_text()))
+    before = _psds(base)
     history = running.run(workflow)
     status = history["status"]
     errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
     assert status["status_str"] == "success", errors
-    written = set((base / "output").rglob("*.psd")) - before
-    assert len(written) == 1
-    from psd_tools import PSDImage
-
-    psd = PSDImage.open(next(iter(written)))
-    counts = [n["inputs"]["layers"] for n in workflow.values() if "layers" in n["inputs"]]
-    leaves = [layer for layer in psd.descendants() if not layer.is_group()]
-    # one decomposition, and with a split: one layer replaced by a group of its sub-layers
-    assert len(leaves) == counts[0] + (counts[1] - 1 if len(counts) > 1 else 0)
-    assert sum(1 for layer in psd.descendants() if layer.is_group()) == len(counts) - 1
+    _check_psds(workflow, base, _psds(base) - before)
 
 
 def test_rerun_with_another_seed_writes_a_new_file_and_keeps_the_old(server):
@@ -184,6 +246,124 @@ def test_rerun_with_another_seed_writes_a_new_file_and_keeps_the_old(server):
     changed = running.run(workflow)
     assert changed["status"]["status_str"] == "success"
     assert len(list((base / "output").rglob("*.psd"))) == count + 1
+
+
+def _folder_workflow(folder: str, prefix: str, **options) -> dict:
+    """Load Image Folder -> core's SaveImage, each image saved under ``prefix``/<its name>."""
+    return {
+        "1": {"class_type": "QwenLayeredLoadImageFolder", "inputs": {"folder": folder, **options}},
+        "2": {
+            "class_type": "StringConcatenate",
+            "inputs": {"string_a": prefix, "string_b": ["1", 1], "delimiter": "/"},
+        },
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": ["2", 0]}},
+    }
+
+
+def _saved_images(history: dict) -> list[str]:
+    assert history["status"]["status_str"] == "success", history["status"]
+    return [f"{entry['subfolder']}/{entry['filename']}" for entry in history["outputs"]["3"]["images"]]
+
+
+def test_load_image_folder_gives_every_image_with_its_name(server):
+    """Each image of the folder, sorted by name, the text file skipped: RGBA kept as 4 channels, RGB as 3,
+    the JPEG turned upright; pattern and limit select."""
+    running, base = server
+    folder = base / "input" / BATCH
+    saved = _saved_images(running.run(_folder_workflow(BATCH, "folder_check")))
+    assert saved == ["folder_check/cutout_00001_.png", "folder_check/photo_00001_.png"]
+    for name, source in (("cutout", folder / "cutout.png"), ("photo", folder / "photo.jpg")):
+        with Image.open(base / "output" / "folder_check" / f"{name}_00001_.png") as image:
+            assert image.mode == ("RGBA" if name == "cutout" else "RGB")
+            got = np.asarray(image).astype(int)
+        expected = _displayed(source).astype(int)
+        assert got.shape == expected.shape == (BATCH_SIZES[name][1], BATCH_SIZES[name][0], len(image.mode))
+        # float 0..1 and back through core's SaveImage, which truncates: at most one level off
+        assert np.abs(got - expected).max() <= 1, name
+
+    only_jpeg = _saved_images(running.run(_folder_workflow(BATCH, "pattern_check", pattern="*.JPG")))
+    assert only_jpeg == ["pattern_check/photo_00001_.png"]
+    first = _saved_images(running.run(_folder_workflow(BATCH, "limit_check", pattern="*", limit=1)))
+    assert first == ["limit_check/cutout_00001_.png"]
+
+
+def _post_error(running, workflow: dict) -> str:
+    """The validation errors of node 1, as text, from the HTTP 400 that POST /prompt answers."""
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        running.post("/prompt", {"prompt": workflow})
+    assert raised.value.code == 400
+    errors = json.loads(raised.value.read())["node_errors"]["1"]["errors"]
+    return "\n".join(error["details"] for error in errors)
+
+
+def test_load_image_folder_refuses_folders_outside_the_input_directory(server):
+    running, base = server
+    outside = base / "outside"
+    outside.mkdir(exist_ok=True)
+    shutil.copy(base / "input" / BATCH / "cutout.png", outside / "secret.png")
+    link = base / "input" / "escape"
+    if not link.is_symlink():
+        link.symlink_to(outside, target_is_directory=True)
+    for folder in ("../outside", str(outside), "escape", f"{BATCH}/../../outside"):
+        error = _post_error(running, _folder_workflow(folder, "escape_check"))
+        assert f"folder {folder!r} is outside ComfyUI's input directory" in error, error
+    error = _post_error(running, _folder_workflow("no_such_folder", "missing_check", pattern="*.png"))
+    assert "'no_such_folder'" in error and "'*.png'" in error and "no such folder" in error, error
+    error = _post_error(running, _folder_workflow(BATCH, "empty_check", pattern="*.gif"))
+    assert f"'{BATCH}'" in error and "no image files matching the pattern '*.gif'" in error, error
+
+    # a folder given through a link is checked when the node runs: the run fails, naming the folder
+    workflow = _folder_workflow("", "escape_check")
+    workflow["4"] = {"class_type": "PrimitiveString", "inputs": {"value": "../outside"}}
+    workflow["1"]["inputs"]["folder"] = ["4", 0]
+    status = running.run(workflow)["status"]
+    assert status["status_str"] == "error"
+    errors = [m[1] for m in status["messages"] if m[0] == "execution_error"]
+    assert errors and errors[0]["node_id"] == "1", status
+    assert "'../outside' is outside ComfyUI's input directory" in errors[0]["exception_message"], errors
+    assert not (base / "output" / "escape_check").exists()
+
+
+def _cached_nodes(history: dict) -> set[str]:
+    assert history["status"]["status_str"] == "success", history["status"]
+    return {
+        node for kind, data in history["status"]["messages"] if kind == "execution_cached" for node in data["nodes"]
+    }
+
+
+def test_batch_reruns_only_when_the_folder_changes(server):
+    """A re-queue over an unchanged folder is all cached and writes nothing; a new file, or a file written
+    again, reruns the batch, and every earlier result stays as it was."""
+    running, base = server
+    folder = base / "input" / "cache_check"
+    folder.mkdir()
+    shutil.copy(base / "input" / BATCH / "cutout.png", folder / "cutout.png")
+    workflow = _fast(json.loads((REPO / "workflows" / "batch_folder.api.json").read_text()))
+    workflow["4"]["inputs"]["folder"] = "cache_check"
+    workflow["5"]["inputs"].update(layers=2, prompt="a test card")  # a prompt: no auto-caption, faster
+    workflow["6"]["inputs"]["string_a"] = "cache_check"
+    output = base / "output" / "cache_check"
+
+    _cached_nodes(running.run(workflow))
+    first = {path: path.read_bytes() for path in output.iterdir()}
+    assert sorted(_saved_stem(path) for path in first if path.suffix == ".psd") == ["cutout"]
+    assert _cached_nodes(running.run(workflow)) == set(workflow)
+    assert {path: path.read_bytes() for path in output.iterdir()} == first
+
+    shutil.copy(base / "input" / BATCH / "photo.jpg", folder / "photo.jpg")
+    assert "4" not in _cached_nodes(running.run(workflow))
+    assert sorted(path.name for path in output.iterdir() if path not in first) == [
+        "cutout_00002_.psd",
+        "cutout_00002_.zip",
+        "photo_00001_.psd",
+        "photo_00001_.zip",
+    ]
+    assert {path: path.read_bytes() for path in first} == first  # nothing overwritten
+
+    stat = (folder / "cutout.png").stat()
+    os.utime(folder / "cutout.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert "4" not in _cached_nodes(running.run(workflow))
+    assert len(list(output.glob("*.psd"))) == 5
 
 
 def _slow(workflow: dict, steps: int) -> dict:
@@ -229,7 +409,7 @@ def _comfy_cli() -> Path:
     return comfy
 
 
-@pytest.mark.parametrize("name", ["image_to_layers", "core_ksampler_interop", "split_layer"])
+@pytest.mark.parametrize("name", WORKFLOWS)
 def test_ui_workflow_is_its_api_twin(server, tmp_path, name):
     """comfy-cli's UI -> API converter (what `comfy run` uses) turns each UI file into its API file."""
     running, base = server
@@ -252,8 +432,10 @@ def test_ui_workflow_is_its_api_twin(server, tmp_path, name):
     }
 
 
-def test_comfy_cli_runs_a_workflow(server, tmp_path):
-    """`comfy run --workflow` on a UI-format file (made by workflows/ui_from_api.py, with 2 steps)."""
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_comfy_cli_runs_a_workflow(server, tmp_path, name):
+    """`comfy run --workflow` on a UI-format file (made by workflows/ui_from_api.py, with 2 steps and a
+    seed not run before, so nothing is cached) writes the workflow's PSDs."""
     import importlib.util
 
     running, base = server
@@ -261,15 +443,19 @@ def test_comfy_cli_runs_a_workflow(server, tmp_path):
     spec = importlib.util.spec_from_file_location("ui_from_api", REPO / "workflows" / "ui_from_api.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    workflow = _fast(json.loads((REPO / "workflows" / "image_to_layers.api.json").read_text()))
-    workflow["9"]["inputs"]["seed"] = 77
+    workflow = _fast(json.loads((REPO / "workflows" / f"{name}.api.json").read_text()))
+    for node in workflow.values():
+        if "seed" in node["inputs"]:
+            node["inputs"]["seed"] = 77
     path = tmp_path / "workflow.ui.json"
     path.write_text(json.dumps(module.ui_from_api(workflow, running.get("/object_info"))))
     command = [str(comfy), "--skip-prompt", "--no-json", "run", "--workflow", str(path)]
     command += ["--host", "127.0.0.1", "--port", str(running.port), "--wait", "--timeout", "120"]
     env = {**os.environ, "DO_NOT_TRACK": "1", "COMFY_NO_WATCH": "1"}
+    before = _psds(base)
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
+    _check_psds(workflow, base, _psds(base) - before)
 
 
 def test_lowvram_server_runs_the_workflow(tmp_path_factory, server):
