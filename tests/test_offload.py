@@ -1,0 +1,363 @@
+"""Block weight streaming on the CPU: same outputs as the plain model, the copy/compute ordering and the
+residency plan."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from layered_core.checkpoints import load_mmdit, quantize_fp8, save_mmdit
+from layered_core.mmdit import MMDiTConfig, VLDMMDiT
+from layered_core.offload import (
+    ACTIVATION_BYTES_PER_ELEMENT,
+    WORKSPACE_RESERVE,
+    BlockStreamer,
+    GiB,
+    _SyncTransfers,
+    activation_bytes,
+    gib,
+    plan_residency,
+    stream_blocks,
+    tensor_bytes,
+)
+from layered_core.ops import FP8Linear
+from layered_core.tiny_models import randomize_
+
+BLOCKS = 5
+CONFIG = replace(MMDiTConfig.tiny(), num_layers=BLOCKS)  # tiny width, enough blocks to stream
+
+
+def tiny_model(dtype=torch.float32, seed=0) -> VLDMMDiT:
+    model = VLDMMDiT(CONFIG, dtype=dtype).eval().requires_grad_(False)
+    return randomize_(model, seed)
+
+
+def inputs(dtype=torch.float32, seed=1, masked=False):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2]) if masked else None
+    return (
+        torch.randn(2, 16, 3, 4, 6, generator=gen).to(dtype),
+        torch.randn(2, 16, 4, 6, generator=gen).to(dtype),
+        torch.randn(2, 5, CONFIG.text_dim, generator=gen).to(dtype),
+        torch.tensor([0.9, 0.35]),
+        mask,
+    )
+
+
+def run(model, dtype=torch.float32, masked=False):
+    with torch.no_grad():
+        return model(*inputs(dtype, masked=masked))
+
+
+def points_into(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
+    start = buffer.data_ptr()
+    return start <= tensor.data_ptr() < start + buffer.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slots", [1, 2, 3])
+@pytest.mark.parametrize("resident", [0, 1, 3, BLOCKS])
+def test_streamed_output_equals_the_plain_model(resident, slots, dtype):
+    plain = tiny_model(dtype)
+    want = run(plain, dtype)
+    want_masked = run(plain, dtype, masked=True)
+    model = copy.deepcopy(plain)
+    streamer = stream_blocks(model, "cpu", resident_blocks=resident, slots=slots)
+    assert (streamer.resident_blocks, streamer.streamed_blocks) == (resident, BLOCKS - resident)
+    assert streamer.used_slots == min(slots, BLOCKS - resident)
+    # the same math on the same values: bit for bit, on the first forward and on later ones
+    assert torch.equal(run(model, dtype), want)
+    assert torch.equal(run(model, dtype, masked=True), want_masked)
+    assert torch.equal(run(model, dtype), want)
+    # between forwards a streamed block's tensors are views of its packed host buffer
+    for index in range(resident, BLOCKS):
+        for tensor in [*model.transformer_blocks[index].parameters(), *model.transformer_blocks[index].buffers()]:
+            assert points_into(tensor, streamer.host_buffers[index])
+
+
+def fp8_model(tmp_path, blocks=None) -> VLDMMDiT:
+    """The tiny model through an fp8 file, loaded with fp8 kept; ``blocks`` quantises only those blocks
+    (so the blocks get two layouts)."""
+    model = tiny_model()
+    if blocks is None:
+        path = save_mmdit(model.state_dict(), tmp_path / "fp8.safetensors", layout="fp8-comfy-quant", config=CONFIG)
+        return load_mmdit(path, dtype=torch.float32, fp8="keep")
+    with torch.no_grad():
+        for index in blocks:
+            for name, linear in list(model.transformer_blocks[index].named_modules()):
+                if isinstance(linear, torch.nn.Linear):
+                    parent_name, _, child = name.rpartition(".")
+                    fp8 = FP8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+                    weight, scale = quantize_fp8(linear.weight)
+                    fp8.weight.data, fp8.weight_scale = weight, scale
+                    fp8.bias.data = linear.bias.data.clone()
+                    setattr(model.transformer_blocks[index].get_submodule(parent_name), child, fp8)
+    return model
+
+
+@pytest.mark.parametrize("resident,slots", [(0, 2), (1, 1), (2, 3), (BLOCKS, 2)])
+def test_fp8_kept_blocks_stream_with_their_scales(tmp_path, resident, slots):
+    plain = fp8_model(tmp_path)
+    linear = plain.transformer_blocks[0].attn.to_q
+    assert isinstance(linear, FP8Linear) and linear.weight.dtype == torch.float8_e4m3fn
+    want = run(plain)
+    model = copy.deepcopy(plain)
+    streamer = stream_blocks(model, "cpu", resident_blocks=resident, slots=slots)
+    assert torch.equal(run(model), want)
+    assert torch.equal(run(model), want)
+    block = model.transformer_blocks[BLOCKS - 1]
+    assert block.attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert block.attn.to_q.weight_scale.dtype == torch.float32
+    if resident < BLOCKS:
+        assert points_into(block.attn.to_q.weight_scale, streamer.host_buffers[BLOCKS - 1])
+    # float8 weights: about a quarter of the float32 block (biases stay float32, scales are added)
+    assert streamer.block_bytes[0] < 0.4 * tensor_bytes(tiny_model().transformer_blocks[0])
+
+
+def test_blocks_of_different_layouts_share_slots_sized_for_the_largest(tmp_path):
+    plain = fp8_model(tmp_path, blocks=[1, 3])
+    want = run(plain)
+    model = copy.deepcopy(plain)
+    streamer = stream_blocks(model, "cpu", resident_blocks=0, slots=2)
+    assert streamer.layout_count == 2
+    assert streamer.block_bytes[1] < streamer.block_bytes[0] == streamer.slot_bytes
+    assert torch.equal(run(model), want)
+    assert torch.equal(run(model), want)
+
+
+class RecordingTransfers(_SyncTransfers):
+    """Synchronous copies that log what the CUDA path would enqueue, in order."""
+
+    def __init__(self):
+        self.log = []
+
+    def copy(self, slot, destination, source, block):
+        self.log.append(("copy", slot, block))
+        super().copy(slot, destination, source, block)
+
+    def wait_copied(self, slot, block):
+        self.log.append(("wait", slot, block))
+
+    def mark_free(self, slot, block):
+        self.log.append(("free", slot, block))
+
+
+def recorded_forwards(resident, slots, forwards=2):
+    model = tiny_model()
+    want = run(model)
+    transfers = RecordingTransfers()
+    streamer = BlockStreamer(model, "cpu", slots, transfers=transfers)
+    streamer.load(resident)
+    for index, block in enumerate(model.transformer_blocks):
+        # after the streamer's pre-hook, before its post-hook: the span in which the block computes
+        block.register_forward_pre_hook(lambda m, a, i=index: transfers.log.append(("start", None, i)))
+        block.register_forward_hook(lambda m, a, o, i=index: transfers.log.append(("end", None, i)), prepend=True)
+    for _ in range(forwards):
+        assert torch.equal(run(model), want)
+    return streamer, transfers.log
+
+
+@pytest.mark.parametrize("resident,slots", [(0, 1), (0, 2), (1, 2), (2, 3), (1, 4), (3, 2)])
+def test_a_slot_is_never_overwritten_while_its_block_runs(resident, slots):
+    streamer, log = recorded_forwards(resident, slots)
+    in_slot = {}  # slot -> block whose copy was issued last
+    running = {}  # slot -> block that started and has not yet freed it
+    for kind, slot, block in log:
+        if kind == "copy":
+            assert slot not in running, f"copy of block {block} into slot {slot} while block {running[slot]} runs"
+            in_slot[slot] = block
+        elif kind == "wait":
+            assert in_slot[slot] == block  # the compute waits for the copy of its own block
+            running[slot] = block
+        elif kind == "free":
+            assert running.pop(slot) == block
+        elif kind == "start" and block >= resident:
+            assert running[streamer._slot_of(block)] == block
+    assert not running
+
+
+@pytest.mark.parametrize("resident,slots", [(0, 2), (1, 2), (2, 3), (1, 3)])
+def test_the_next_blocks_are_copied_while_the_current_one_computes(resident, slots):
+    _, log = recorded_forwards(resident, slots, forwards=1)
+    position = {(kind, block): at for at, (kind, _, block) in enumerate(log) if kind in ("copy", "start")}
+    for block in range(resident, BLOCKS):
+        # issued before the block slots - 1 earlier starts (before block 0 for the first streamed ones)
+        ahead = max(block - (slots - 1), 0)
+        assert position[("copy", block)] < position[("start", ahead)], (block, log)
+
+
+def test_copies_per_forward_and_blocks_kept_in_slots_across_forwards():
+    _, log = recorded_forwards(resident=1, slots=2, forwards=3)
+    assert sum(kind == "copy" for kind, _, _ in log) == 3 * (BLOCKS - 1)  # every streamed block, every forward
+    # with as many slots as streamed blocks they stay in place: copied once for all forwards
+    _, log = recorded_forwards(resident=2, slots=3, forwards=3)
+    assert [entry for entry in log if entry[0] == "copy"] == [("copy", 0, 2), ("copy", 1, 3), ("copy", 2, 4)]
+
+
+def test_remove_restores_ordinary_tensors_that_give_the_same_output():
+    plain = tiny_model()
+    want = run(plain)
+    model = copy.deepcopy(plain)
+    params = list(model.parameters())
+    streamer = stream_blocks(model, "cpu", resident_blocks=2, slots=2)
+    run(model)
+    assert streamer.remove() is model
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))  # the same Parameter objects
+    assert not any(block._forward_pre_hooks or block._forward_hooks for block in model.transformer_blocks)
+    assert streamer.host_bytes == 0
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(storages) == len(params)  # no tensor is a view into a shared packed buffer any more
+    assert torch.equal(run(model), want)
+    state, original = model.state_dict(), plain.state_dict()
+    assert list(state) == list(original) and all(torch.equal(state[k], original[k]) for k in state)
+    stream_blocks(model, "cpu", resident_blocks=0, slots=1)  # and it can be streamed again
+    assert torch.equal(run(model), want)
+
+
+def test_block_patches_that_call_the_original_stream_too():
+    plain = tiny_model()
+    seen = []
+
+    def patch(args, extra):
+        seen.append(args["img"].shape)
+        return extra["original_block"](args)
+
+    options = {"patches_replace": {"dit": {("double_block", 1): patch, ("double_block", 3): patch}}}
+    latents, condition, text, sigma, _ = inputs()
+    with torch.no_grad():
+        want = plain(latents, condition, text, sigma, transformer_options=options)
+        model = copy.deepcopy(plain)
+        stream_blocks(model, "cpu", resident_blocks=0, slots=2)
+        assert torch.equal(model(latents, condition, text, sigma, transformer_options=options), want)
+    assert len(seen) == 4
+
+
+def test_an_error_in_a_block_or_in_load_leaves_the_streamer_usable():
+    model = tiny_model()
+    want = run(model)
+    transfers = RecordingTransfers()
+    streamer = BlockStreamer(model, "cpu", 2, transfers=transfers)
+    streamer.load(1)
+
+    def fail(module, args, output):
+        raise RuntimeError("boom")
+
+    handle = model.transformer_blocks[2].register_forward_hook(fail, prepend=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(model)
+    assert transfers.log[-1] == ("free", 1, 2)  # the slot was given back all the same
+    handle.remove()
+    assert torch.equal(run(model), want)
+
+    class FailingTransfers(RecordingTransfers):
+        def slots_allocated(self):
+            raise torch.OutOfMemoryError("simulated")
+
+    streamer = BlockStreamer(tiny_model(), "cpu", 2, transfers=FailingTransfers())
+    with pytest.raises(torch.OutOfMemoryError):
+        streamer.load(2)
+    assert not streamer.loaded and streamer._resident == [] and streamer._slots == []
+    assert all(points_into(p, streamer.host_buffers[0]) for p in streamer.blocks[0].parameters())
+
+
+def test_remove_is_final():
+    streamer = stream_blocks(tiny_model(), "cpu", resident_blocks=1)
+    model = streamer.remove()
+    assert streamer.remove() is model  # twice is harmless
+    with pytest.raises(RuntimeError, match="was removed"):
+        streamer.load(1)
+
+
+def test_offload_and_load_with_another_resident_count():
+    model = tiny_model()
+    want = run(model)
+    streamer = stream_blocks(model, "cpu", resident_blocks=3, slots=2)
+    streamer.offload()
+    assert not streamer.loaded
+    assert all(points_into(p, streamer.host_buffers[0]) for p in model.transformer_blocks[0].parameters())
+    assert torch.equal(run(model), want)  # the forward loads again, with the same K
+    assert streamer.loaded and streamer.resident_blocks == 3
+    streamer.load(1)
+    assert (streamer.resident_blocks, streamer.streamed_blocks, streamer.used_slots) == (1, 4, 2)
+    assert torch.equal(run(model), want)
+    assert "1 of 5 blocks resident on cpu, 4 streamed through 2 slots" in streamer.describe()
+    with pytest.raises(ValueError, match="resident_blocks must be 0..5, got 6"):
+        streamer.load(6)
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="exactly one of vram_budget"):
+        stream_blocks(tiny_model(), "cpu")
+    with pytest.raises(ValueError, match="exactly one of vram_budget"):
+        stream_blocks(tiny_model(), "cpu", vram_budget=GiB, resident_blocks=1)
+    with pytest.raises(ValueError, match="slots must be a positive integer, got 0"):
+        stream_blocks(tiny_model(), "cpu", resident_blocks=1, slots=0)
+    with torch.device("meta"):
+        empty = VLDMMDiT(CONFIG)
+    with pytest.raises(ValueError, match="on the meta device"):
+        stream_blocks(empty, "cpu", resident_blocks=0)
+    for bad in (0, -1, float("nan"), float("inf"), "24", True):
+        with pytest.raises(ValueError, match="VRAM budget must be a positive number of GiB"):
+            gib(bad)
+    assert gib(24) == 24 * 2**30 and gib(0.5) == 2**29 and gib(None) is None
+
+
+# --------------------------------------------------------------------------- the plan, in numbers
+
+
+def test_plan_takes_the_most_blocks_that_fit():
+    blocks, other, activations, reserve = [GiB] * 6, GiB // 2, 3 * GiB // 4, GiB // 4  # fixed part 1.5 GiB
+    plan = plan_residency(blocks, other, int(7.5 * GiB), activations, slots=2, reserve=reserve)
+    assert (plan.resident_blocks, plan.streamed_blocks, plan.slots, plan.slot_bytes) == (6, 0, 0, 0)
+    assert plan.device_bytes == int(7.5 * GiB)
+    # one byte less: no longer all of them, and 2 slots to pay for -> 1.5 + K + 2 <= 7.49
+    plan = plan_residency(blocks, other, int(7.5 * GiB) - 1, activations, slots=2, reserve=reserve)
+    assert (plan.resident_blocks, plan.streamed_blocks, plan.slots, plan.slot_bytes) == (3, 3, 2, 2 * GiB)
+    plan = plan_residency(blocks, other, int(3.5 * GiB), activations, slots=2, reserve=reserve)
+    assert (plan.resident_blocks, plan.streamed_blocks) == (0, 6)
+    plan = plan_residency(blocks, other, int(3.5 * GiB), activations, slots=1, reserve=reserve)
+    assert (plan.resident_blocks, plan.slots) == (1, 1)
+    with pytest.raises(ValueError, match=r"VRAM budget 3\.40 GiB is too small: .* at least 3\.50 GiB \(2 block slots"):
+        plan_residency(blocks, other, int(3.4 * GiB), activations, slots=2, reserve=reserve)
+    # a slot is as large as the largest streamed block; resident blocks do not count
+    plan = plan_residency([GiB, 2 * GiB, GiB], 0, int(3.5 * GiB), 0, slots=1, reserve=0)
+    assert (plan.resident_blocks, plan.slot_bytes) == (1, 2 * GiB)
+    plan = plan_residency([2 * GiB, GiB, GiB], 0, int(3.5 * GiB), 0, slots=1, reserve=0)
+    assert (plan.resident_blocks, plan.slot_bytes) == (1, GiB)
+
+
+def test_full_size_plans_at_24_and_16_gib():
+    """The numbers the H100 run checks: the full model in bf16 at 640 px, 4 layers, 256 text tokens,
+    cond and uncond as one batch of 2."""
+    with torch.device("meta"):
+        model = VLDMMDiT(MMDiTConfig.full(), dtype=torch.bfloat16)
+    blocks = [tensor_bytes(block) for block in model.transformer_blocks]
+    other = tensor_bytes(model) - sum(blocks)
+    assert blocks[0] == 679_662_592 and len(set(blocks)) == 1  # 0.633 GiB a block
+    assert other == 81_058_944
+    activations = activation_bytes(model, image_tokens=6 * 40 * 40, text_tokens=256, batch=2)
+    assert activations == ACTIVATION_BYTES_PER_ELEMENT * 2 * 9856 * 3072 == 2_906_652_672  # 2.71 GiB
+    plans = {gb: plan_residency(blocks, other, gb * GiB, activations, slots=2) for gb in (80, 40, 24, 16, 8)}
+    assert {gb: (p.resident_blocks, p.streamed_blocks) for gb, p in plans.items()} == {
+        80: (60, 0),
+        40: (54, 6),
+        24: (29, 31),
+        16: (16, 44),
+        8: (3, 57),
+    }
+    assert all(p.device_bytes <= p.budget for p in plans.values())
+    with pytest.raises(ValueError, match=r"VRAM budget 5\.00 GiB is too small: .* at least 5\.55 GiB"):
+        plan_residency(blocks, other, 5 * GiB, activations, slots=2)
+    assert WORKSPACE_RESERVE == 1.5 * GiB
+
+
+def test_activation_estimate_covers_the_fp8_dequantised_weight(tmp_path):
+    plain, fp8 = tiny_model(), fp8_model(tmp_path)
+    tokens = dict(image_tokens=100, text_tokens=10, batch=2)
+    assert activation_bytes(plain, **tokens) == ACTIVATION_BYTES_PER_ELEMENT * 2 * 110 * 64
+    assert activation_bytes(fp8, **tokens) == activation_bytes(plain, **tokens) + 10 * 64 * 384  # img_mod, the largest
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        activation_bytes(plain, 100, 10, 0)
