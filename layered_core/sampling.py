@@ -81,6 +81,19 @@ def _unpadded_length(c: Conditioning) -> int | None:
     return c.embeddings.shape[1]
 
 
+def _batched_text(prompt: Conditioning, negative: Conditioning) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Both prompts as one batch: zero-padded to the longer one, with a mask when any row is padded."""
+    length = max(prompt.embeddings.shape[1], negative.embeddings.shape[1])
+    embeddings, masks = [], []
+    for c in (prompt, negative):
+        batch, own = c.embeddings.shape[:2]
+        mask = c.mask if c.mask is not None else torch.ones(batch, own, dtype=torch.bool, device=c.embeddings.device)
+        embeddings.append(torch.nn.functional.pad(c.embeddings, (0, 0, 0, length - own)))
+        masks.append(torch.nn.functional.pad(mask.bool(), (0, length - own), value=False))
+    mask = torch.cat(masks)
+    return torch.cat(embeddings), None if bool(mask.all()) else mask
+
+
 @torch.no_grad()
 def sample(
     model: Callable,
@@ -94,13 +107,16 @@ def sample(
     seed: int = 0,
     noise: torch.Tensor | None = None,
     callback: Callable[[StepInfo], bool | None] | None = None,
+    batch_guidance: bool = False,
 ) -> torch.Tensor:
     """Denoise N+1 frames (frame 0 the composite, 1..N the layers) for a condition latent.
 
     model: ``model(latents, condition, text, sigma, text_mask)`` -> velocity, as :class:`VLDMMDiT`.
     condition: normalised latent of the input image (B, 16, h, w). With ``cfg_scale > 1`` and a
     negative prompt, cond and uncond run as one batch of 2B when their prompts have the same length,
-    else as two forwards. ``callback`` is called after every step;
+    else as two forwards; ``batch_guidance`` batches them always, padding the shorter prompt under an
+    attention mask (slower attention, but one pass over the weights: what streamed weights want).
+    ``callback`` is called after every step;
     returning False (or raising) stops the run with :class:`Cancelled`.
     Returns float32 latents (B, 16, N+1, h, w).
     """
@@ -120,9 +136,9 @@ def sample(
     # would need an attention mask, and masked attention runs far slower than the unmasked kernels
     # (1.36 against 0.99 s a step on an H100 at 640 px), so they run as two forwards instead.
     length = _unpadded_length(prompt)
-    batched = guided and length is not None and length == _unpadded_length(negative)
+    batched = guided and (batch_guidance or (length is not None and length == _unpadded_length(negative)))
     if batched:
-        text = torch.cat([prompt.embeddings, negative.embeddings])
+        text, text_mask = _batched_text(prompt, negative)
         model_condition = torch.cat([condition, condition])
 
     if noise is None:
@@ -137,7 +153,7 @@ def sample(
         sigma, sigma_next = schedule[index], schedule[index + 1]
         sigma_batch = torch.full((batch,), sigma, device=device)
         if batched:
-            both = model(torch.cat([latents, latents]), model_condition, text, sigma_batch.repeat(2), None).float()
+            both = model(torch.cat([latents, latents]), model_condition, text, sigma_batch.repeat(2), text_mask).float()
             velocity = guided_velocity(both[:batch], both[batch:], cfg_scale, cfg_normalize)
         else:
             velocity = model(latents, condition, prompt.embeddings, sigma_batch, prompt.mask).float()

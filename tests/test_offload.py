@@ -24,6 +24,7 @@ from layered_core.offload import (
     tensor_bytes,
 )
 from layered_core.ops import FP8Linear
+from layered_core.sampling import Conditioning, sample
 from layered_core.tiny_models import randomize_
 
 BLOCKS = 5
@@ -361,3 +362,28 @@ def test_activation_estimate_covers_the_fp8_dequantised_weight(tmp_path):
     assert activation_bytes(fp8, **tokens) == activation_bytes(plain, **tokens) + 10 * 64 * 384  # img_mod, the largest
     with pytest.raises(ValueError, match="batch must be a positive integer"):
         activation_bytes(plain, 100, 10, 0)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_batch_guidance_pads_the_shorter_prompt_and_matches_two_forwards():
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(3)
+    condition = torch.randn(1, 16, 4, 6, generator=gen)
+    prompt = Conditioning(torch.randn(1, 7, CONFIG.text_dim, generator=gen))
+    negative = Conditioning(torch.randn(1, 2, CONFIG.text_dim, generator=gen))
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return model(*args)
+
+    settings = dict(layers=2, steps=3, cfg_scale=4.0, seed=1)
+    two = sample(counted, condition, prompt, negative, **settings)
+    assert calls == [1, 1] * 3
+    calls.clear()
+    one = sample(counted, condition, prompt, negative, batch_guidance=True, **settings)
+    assert calls == [2] * 3
+    # the same math up to the masked attention kernel's rounding
+    assert ((one - two).norm() / two.norm()).item() < 1e-5 and (one - two).abs().max().item() < 1e-4
