@@ -79,6 +79,13 @@ def add_decompose_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--fp8", choices=("keep", "dequantize"), default="keep", help="for fp8 transformer files")
+    p.add_argument(
+        "--vram-budget",
+        type=float,
+        metavar="GiB",
+        help="use at most this much GPU memory (GiB): transformer blocks streamed from pinned host memory, "
+        "text encoder and VAE on the GPU only while they run",
+    )
 
 
 def decompose_command(args) -> int:
@@ -134,7 +141,14 @@ def decompose_command(args) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
         pipeline = LayeredPipeline.from_files(
-            args.model, args.transformer, args.vae, args.text_encoder, device=device, dtype=dtype, fp8=args.fp8
+            args.model,
+            args.transformer,
+            args.vae,
+            args.text_encoder,
+            device=device,
+            dtype=dtype,
+            fp8=args.fp8,
+            vram_budget_gb=args.vram_budget,
         )
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -142,7 +156,7 @@ def decompose_command(args) -> int:
     except torch.OutOfMemoryError:
         print(
             f"error: out of memory loading the models on {device}: use the fp8 transformer file (kept in fp8), "
-            "or --device cpu",
+            "--vram-budget GiB, or --device cpu",
             file=sys.stderr,
         )
         return 2

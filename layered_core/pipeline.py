@@ -6,6 +6,7 @@ Data flows one way: image -> condition latent (VAE) -> prompt embeddings (Qwen2.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -79,13 +80,16 @@ class LayeredPipeline:
 
     ``transformer`` is a :class:`VLDMMDiT`, ``vae`` an :class:`RGBAVAE`, ``text_encoder`` an object with
     ``encode(prompts) -> (embeddings, mask)`` and ``caption(image, language) -> str`` (see ``text.py``);
-    it may be None when every call passes ``prompt_embeddings``.
+    it may be None when every call passes ``prompt_embeddings``. ``vram_budget`` (an
+    :class:`~layered_core.offload.VRAMBudget`) places the models for a small GPU: transformer blocks
+    streamed, the VAE and text encoder on the GPU only while they run; None leaves every model where it is.
     """
 
-    def __init__(self, transformer, vae, text_encoder=None):
+    def __init__(self, transformer, vae, text_encoder=None, vram_budget=None):
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
+        self.vram_budget = vram_budget
 
     @classmethod
     def from_files(
@@ -97,8 +101,12 @@ class LayeredPipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.bfloat16,
         fp8: str = "keep",
+        vram_budget_gb: float | None = None,
     ) -> LayeredPipeline:
-        """Load from a diffusers pipeline folder (``model``) and/or single files for each component."""
+        """Load from a diffusers pipeline folder (``model``) and/or single files for each component.
+
+        ``vram_budget_gb`` (GiB) runs within that much GPU memory: the models load on the CPU and the
+        transformer's blocks stream to ``device`` (see :class:`~layered_core.offload.VRAMBudget`)."""
         from .checkpoints import load_mmdit, load_vae
         from .text import load_text_encoder
 
@@ -107,6 +115,16 @@ class LayeredPipeline:
         text_encoder = text_encoder or model
         if transformer is None or vae is None:
             raise ValueError("need a transformer and a VAE: pass a diffusers folder, or both files")
+        if vram_budget_gb is not None:
+            from .offload import VRAMBudget, gib
+
+            budget = gib(vram_budget_gb)  # checked before minutes of loading
+            models = (
+                load_mmdit(transformer, dtype=dtype, device="cpu", fp8=fp8),
+                load_vae(vae, dtype=dtype, device="cpu"),
+                None if text_encoder is None else load_text_encoder(text_encoder, dtype=dtype, device="cpu"),
+            )
+            return cls(*models, vram_budget=VRAMBudget(*models, device=device, budget=budget))
         return cls(
             load_mmdit(transformer, dtype=dtype, device=device, fp8=fp8),
             load_vae(vae, dtype=dtype, device=device),
@@ -122,15 +140,38 @@ class LayeredPipeline:
             image = flatten(image, options.background)
         return resize_rgba(image, bucket_size(*image.size, options.resolution))
 
+    def _on_device(self, module, text_encoder: bool = False):
+        """Under a VRAM budget, ``module`` visits the GPU for the ``with`` block; else nothing happens."""
+        if self.vram_budget is None:
+            return contextlib.nullcontext()
+        return self.vram_budget.visiting(module, text_encoder=text_encoder)
+
+    def _text_model(self):
+        return getattr(self.text_encoder, "model", None)
+
+    def _transformer_on_device(self, condition, options, positive, negative):
+        """Under a VRAM budget, the transformer's blocks on the GPU for sampling, planned for this image's
+        tokens (yields the plan); else nothing happens (yields None)."""
+        if self.vram_budget is None:
+            return contextlib.nullcontext()
+        from .offload import decomposition_tokens
+
+        image_tokens = decomposition_tokens(self.transformer, options.layers, *condition.shape[-2:])
+        prompts = [c for c in (positive, negative) if c is not None]
+        batch = condition.shape[0] * (2 if negative is not None and options.cfg_scale > 1 else 1)
+        return self.vram_budget.sampling(image_tokens, max(c.embeddings.shape[1] for c in prompts), batch)
+
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """Normalised condition latent (1, 16, h, w) of a bucket-sized RGBA image."""
-        return self.vae.encode(image_to_tensor(image))
+        with self._on_device(self.vae):
+            return self.vae.encode(image_to_tensor(image))
 
     def encode_text(self, prompts: list[str], max_sequence_length: int = 512) -> Conditioning:
         """Prompt embeddings; like the reference, tokens past ``max_sequence_length`` are dropped."""
         if self.text_encoder is None:
             raise ValueError("no text encoder loaded: pass prompt_embeddings, or load one with load_text_encoder")
-        embeddings, mask = self.text_encoder.encode(prompts, max_sequence_length=max_sequence_length, truncate=True)
+        with self._on_device(self._text_model(), text_encoder=True):
+            embeddings, mask = self.text_encoder.encode(prompts, max_sequence_length=max_sequence_length, truncate=True)
         if embeddings.shape[1] == max_sequence_length:
             logger.warning("a prompt reached %d tokens; anything longer was cut off", max_sequence_length)
         return Conditioning(embeddings, mask)
@@ -138,7 +179,8 @@ class LayeredPipeline:
     def caption(self, image: Image.Image, language: str = "en") -> str:
         if self.text_encoder is None:
             raise ValueError("the prompt is empty and no text encoder is loaded to caption the image")
-        return self.text_encoder.caption(image, language=language)
+        with self._on_device(self._text_model(), text_encoder=True):
+            return self.text_encoder.caption(image, language=language)
 
     def decode(self, latents: torch.Tensor, frames_per_batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, 16, N+1, h, w) latents -> (layers (N, 4, H, W), composite (4, H, W)), on the CPU.
@@ -147,7 +189,8 @@ class LayeredPipeline:
         batch (13 GiB for 11 frames at 1024 px), so 20 layers in one batch would not fit beside the
         transformer."""
         frames = latents[0].transpose(0, 1)  # (N+1, 16, h, w)
-        images = torch.cat([self.vae.decode(chunk).cpu() for chunk in frames.split(frames_per_batch)])
+        with self._on_device(self.vae):
+            images = torch.cat([self.vae.decode(chunk).cpu() for chunk in frames.split(frames_per_batch)])
         return images[1:], images[0]
 
     # -- the whole path ------------------------------------------------------------------------------------
@@ -178,13 +221,15 @@ class LayeredPipeline:
         if prompt_embeddings is not None:
             positive, negative = prompt_embeddings
         else:
-            if _is_blank(prompt):
-                prompt = self.caption(prepared, options.caption_language)
-                logger.info("auto-caption: %s", prompt)
-            positive = self.encode_text([prompt], options.max_sequence_length)
-            negative = None
-            if options.cfg_scale > 1:
-                negative = self.encode_text([options.negative_prompt], options.max_sequence_length)
+            # under a VRAM budget: one visit of the GPU for the caption and both prompts
+            with self._on_device(self._text_model(), text_encoder=True):
+                if _is_blank(prompt):
+                    prompt = self.caption(prepared, options.caption_language)
+                    logger.info("auto-caption: %s", prompt)
+                positive = self.encode_text([prompt], options.max_sequence_length)
+                negative = None
+                if options.cfg_scale > 1:
+                    negative = self.encode_text([options.negative_prompt], options.max_sequence_length)
         _synchronize(positive.embeddings.device)
         seconds["text"] = time.perf_counter() - start
 
@@ -194,18 +239,21 @@ class LayeredPipeline:
         negative = None if negative is None else negative.to(device, dtype)
 
         start = time.perf_counter()
-        latents = sample(
-            self.transformer,
-            condition.to(device),
-            positive,
-            negative,
-            layers=options.layers,
-            steps=options.steps,
-            cfg_scale=options.cfg_scale,
-            cfg_normalize=options.cfg_normalize,
-            seed=options.seed,
-            callback=callback,
-        )
+        with self._transformer_on_device(condition, options, positive, negative) as plan:
+            latents = sample(
+                self.transformer,
+                condition.to(device),
+                positive,
+                negative,
+                layers=options.layers,
+                steps=options.steps,
+                cfg_scale=options.cfg_scale,
+                cfg_normalize=options.cfg_normalize,
+                seed=options.seed,
+                callback=callback,
+                # streamed weights cost a copy per forward: cond and uncond share one (padded, masked)
+                batch_guidance=plan is not None and plan.streamed_blocks > 0,
+            )
         _synchronize(device)
         seconds["sampling"] = time.perf_counter() - start
 

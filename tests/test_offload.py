@@ -1,13 +1,15 @@
-"""Block weight streaming on the CPU: same outputs as the plain model, the copy/compute ordering and the
-residency plan."""
+"""Block weight streaming on the CPU: same outputs as the plain model, the copy/compute ordering, the
+residency plan, and the pipeline and command line under a VRAM budget."""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from layered_core.checkpoints import load_mmdit, quantize_fp8, save_mmdit
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT
@@ -16,6 +18,7 @@ from layered_core.offload import (
     WORKSPACE_RESERVE,
     BlockStreamer,
     GiB,
+    VRAMBudget,
     _SyncTransfers,
     activation_bytes,
     gib,
@@ -24,8 +27,10 @@ from layered_core.offload import (
     tensor_bytes,
 )
 from layered_core.ops import FP8Linear
+from layered_core.pipeline import DecomposeOptions, LayeredPipeline
 from layered_core.sampling import Conditioning, sample
 from layered_core.tiny_models import randomize_
+from layered_core.vae import RGBAVAE, VAEConfig
 
 BLOCKS = 5
 CONFIG = replace(MMDiTConfig.tiny(), num_layers=BLOCKS)  # tiny width, enough blocks to stream
@@ -364,7 +369,7 @@ def test_activation_estimate_covers_the_fp8_dequantised_weight(tmp_path):
         activation_bytes(plain, 100, 10, 0)
 
 
-# --------------------------------------------------------------------------- sampling
+# --------------------------------------------------------------------------- sampling and the pipeline
 
 
 def test_batch_guidance_pads_the_shorter_prompt_and_matches_two_forwards():
@@ -387,3 +392,110 @@ def test_batch_guidance_pads_the_shorter_prompt_and_matches_two_forwards():
     assert calls == [2] * 3
     # the same math up to the masked attention kernel's rounding
     assert ((one - two).norm() / two.norm()).item() < 1e-5 and (one - two).abs().max().item() < 1e-4
+
+
+class FakeTextEncoder:
+    """Deterministic embeddings per prompt (as in test_pipeline), with a ``model`` to place."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.model = torch.nn.Linear(dim, dim)
+        self.devices = []
+
+    def encode(self, prompts, max_sequence_length=512, truncate=False):
+        self.devices.append(self.model.weight.device.type)
+        out = []
+        for prompt in prompts:
+            gen = torch.Generator().manual_seed(sum(map(ord, prompt)) + len(prompt))
+            out.append(torch.randn(1, max(1, len(prompt)), self.dim, generator=gen))
+        return torch.cat(out), None
+
+    def caption(self, image, language="en"):
+        return "a caption"
+
+
+def picture(width=100, height=60, seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+def models():
+    transformer = tiny_model()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = RGBAVAE(VAEConfig.tiny()).eval().requires_grad_(False)
+    return transformer, vae, FakeTextEncoder(CONFIG.text_dim)
+
+
+class RecordingBudget(VRAMBudget):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plans = []
+
+    def sampling(self, image_tokens, text_tokens, batch):
+        context = super().sampling(image_tokens, text_tokens, batch)
+        self.plans.append(self.streamer.plan(self.budget, image_tokens, text_tokens, batch))
+        return context
+
+
+def test_pipeline_under_a_budget_gives_the_same_layers():
+    options = DecomposeOptions(layers=1, steps=1, seed=4)
+    want = LayeredPipeline(*models())(picture(), "a poster", options)
+
+    transformer, vae, text = models()
+    roomy = RecordingBudget(transformer, vae, text, "cpu", budget=8 * GiB)
+    got = LayeredPipeline(transformer, vae, text, vram_budget=roomy)(picture(), "a poster", options)
+    assert torch.equal(got.layers, want.layers) and torch.equal(got.composite, want.composite)
+    (plan,) = roomy.plans
+    # 100x60 -> the 832x480 bucket: 3 frames of 52x30 patches; prompts of 8 and 1 tokens; cond + uncond
+    assert plan.activation_bytes == ACTIVATION_BYTES_PER_ELEMENT * 2 * (3 * 52 * 30 + 8) * 64
+    assert (plan.resident_blocks, plan.streamed_blocks) == (BLOCKS, 0)
+    assert not roomy.streamer.loaded  # block memory given back after sampling
+    assert roomy.text_encoder_visits and text.devices == ["cpu", "cpu"]
+
+    # a budget with room for 2 resident blocks and 2 slots: streamed, and cond + uncond in one masked batch
+    transformer, vae, text = models()
+    tight = plan.reserve_bytes + plan.other_bytes + plan.activation_bytes + 4 * plan.resident_bytes // BLOCKS
+    squeezed = RecordingBudget(transformer, vae, text, "cpu", budget=tight + 100)
+    got = LayeredPipeline(transformer, vae, text, vram_budget=squeezed)(picture(), "a poster", options)
+    (plan,) = squeezed.plans
+    assert (plan.resident_blocks, plan.streamed_blocks, plan.slots) == (2, 3, 2)
+    assert torch.allclose(got.layers, want.layers, atol=1e-4)
+    assert not squeezed.text_encoder_visits  # 2 KiB of weights + 2 GiB margin do not fit beside the blocks
+
+
+def test_from_files_with_a_budget(tmp_path):
+    from layered_core.tiny_models import write_tiny_set
+
+    folder = write_tiny_set(tmp_path / "tiny", components=["model_index", "transformer", "vae"])
+    options = DecomposeOptions(layers=1, steps=1)
+    files = dict(transformer=folder, vae=folder, dtype=torch.float32)
+    plain = LayeredPipeline.from_files(**files)
+    budgeted = LayeredPipeline.from_files(**files, vram_budget_gb=4)
+    assert plain.vram_budget is None and budgeted.vram_budget.budget == 4 * GiB
+    assert "VRAM budget 4.00 GiB" in budgeted.vram_budget.describe()
+    embeddings = (Conditioning(torch.randn(1, 3, 48, generator=torch.Generator().manual_seed(0))), None)
+    a = plain(picture(), "x", options, prompt_embeddings=embeddings)
+    b = budgeted(picture(), "x", options, prompt_embeddings=embeddings)
+    assert torch.equal(a.layers, b.layers)
+    with pytest.raises(ValueError, match=r"VRAM budget 0\.50 GiB is too small: .* at least 1\.5\d GiB"):
+        LayeredPipeline.from_files(**files, vram_budget_gb=0.5)
+    with pytest.raises(ValueError, match="VRAM budget must be a positive number of GiB, got -2"):
+        LayeredPipeline.from_files(**files, vram_budget_gb=-2)
+
+
+def test_decompose_command_with_a_vram_budget(tmp_path, capsys):
+    from layered_core.cli import main
+    from layered_core.tiny_models import write_tiny_set
+
+    folder = write_tiny_set(tmp_path / "tiny")
+    picture(64, 48).save(tmp_path / "in.png")
+    base = ["decompose", str(tmp_path / "in.png"), "--out", str(tmp_path / "out"), "--model", str(folder)]
+    base += ["--layers", "1", "--steps", "1", "--device", "cpu", "--dtype", "fp32", "--prompt", "a test"]
+    assert main([*base, "--vram-budget", "0"]) == 2
+    assert "VRAM budget must be a positive number of GiB, got 0.0" in capsys.readouterr().err
+    assert main([*base, "--vram-budget", "1"]) == 2
+    assert "VRAM budget 1.00 GiB is too small" in capsys.readouterr().err
+    assert main([*base, "--vram-budget", "6", "--format", "png"]) == 0
+    assert "1 done" in capsys.readouterr().out
+    assert (tmp_path / "out" / "in" / "layer_01.png").exists()
