@@ -21,6 +21,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from layered_core.image import bucket_size
+from layered_core.tiny_models import COMFY_FILES
 
 REPO = Path(__file__).resolve().parent.parent
 COMFYUI = Path(os.environ.get("COMFYUI_PATH", Path.home() / "ComfyUI"))
@@ -44,6 +45,17 @@ WORKFLOWS = sorted(path.name.removesuffix(".api.json") for path in (REPO / "work
 BATCH = "batch"  # the input folder of workflows/batch_folder.api.json
 # the images the fixture puts there, by name, and their size (width, height) once EXIF orientation is applied
 BATCH_SIZES = {"cutout": (128, 72), "photo": (80, 112)}
+LORA = "qwen_image_layered_test_lora.safetensors"  # in models/loras
+MERGED = "qwen_image_layered_lora_merged.safetensors"  # in models/diffusion_models: the transformer + LORA
+# the tiny transformer's linears the LoRA changes: its key names in the file, and its alpha (None: no alpha
+# key, scale 1). Both namings core's key map accepts for a QwenImage model: diffusers' (PEFT) with the
+# "transformer." prefix, and kohya's on the bare module name, scaled by alpha / rank.
+LORA_RANK = 4
+LORA_TARGETS = {
+    "transformer_blocks.0.attn.to_q": ("transformer.{}.lora_A.weight", "transformer.{}.lora_B.weight", None),
+    "transformer_blocks.0.txt_mlp.net.0.proj": ("transformer.{}.lora_A.weight", "transformer.{}.lora_B.weight", None),
+    "transformer_blocks.1.img_mlp.net.2": ("{}.lora_down.weight", "{}.lora_up.weight", 2.0),
+}
 
 if not (COMFYUI / "main.py").is_file() or not PYTHON.is_file():
     pytest.skip(
@@ -127,6 +139,7 @@ def server(tmp_path_factory):
     pixels = np.random.default_rng(0).integers(0, 256, (72, 128, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(base / "input" / "example.png")
     _batch_folder(base / "input" / BATCH)
+    _write_lora(base / "models")
     running = Server(base)
     yield running, base
     running.stop()
@@ -146,6 +159,37 @@ def _batch_folder(folder: Path) -> None:
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display, so 112x80 shows as 80x112
     photo.save(folder / "photo.jpg", quality=95, exif=exif)
     (folder / "notes.txt").write_text("not an image\n")
+
+
+def _write_lora(models: Path) -> None:
+    """A seeded rank-4 LoRA on LORA_TARGETS in models/loras, and what it predicts: the tiny transformer with
+    the LoRA merged into its weights at strength 1, in float32 (ComfyUI on the CPU runs in float32 and adds
+    the patch in float32, as here), in models/diffusion_models."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(2)
+    with safe_open(models / COMFY_FILES["bf16"], "pt") as source:
+        metadata = source.metadata()
+        merged = {key: source.get_tensor(key) for key in source.keys()}
+    merged = {key: value.float() if value.is_floating_point() else value for key, value in merged.items()}
+    lora = {}
+    for module, (down_name, up_name, alpha) in LORA_TARGETS.items():
+        weight = f"model.diffusion_model.{module}.weight"
+        out_features, in_features = merged[weight].shape
+        # entries of up @ down about 0.05, the size of the weights themselves: a change no rounding hides
+        down = 0.25 * torch.randn(LORA_RANK, in_features, generator=generator)
+        up = 0.25 * torch.randn(out_features, LORA_RANK, generator=generator)
+        lora[down_name.format(module)], lora[up_name.format(module)] = down, up
+        scale = 1.0
+        if alpha is not None:
+            lora[down_name.format(module).replace(".lora_down.weight", ".alpha")] = torch.tensor(alpha)
+            scale = alpha / LORA_RANK
+        merged[weight] = merged[weight] + scale * (up @ down)
+    (models / "loras").mkdir(parents=True, exist_ok=True)
+    save_file(lora, str(models / "loras" / LORA))
+    save_file(merged, str(models / "diffusion_models" / MERGED), metadata=metadata)
 
 
 def _displayed(path: Path) -> np.ndarray:
@@ -364,6 +408,79 @@ def test_batch_reruns_only_when_the_folder_changes(server):
     os.utime(folder / "cutout.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert "4" not in _cached_nodes(running.run(workflow))
     assert len(list(output.glob("*.psd"))) == 5
+
+
+# per sampler: its workflow, the nodes kept from it (up to the sampler), the sampler node and the node whose
+# "model" input takes the loaded model
+LORA_SAMPLERS = {
+    "decompose": ("image_to_layers", ("1", "2", "3", "4", "5", "7", "8", "9"), "9", "9"),
+    "ksampler": (
+        "core_ksampler_interop",
+        ("1", "2", "3", "4", "5", "7", "8", "13", "14", "15", "16", "17", "18"),
+        "18",
+        "17",
+    ),
+}
+
+
+def _lora_workflow(sampler: str, prefix: str, strength: float | None = None, model_name: str | None = None) -> dict:
+    """A shared workflow cut after its sampler, which core's SaveLatent writes under ``prefix``; with a
+    ``strength``, core's LoraLoaderModelOnly applies LORA between the model loader and the sampler."""
+    name, kept, sampler_node, model_input = LORA_SAMPLERS[sampler]
+    full = _fast(json.loads((REPO / "workflows" / f"{name}.api.json").read_text()))
+    workflow = {node: full[node] for node in kept}
+    if "6" in full:  # a fixed prompt instead of the auto-caption
+        workflow["7"]["inputs"]["prompt"] = "a poster with a title and a photo"
+    if model_name is not None:
+        workflow["1"]["inputs"]["model_name"] = model_name
+    if strength is not None:
+        workflow["30"] = {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": ["1", 0], "lora_name": LORA, "strength_model": strength},
+        }
+        workflow[model_input]["inputs"]["model"] = ["30", 0]
+    workflow["31"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_node, 0], "filename_prefix": prefix}}
+    return workflow
+
+
+def _saved_latent(running, base: Path, workflow: dict):
+    """Runs ``workflow`` and reads back the latent its SaveLatent wrote; the sampler ran, not the cache."""
+    from safetensors.torch import load_file
+
+    history = running.run(workflow)
+    status = history["status"]
+    errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
+    assert status["status_str"] == "success", errors
+    assert workflow["31"]["inputs"]["samples"][0] not in _cached_nodes(history)
+    (saved,) = history["outputs"]["31"]["latents"]
+    return load_file(base / "output" / saved["subfolder"] / saved["filename"])["latent_tensor"]
+
+
+def _relative_difference(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("sampler", list(LORA_SAMPLERS))
+def test_core_lora_loader_patches_our_model(server, sampler):
+    """Core's LoraLoaderModelOnly on this pack's MODEL, sampled by Decompose and by core's KSampler: every
+    LoRA key matches a weight of the model, strength 1 gives what the transformer with the LoRA merged into
+    its weights gives, and strength 0 (run after it: the weights restored) gives the model without the LoRA."""
+    running, base = server
+    log_start = len(running.log.read_text())
+    plain = _saved_latent(running, base, _lora_workflow(sampler, f"lora_{sampler}/none"))
+    patched = _saved_latent(running, base, _lora_workflow(sampler, f"lora_{sampler}/strength_1", 1.0))
+    unpatched = _saved_latent(running, base, _lora_workflow(sampler, f"lora_{sampler}/strength_0", 0.0))
+    merged = _saved_latent(running, base, _lora_workflow(sampler, f"lora_{sampler}/merged", model_name=MERGED))
+
+    assert patched.shape == plain.shape == merged.shape and bool(plain.isfinite().all())
+    assert _relative_difference(unpatched, plain) <= 1e-6
+    change = _relative_difference(patched, plain)
+    assert change > 1e-3, change
+    # the same float32 sum as ComfyUI's patch: equal up to the order of the matmul's additions
+    assert _relative_difference(patched, merged) <= 1e-6
+    log = running.log.read_text()[log_start:]
+    for complaint in ("lora key not loaded", "NOT LOADED", "SHAPE MISMATCH", "Calculate Weight Failed", "ERROR lora"):
+        assert complaint not in log, log
 
 
 def _slow(workflow: dict, steps: int) -> dict:
