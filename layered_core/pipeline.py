@@ -102,11 +102,14 @@ class LayeredPipeline:
         dtype: torch.dtype = torch.bfloat16,
         fp8: str = "keep",
         vram_budget_gb: float | None = None,
+        compile: bool = False,
     ) -> LayeredPipeline:
         """Load from a diffusers pipeline folder (``model``) and/or single files for each component.
 
         ``vram_budget_gb`` (GiB) runs within that much GPU memory: the models load on the CPU and the
-        transformer's blocks stream to ``device`` (see :class:`~layered_core.offload.VRAMBudget`)."""
+        transformer's blocks stream to ``device`` (see :class:`~layered_core.offload.VRAMBudget`).
+        ``compile`` compiles the transformer's blocks (:meth:`VLDMMDiT.compile_blocks`): on an H100 a step
+        takes 0.72 s instead of 0.98 s, after 12-18 s of compilation on the first step."""
         from .checkpoints import load_mmdit, load_vae
         from .text import load_text_encoder
 
@@ -115,6 +118,8 @@ class LayeredPipeline:
         text_encoder = text_encoder or model
         if transformer is None or vae is None:
             raise ValueError("need a transformer and a VAE: pass a diffusers folder, or both files")
+        if compile and vram_budget_gb is not None:
+            raise ValueError("compile and vram_budget_gb together are not supported yet: choose one")
         if vram_budget_gb is not None:
             from .offload import VRAMBudget, gib
 
@@ -125,11 +130,14 @@ class LayeredPipeline:
                 None if text_encoder is None else load_text_encoder(text_encoder, dtype=dtype, device="cpu"),
             )
             return cls(*models, vram_budget=VRAMBudget(*models, device=device, budget=budget))
-        return cls(
+        pipeline = cls(
             load_mmdit(transformer, dtype=dtype, device=device, fp8=fp8),
             load_vae(vae, dtype=dtype, device=device),
             None if text_encoder is None else load_text_encoder(text_encoder, dtype=dtype, device=device),
         )
+        if compile:
+            pipeline.transformer.compile_blocks()
+        return pipeline
 
     # -- steps ---------------------------------------------------------------------------------------------
 

@@ -263,3 +263,20 @@ def test_batch_rerun_with_fewer_layers_leaves_no_stale_files(pipeline, tmp_path)
     run_batch(pipeline, [tmp_path / "img.png"], out, BatchSettings(DecomposeOptions(layers=1, steps=1), "x", ("png",)))
     assert sorted(p.name for p in (out / "img").iterdir()) == ["done.json", "layer_01.png"]
     assert json.loads((out / "img" / "done.json").read_text())["layers"] == 1
+
+
+def test_from_files_compiles_the_blocks_and_refuses_compile_with_a_budget(tmp_path):
+    from layered_core.tiny_models import write_tiny_set
+
+    write_tiny_set(tmp_path, components=["transformer", "vae"])
+    files = dict(transformer=str(tmp_path / "transformer"), vae=str(tmp_path / "vae"), dtype=torch.float32)
+    plain = LayeredPipeline.from_files(**files)
+    assert all(block._compiled_call_impl is None for block in plain.transformer.transformer_blocks)
+    compiled = LayeredPipeline.from_files(**files, compile=True)
+    blocks = compiled.transformer.transformer_blocks
+    assert len(blocks) == MMDiTConfig.tiny().num_layers
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    compiled.transformer.uncompile_blocks()
+    assert all(block._compiled_call_impl is None for block in blocks)
+    with pytest.raises(ValueError, match="compile and vram_budget_gb"):
+        LayeredPipeline.from_files(**files, compile=True, vram_budget_gb=8)
