@@ -73,6 +73,28 @@ def timed(fn, warmup: int, iters: int) -> list[float]:
     return times
 
 
+def kernel_groups(profiler) -> tuple[dict[str, float], list[tuple[float, str, str, int]]]:
+    """CUDA microseconds of a torch.profiler run by group (matrix products, attention, the rest), and the
+    kernels as (us, group, name, calls). Triton kernels are grouped by what they fuse: one that fuses the
+    RoPE into the attention's inputs counts as attention, although it is elementwise work."""
+    groups = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    kernels = []
+    for event in profiler.key_averages():
+        cuda_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if cuda_us <= 0 or event.key.startswith(("aten::", "cuda")):
+            continue
+        key = event.key.lower()
+        if any(tag in key for tag in ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "_mm_")):
+            group = "matmul"
+        elif any(tag in key for tag in ("flash", "fmha", "attention", "sdpa", "cudnn")):
+            group = "attention"
+        else:
+            group = "other"
+        groups[group] += cuda_us
+        kernels.append((cuda_us, group, event.key[:100], event.count))
+    return groups, kernels
+
+
 def reference_model(state: dict, config: MMDiTConfig):
     """diffusers' model around the given tensors (assigned, not copied)."""
     from diffusers import QwenImageTransformer2DModel

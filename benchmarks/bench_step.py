@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_mmdit import (  # noqa: E402
     float32_reference,
     flops_per_forward,
+    kernel_groups,
     peak_gib,
     random_weights_,
     reference_model,
@@ -265,21 +266,7 @@ def profile(step) -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
         step()
         sync()
-    groups = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
-    kernels = []
-    for event in profiler.key_averages():
-        cuda_us = getattr(event, "device_time_total", 0)
-        if cuda_us <= 0 or event.key.startswith(("aten::", "cuda")):
-            continue
-        key = event.key.lower()
-        if any(tag in key for tag in ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "_mm_")):
-            group = "matmul"
-        elif any(tag in key for tag in ("flash", "fmha", "attention", "sdpa", "cudnn")):
-            group = "attention"
-        else:
-            group = "other"
-        groups[group] += cuda_us
-        kernels.append((cuda_us, group, event.key[:100], event.count))
+    groups, kernels = kernel_groups(profiler)
     total = sum(groups.values())
     print(
         "kernel time of one step: "

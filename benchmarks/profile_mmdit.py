@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_mmdit import flops_per_forward, random_weights_, timed  # noqa: E402
+from bench_mmdit import flops_per_forward, kernel_groups, random_weights_, timed  # noqa: E402
 
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT  # noqa: E402
 
@@ -76,21 +76,7 @@ def main() -> None:
     for name, seconds, note in rows:
         print(f"{name:<24} {seconds:>9.3f}  {note}")
 
-    groups = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
-    kernels = []
-    for event in profiler.key_averages():
-        cuda_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if cuda_us <= 0 or event.key.startswith(("aten::", "cuda")):
-            continue
-        key = event.key.lower()
-        if any(tag in key for tag in ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul")):
-            group = "matmul"
-        elif any(tag in key for tag in ("flash", "fmha", "attention", "sdpa", "cudnn")):
-            group = "attention"
-        else:
-            group = "other"
-        groups[group] += cuda_us
-        kernels.append((cuda_us, group, event.key[:90], event.count))
+    groups, kernels = kernel_groups(profiler)
     total = sum(groups.values())
     print()
     print(f"{'group':<10} {'ms':>8} {'share':>6}")
