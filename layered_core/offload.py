@@ -410,7 +410,8 @@ class BlockStreamer:
 
     @property
     def host_buffers(self) -> list[torch.Tensor]:
-        """The packed host buffer of every block (read-only: the streamer copies from them)."""
+        """The packed host buffer of every block (read-only: the streamer copies from them). Page-locked on
+        CUDA, though ``is_pinned()`` says False for memory pinned with cudaHostRegister (torch 2.11)."""
         return list(self._host)
 
     def plan(self, budget: int, image_tokens: int, text_tokens: int, batch: int) -> ResidencyPlan:

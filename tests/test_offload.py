@@ -311,6 +311,79 @@ def test_arguments_are_checked():
     assert gib(24) == 24 * 2**30 and gib(0.5) == 2**29 and gib(None) is None
 
 
+# --------------------------------------------------------------------------- on a GPU (skipped without one)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cuda_run(model):
+    with torch.no_grad():
+        return model(*[None if t is None else t.cuda() for t in inputs(torch.bfloat16)])
+
+
+def registered(buffer: torch.Tensor) -> bool:
+    """Whether the buffer is page-locked by cudaHostRegister (torch's is_pinned() does not see that): a
+    second registration fails with cudaErrorHostMemoryAlreadyRegistered."""
+    from layered_core.offload import _clear_cuda_error
+
+    error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 1))
+    if error == 0:
+        torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+        return False
+    _clear_cuda_error()
+    return error == 712
+
+
+def stall_every_block(model, cycles=2_000_000):
+    """Keep the compute stream busy for a while at the start of every block (after its copy was waited
+    for): a copy that did not wait for its slot to be free would overwrite weights still in use."""
+    for block in model.transformer_blocks:
+        block.register_forward_pre_hook(lambda module, args: torch.cuda._sleep(cycles))
+
+
+@needs_cuda
+@pytest.mark.parametrize("resident,slots", [(0, 1), (0, 2), (1, 2), (2, 3)])
+def test_cuda_streaming_with_a_slow_compute_stream_equals_the_resident_model(resident, slots):
+    plain = tiny_model(torch.bfloat16)
+    want = cuda_run(copy.deepcopy(plain).cuda())
+    model = copy.deepcopy(plain)
+    streamer = stream_blocks(model, "cuda", resident_blocks=resident, slots=slots)
+    assert streamer.pinned_bytes == streamer.host_bytes > 0
+    assert all(registered(buffer) for buffer in streamer.host_buffers)
+    stall_every_block(model)
+    for _ in range(3):
+        assert torch.equal(cuda_run(model), want)
+    before = torch.cuda.memory_allocated()
+    streamer.offload()
+    assert before - torch.cuda.memory_allocated() >= sum(streamer.block_bytes[:resident])
+    assert torch.equal(cuda_run(model), want)  # loads again
+    streamer.remove("cuda")
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert torch.equal(cuda_run(model), want)
+
+
+@needs_cuda
+@pytest.mark.parametrize("slots", [1, 2])
+def test_cuda_streaming_with_slow_copies_equals_the_resident_model(slots):
+    from layered_core.offload import _CudaTransfers
+
+    class SlowCopies(_CudaTransfers):
+        """Each copy starts late: a block that did not wait for its copy would read the previous weights."""
+
+        def copy(self, slot, destination, source, block):
+            with torch.cuda.stream(self.stream):
+                torch.cuda._sleep(2_000_000)
+            super().copy(slot, destination, source, block)
+
+    plain = tiny_model(torch.bfloat16)
+    want = cuda_run(copy.deepcopy(plain).cuda())
+    model = copy.deepcopy(plain)
+    streamer = BlockStreamer(model, "cuda", slots, transfers=SlowCopies(torch.device("cuda", 0), slots))
+    streamer.load(1)
+    for _ in range(3):
+        assert torch.equal(cuda_run(model), want)
+
+
 # --------------------------------------------------------------------------- the plan, in numbers
 
 
