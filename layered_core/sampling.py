@@ -81,9 +81,17 @@ def _unpadded_length(c: Conditioning) -> int | None:
     return c.embeddings.shape[1]
 
 
-def _batched_text(prompt: Conditioning, negative: Conditioning) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Both prompts as one batch: zero-padded to the longer one, with a mask when any row is padded."""
+def _batched_text(
+    prompt: Conditioning, negative: Conditioning, image_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Both prompts as one batch: zero-padded to the longer one, with a mask when any row is padded.
+
+    Padded, the length is rounded up so that text and image tokens together are a multiple of 8: on other
+    lengths cuDNN's masked attention runs at half speed (10.2 against 5.4 ms at 9861 and 9856 tokens,
+    H100, torch 2.11). The extra tokens are masked out like the rest of the padding."""
     length = max(prompt.embeddings.shape[1], negative.embeddings.shape[1])
+    if any(_unpadded_length(c) != length for c in (prompt, negative)):
+        length += -(length + image_tokens) % 8
     embeddings, masks = [], []
     for c in (prompt, negative):
         batch, own = c.embeddings.shape[:2]
@@ -138,7 +146,8 @@ def sample(
     length = _unpadded_length(prompt)
     batched = guided and (batch_guidance or (length is not None and length == _unpadded_length(negative)))
     if batched:
-        text, text_mask = _batched_text(prompt, negative)
+        image_tokens = (layers + 2) * (height // 2) * (width // 2)  # noisy frames and the condition, 2x2 patches
+        text, text_mask = _batched_text(prompt, negative, image_tokens)
         model_condition = torch.cat([condition, condition])
 
     if noise is None:

@@ -451,10 +451,11 @@ def test_batch_guidance_pads_the_shorter_prompt_and_matches_two_forwards():
     condition = torch.randn(1, 16, 4, 6, generator=gen)
     prompt = Conditioning(torch.randn(1, 7, CONFIG.text_dim, generator=gen))
     negative = Conditioning(torch.randn(1, 2, CONFIG.text_dim, generator=gen))
-    calls = []
+    calls, lengths = [], []
 
     def counted(*args):
         calls.append(args[0].shape[0])
+        lengths.append(args[2].shape[1])
         return model(*args)
 
     settings = dict(layers=2, steps=3, cfg_scale=4.0, seed=1)
@@ -463,6 +464,8 @@ def test_batch_guidance_pads_the_shorter_prompt_and_matches_two_forwards():
     calls.clear()
     one = sample(counted, condition, prompt, negative, batch_guidance=True, **settings)
     assert calls == [2] * 3
+    # 7 prompt tokens padded to 8, so that with the 4 x 2 x 3 image tokens the sequence is a multiple of 8
+    assert lengths[-1] == 8
     # the same math up to the masked attention kernel's rounding
     assert ((one - two).norm() / two.norm()).item() < 1e-5 and (one - two).abs().max().item() < 1e-4
 
