@@ -184,7 +184,7 @@ def h2d_seconds(streamer, device: str, repeats: int = 5) -> tuple[int, float, bo
             end.synchronize()
             times.append(begin.elapsed_time(end) / 1000)
     del target
-    return nbytes, statistics.median(times), source.is_pinned()
+    return nbytes, statistics.median(times), streamer.pinned_bytes == streamer.host_bytes
 
 
 def parse_full_seconds(values: list[str]) -> dict[str, float]:
@@ -209,7 +209,7 @@ def run_forwards(args, device, filler_bytes: int, reserved_base: int) -> None:
     nbytes, copy_seconds, pinned = h2d_seconds(streamer, device)
     gbps = nbytes / copy_seconds / 1e9
     print(f"H2D of one block: {nbytes / 1e9:.3f} GB in {copy_seconds * 1e3:.1f} ms = {gbps:.1f} GB/s")
-    print(f"(host buffer pinned: {pinned})", flush=True)
+    print(f"(host buffers page-locked: {pinned}; with cudaHostRegister, which is_pinned() does not see)", flush=True)
 
     inputs = step_inputs(config, args, device)
     image_tokens = (args.layers + 2) * (args.resolution // 16) ** 2
@@ -246,6 +246,8 @@ def run_forwards(args, device, filler_bytes: int, reserved_base: int) -> None:
             if resident == blocks and mode not in full:
                 full[mode] = seconds
             rows.append((label, budget, resident, mode, seconds, peak_allocated, peak_reserved))
+            if device == "cuda" and torch.cuda.memory_stats().get("num_alloc_retries", 0):
+                print(f"allocator retries so far: {torch.cuda.memory_stats()['num_alloc_retries']}")
             print(rows[-1], flush=True)
         streamer.offload()
 
@@ -343,6 +345,10 @@ def run_pipeline(args, device, reserved_base: int) -> None:
     print(f"{'total':<16} {total:>9.2f}")
     step = float(np.median(steps)) if len(steps) else float("nan")
     print(f"median step {step:.3f} s (steps 2..{args.steps}: the first also loads the resident blocks)")
+    print(f"step times: {', '.join(f'{t:.3f}' for t in steps)}")
+    if device == "cuda":
+        stats = torch.cuda.memory_stats()
+        print(f"allocator: {stats.get('num_alloc_retries', 0)} alloc retries, {stats.get('num_ooms', 0)} OOMs")
     print(f"peak GPU reserved {peak:.2f} GiB (the held-back filler excluded); host RSS {rss:.1f} GiB (peak {hwm:.1f})")
     print(f"first call (1 step): {sum(warm.seconds.values()):.2f} s")
     streamer = placement.streamer
