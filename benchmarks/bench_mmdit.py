@@ -116,6 +116,23 @@ def reference_model(state: dict, config: MMDiTConfig):
     return ref.eval()
 
 
+def reference_forward(ref, latents, condition, text, sigma, dtype) -> torch.Tensor:
+    """diffusers' model on our inputs (noisy frames then the condition frame), computing in ``dtype``;
+    returns the noisy frames' velocity as (B, 16, F, h, w)."""
+    batch, _, frames, h, w = latents.shape
+    grid = (h // 2) * (w // 2)
+    tokens = torch.cat([pack_latents(latents), pack_latents(condition[:, :, None])], 1)
+    out = ref(
+        hidden_states=tokens.to(dtype),
+        encoder_hidden_states=text.to(dtype),
+        timestep=sigma.to(dtype),
+        img_shapes=[[(1, h // 2, w // 2)] * (frames + 1)] * batch,
+        additional_t_cond=torch.zeros(batch, dtype=torch.long, device=latents.device),
+        return_dict=False,
+    )[0]
+    return unpack_latents(out[:, : frames * grid], frames, h, w)
+
+
 def float32_reference(state: dict, config: MMDiTConfig):
     """diffusers' model on our tensors, computing in float32 with one block widened at a time."""
     ref = reference_model(state, config)
@@ -211,27 +228,16 @@ def main() -> None:
             for block in model.transformer_blocks:
                 block._compiled_call_impl = None  # back to eager for the reference comparisons
 
-        shapes = [[(1, h // 2, w // 2)] * (frames + 1)]
-
-        def ref_forward(ref, b, ref_dtype, ref_device):
-            tokens = torch.cat([pack_latents(latents[:b]), pack_latents(condition[:b, :, None])], 1)
-            out = ref(
-                hidden_states=tokens.to(ref_dtype),
-                encoder_hidden_states=text[:b].to(ref_dtype),
-                timestep=sigma[:b].to(ref_dtype),
-                img_shapes=shapes * b,
-                additional_t_cond=torch.zeros(b, dtype=torch.long, device=ref_device),
-                return_dict=False,
-            )[0]
-            return unpack_latents(out[:, : frames * grid], frames, h, w)
+        def ref_forward(ref, b, ref_dtype):
+            return reference_forward(ref, latents[:b], condition[:b], text[:b], sigma[:b], ref_dtype)
 
         if not args.no_reference:
             ref = reference_model(model.state_dict(), config)
             for batch in (1, 2):
                 reset_peak()
-                times = timed(lambda b=batch: ref_forward(ref, b, dtype, device), args.warmup, args.iters)
+                times = timed(lambda b=batch: ref_forward(ref, b, dtype), args.warmup, args.iters)
                 rows.append(("diffusers", batch, statistics.median(times), peak_gib()))
-            outputs["diffusers"] = ref_forward(ref, 1, dtype, device).float()
+            outputs["diffusers"] = ref_forward(ref, 1, dtype).float()
             print(rows[-2:], flush=True)
             del ref
 
@@ -242,7 +248,7 @@ def main() -> None:
             t0 = time.perf_counter()
             torch.backends.cuda.matmul.allow_tf32 = False
             ref32 = float32_reference(model.state_dict(), config)
-            outputs["diffusers float32"] = ref_forward(ref32, 1, torch.float32, device).float()
+            outputs["diffusers float32"] = ref_forward(ref32, 1, torch.float32).float()
             print(f"float32 reference forward: {time.perf_counter() - t0:.1f} s", flush=True)
             del ref32
 

@@ -31,13 +31,14 @@ from bench_mmdit import (  # noqa: E402
     kernel_groups,
     peak_gib,
     random_weights_,
+    reference_forward,
     reference_model,
     reset_peak,
     sync,
     timed,
 )
 
-from layered_core.mmdit import GeluProjection, MMDiTConfig, VLDMMDiT, pack_latents, unpack_latents  # noqa: E402
+from layered_core.mmdit import GeluProjection, MMDiTConfig, VLDMMDiT  # noqa: E402
 
 VARIANTS = (
     "eager",
@@ -202,28 +203,17 @@ def main() -> None:
 
 def run_peers(model, config, latents, condition, text, sigma, measure, comfyui: Path) -> None:
     """diffusers and ComfyUI core on our weight tensors, each stepping as its own sampler does."""
-    dtype, device = torch.bfloat16, latents.device
-    frames, h, w = latents.shape[2:]
-    grid = (h // 2) * (w // 2)
+    dtype = torch.bfloat16
     state = model.state_dict()
-    shapes = [[(1, h // 2, w // 2)] * (frames + 1)]
     ref = reference_model(state, config)
 
-    def diffusers_forward(b: slice):
-        n = b.stop - b.start
-        tokens = torch.cat([pack_latents(latents[b]), pack_latents(condition[b, :, None])], 1)
-        out = ref(
-            hidden_states=tokens.to(dtype),
-            encoder_hidden_states=text[b],
-            timestep=sigma[b].to(dtype),
-            img_shapes=shapes * n,
-            additional_t_cond=torch.zeros(n, dtype=torch.long, device=device),
-            return_dict=False,
-        )[0]
-        return unpack_latents(out[:, : frames * grid], frames, h, w)
-
     def diffusers_step():
-        return torch.cat([diffusers_forward(slice(0, 1)), diffusers_forward(slice(1, 2))])
+        return torch.cat(
+            [
+                reference_forward(ref, latents[b], condition[b], text[b], sigma[b], dtype)
+                for b in (slice(0, 1), slice(1, 2))
+            ]
+        )
 
     measure("diffusers 0.42.1", diffusers_step, "two batch-1 forwards; ")
     if not (comfyui / "comfy").is_dir():
@@ -244,21 +234,11 @@ def run_peers(model, config, latents, condition, text, sigma, measure, comfyui: 
 def float32_output(model, config, latents, condition, text, sigma) -> torch.Tensor:
     """Sample 0 through diffusers' model computing in float32 (one block widened at a time)."""
     t0 = time.perf_counter()
-    frames, h, w = latents.shape[2:]
-    grid = (h // 2) * (w // 2)
     torch.backends.cuda.matmul.allow_tf32 = False
     ref32 = float32_reference(model.state_dict(), config)
-    tokens = torch.cat([pack_latents(latents[:1]), pack_latents(condition[:1, :, None])], 1).float()
-    out = ref32(
-        hidden_states=tokens,
-        encoder_hidden_states=text[:1].float(),
-        timestep=sigma[:1],
-        img_shapes=[[(1, h // 2, w // 2)] * (frames + 1)],
-        additional_t_cond=torch.zeros(1, dtype=torch.long, device=latents.device),
-        return_dict=False,
-    )[0]
+    out = reference_forward(ref32, latents[:1], condition[:1], text[:1], sigma[:1], torch.float32)
     print(f"float32 reference forward: {time.perf_counter() - t0:.1f} s", flush=True)
-    return unpack_latents(out[:, : frames * grid], frames, h, w).float()
+    return out.float()
 
 
 def profile(step) -> None:
