@@ -19,6 +19,7 @@ from PIL import Image
 from .image import BUCKETS, bucket_size, flatten, image_to_tensor, resize_layers, resize_rgba, to_rgba
 from .layers import LayerStack, attach_split, rgba_to_pil, stack_from_tensor
 from .sampling import MAX_LAYERS, Conditioning, StepInfo, sample
+from .vae import DEFAULT_FRAMES_PER_BATCH, decode_frames
 
 logger = logging.getLogger(__name__)
 
@@ -190,15 +191,15 @@ class LayeredPipeline:
         with self._on_device(self._text_model(), text_encoder=True):
             return self.text_encoder.caption(image, language=language)
 
-    def decode(self, latents: torch.Tensor, frames_per_batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, latents: torch.Tensor, frames_per_batch: int = DEFAULT_FRAMES_PER_BATCH
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, 16, N+1, h, w) latents -> (layers (N, 4, H, W), composite (4, H, W)), on the CPU.
 
-        Frames are decoded independently, a few at a time: the decoder's activations grow with the
-        batch (13 GiB for 11 frames at 1024 px), so 20 layers in one batch would not fit beside the
-        transformer."""
+        Frames are decoded independently, ``frames_per_batch`` at a time (see :func:`decode_frames`)."""
         frames = latents[0].transpose(0, 1)  # (N+1, 16, h, w)
         with self._on_device(self.vae):
-            images = torch.cat([self.vae.decode(chunk).cpu() for chunk in frames.split(frames_per_batch)])
+            images = decode_frames(self.vae.decode, frames, frames_per_batch)
         return images[1:], images[0]
 
     # -- the whole path ------------------------------------------------------------------------------------

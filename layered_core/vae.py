@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
@@ -421,6 +422,27 @@ def decode_tiled(
             weight = row_weights[i, rows, None].to(out.device) * col_weights[j, None, cols].to(out.device)
             out[:, :, rows, cols].addcmul_(piece.float(), weight)
     return out
+
+
+DEFAULT_FRAMES_PER_BATCH = 4
+
+
+def decode_frames(
+    decode_fn: Callable[[torch.Tensor], torch.Tensor],
+    frames: torch.Tensor,
+    frames_per_batch: int = DEFAULT_FRAMES_PER_BATCH,
+) -> torch.Tensor:
+    """Decode latent frames (F, C, h, w) a few at a time: ``decode_fn`` on each chunk of at most
+    ``frames_per_batch`` frames, each result moved to the CPU, concatenated along the batch.
+
+    The layers of a decomposition decode independently, and the decoder's activations grow with the batch
+    (13 GiB for 11 frames at 1024 px), so all 20 layers in one batch would not fit beside the transformer.
+    ``decode_fn`` is e.g. :meth:`RGBAVAE.decode`; whatever it needs first (a model loaded, latents
+    normalised) is the caller's.
+    """
+    if isinstance(frames_per_batch, bool) or not isinstance(frames_per_batch, Integral) or frames_per_batch < 1:
+        raise ValueError(f"frames_per_batch must be a positive int, got {frames_per_batch!r}")
+    return torch.cat([decode_fn(chunk).cpu() for chunk in frames.split(int(frames_per_batch))])
 
 
 # --- checkpoint conversion ---------------------------------------------------------------------------------

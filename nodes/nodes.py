@@ -20,6 +20,7 @@ from layered_core.image import bucket_size, find_image_files, image_to_tensor, o
 from layered_core.layers import rgba_from_tensor, rgba_to_pil, stack_from_tensor
 from layered_core.psd import save_psd
 from layered_core.sampling import MAX_LAYERS, Conditioning, sample
+from layered_core.vae import decode_frames
 
 from .comfy_model import WEIGHT_DTYPES, VAEPatcher, load_layered_model
 
@@ -287,7 +288,8 @@ class DecodeLayers(io.ComfyNode):
         frames = latent[0].transpose(0, 1)  # (N+1, 16, h, w), decoded independently
         if _is_ours(vae):
             mean, std = vae.vae.latent_stats(frames.device)
-            images = torch.cat([vae.decode((chunk - mean) / std).cpu() for chunk in frames.split(4)])
+            # our VAE decodes normalised latents; ComfyUI's LATENT holds them raw
+            images = decode_frames(lambda chunk: vae.decode((chunk - mean) / std), frames)
             images = images.permute(0, 2, 3, 1)
         else:
             decoded = vae.decode(frames[:, :, None])  # core's VAE: [N+1, 1, H, W, C]

@@ -20,6 +20,7 @@ from layered_core.vae import (
     VAEConfig,
     convert_vae_state_dict,
     crossfade_weights,
+    decode_frames,
     decode_tiled,
     tile_spans,
     vae_config_from_state_dict,
@@ -121,6 +122,39 @@ def test_layers_decode_independently(model):
     for i in range(3):
         # Equal up to float32 summation order (conv kernels differ with the batch size).
         assert relative_error(batched[i : i + 1], model.decode(latent[i : i + 1])) <= PARITY
+
+
+@pytest.mark.parametrize("frames_per_batch", [1, 2, 4, 5, 9])
+def test_decode_frames_in_chunks_matches_one_batch(model, frames_per_batch):
+    """The pipeline's and Decode Layers' chunked decode: same images as all frames in one batch."""
+    frames = torch.randn(5, 16, 5, 9, generator=torch.Generator().manual_seed(4))
+    chunks = []
+
+    def decode(chunk):
+        chunks.append(chunk.shape[0])
+        return model.decode(chunk)
+
+    chunked = decode_frames(decode, frames, frames_per_batch)
+    whole = model.decode(frames)
+    assert chunks == [min(frames_per_batch, 5 - start) for start in range(0, 5, frames_per_batch)]
+    assert chunked.shape == whole.shape == (5, 4, 40, 72)
+    assert chunked.device.type == "cpu"
+    # Equal up to float32 summation order (conv kernels differ with the batch size).
+    assert relative_error(chunked, whole) <= PARITY
+    if frames_per_batch >= len(frames):
+        assert torch.equal(chunked, whole)
+
+
+def test_decode_frames_defaults_to_four_at_a_time():
+    chunks = []
+    decode_frames(lambda chunk: chunks.append(chunk.shape[0]) or chunk, torch.zeros(9, 16, 2, 2))
+    assert chunks == [4, 4, 1]
+
+
+@pytest.mark.parametrize("frames_per_batch", [0, -1, 2.0, True])
+def test_decode_frames_refuses_a_bad_chunk_size(frames_per_batch):
+    with pytest.raises(ValueError, match=r"frames_per_batch must be a positive int, got"):
+        decode_frames(lambda chunk: chunk, torch.zeros(3, 16, 2, 2), frames_per_batch)
 
 
 def test_bfloat16_is_as_accurate_as_diffusers(reference):
