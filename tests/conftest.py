@@ -30,6 +30,33 @@ def reference_transformer(config: MMDiTConfig, seed: int = 0):
     return randomize_(model, seed).eval()
 
 
+class FakeTextEncoder:
+    """Stands in for Qwen2.5-VL: deterministic embeddings per prompt, a caption naming the language and
+    image size, and a ``model`` (a linear) that a VRAM budget can move. Records the prompts it encoded, the
+    number of captions, and the device type its ``model`` was on at each ``encode``."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.model = torch.nn.Linear(dim, dim)
+        self.prompts: list[str] = []
+        self.captions = 0
+        self.devices: list[str] = []
+
+    def encode(self, prompts, max_sequence_length=512, truncate=False):
+        self.prompts.extend(prompts)
+        self.devices.append(self.model.weight.device.type)
+        out = []
+        for prompt in prompts:
+            gen = torch.Generator().manual_seed(sum(map(ord, prompt)) + len(prompt))
+            out.append(torch.randn(1, max(1, len(prompt)), self.dim, generator=gen))
+        return torch.cat(out), None
+
+    def caption(self, image, language="en"):
+        self.captions += 1
+        assert image.mode == "RGBA"
+        return f"caption {language} {image.size[0]}x{image.size[1]}"
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> MMDiTConfig:
     return MMDiTConfig.tiny()

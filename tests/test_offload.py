@@ -32,6 +32,8 @@ from layered_core.sampling import Conditioning, sample
 from layered_core.tiny_models import randomize_
 from layered_core.vae import RGBAVAE, VAEConfig
 
+from .conftest import FakeTextEncoder
+
 BLOCKS = 5
 CONFIG = replace(MMDiTConfig.tiny(), num_layers=BLOCKS)  # tiny width, enough blocks to stream
 
@@ -468,26 +470,6 @@ def test_batch_guidance_pads_the_shorter_prompt_and_matches_two_forwards():
     assert lengths[-1] == 8
     # the same math up to the masked attention kernel's rounding
     assert ((one - two).norm() / two.norm()).item() < 1e-5 and (one - two).abs().max().item() < 1e-4
-
-
-class FakeTextEncoder:
-    """Deterministic embeddings per prompt (as in test_pipeline), with a ``model`` to place."""
-
-    def __init__(self, dim: int):
-        self.dim = dim
-        self.model = torch.nn.Linear(dim, dim)
-        self.devices = []
-
-    def encode(self, prompts, max_sequence_length=512, truncate=False):
-        self.devices.append(self.model.weight.device.type)
-        out = []
-        for prompt in prompts:
-            gen = torch.Generator().manual_seed(sum(map(ord, prompt)) + len(prompt))
-            out.append(torch.randn(1, max(1, len(prompt)), self.dim, generator=gen))
-        return torch.cat(out), None
-
-    def caption(self, image, language="en"):
-        return "a caption"
 
 
 def picture(width=100, height=60, seed=0) -> Image.Image:

@@ -15,27 +15,7 @@ from layered_core.mmdit import MMDiTConfig, VLDMMDiT
 from layered_core.pipeline import DecomposeOptions, Decomposition, LayeredPipeline
 from layered_core.vae import RGBAVAE, VAEConfig
 
-
-class FakeTextEncoder:
-    """Stands in for Qwen2.5-VL: deterministic embeddings per prompt, a fixed caption."""
-
-    def __init__(self, dim: int):
-        self.dim = dim
-        self.prompts: list[str] = []
-        self.captions = 0
-
-    def encode(self, prompts, max_sequence_length=512, truncate=False):
-        self.prompts.extend(prompts)
-        out = []
-        for prompt in prompts:
-            gen = torch.Generator().manual_seed(sum(map(ord, prompt)) + len(prompt))
-            out.append(torch.randn(1, max(1, len(prompt)), self.dim, generator=gen))
-        return torch.cat(out), None
-
-    def caption(self, image, language="en"):
-        self.captions += 1
-        assert image.mode == "RGBA"
-        return f"caption {language} {image.size[0]}x{image.size[1]}"
+from .conftest import FakeTextEncoder
 
 
 @pytest.fixture(scope="module")
