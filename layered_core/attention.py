@@ -1,14 +1,108 @@
-"""Scaled dot-product attention over heads, as one small function the models call."""
+"""Scaled dot-product attention over heads, as one small function the models call.
+
+Two kernels can serve it:
+
+- ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention``, which picks cuDNN's or FlashAttention-2's
+  kernel on NVIDIA GPUs and a math or flash kernel on the CPU. Always available.
+- ``"flash4"``: FlashAttention-4's CuTe kernels (``pip install flash-attn-4``), for Hopper and Blackwell GPUs
+  (compute capability 9.x and 10.x), bf16 or fp16, no mask. It is an optional extra: where it is installed and
+  the call fits, ``"auto"`` (the default) takes it, else SDPA.
+
+:func:`set_attention_backend` picks one for the whole process (``QWEN_LAYERED_ATTENTION`` sets the default).
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
 
+BACKENDS = ("auto", "sdpa", "flash4")
+_backend = os.environ.get("QWEN_LAYERED_ATTENTION", "auto")
+if _backend not in BACKENDS:
+    raise ValueError(f"QWEN_LAYERED_ATTENTION must be one of {', '.join(BACKENDS)}, got {_backend!r}")
+
+
+def set_attention_backend(name: str) -> str:
+    """Select the attention kernel: ``"auto"``, ``"sdpa"`` or ``"flash4"``; returns the previous choice.
+
+    ``"flash4"`` raises here when FlashAttention-4 is not installed, and at call time when a call cannot use it
+    (CPU tensors, a mask, an unsupported GPU or dtype), rather than quietly running something else.
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "flash4" and not flash4_installed():
+        raise ValueError(
+            "attention backend 'flash4' needs FlashAttention-4 (pip install flash-attn-4), which is not installed"
+        )
+    previous, _backend = _backend, name
+    return previous
+
+
+def attention_backend() -> str:
+    return _backend
+
+
+def _find_flash4() -> bool:
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):  # no flash_attn at all, or FlashAttention-2's, which has no cute
+        return False
+
+
+# Looked up once (finding the spec does not import the kernels); a constant to torch.compile.
+FLASH4_INSTALLED = _find_flash4()
+
+
+def flash4_installed() -> bool:
+    return FLASH4_INSTALLED
+
+
+def flash4_problem(q: torch.Tensor, mask: torch.Tensor | None) -> str | None:
+    """Why FlashAttention-4 cannot take this call, or None when it can. Static checks only (device, dtype,
+    shape), so torch.compile traces the choice without a graph break."""
+    if not flash4_installed():
+        return "FlashAttention-4 is not installed (pip install flash-attn-4)"
+    if q.device.type != "cuda" or torch.version.hip:
+        return f"it runs on NVIDIA GPUs only, the tensors are on {q.device}"
+    properties = torch.cuda.get_device_properties(q.device)
+    if properties.major not in (9, 10):
+        return f"it needs compute capability 9.x or 10.x, {properties.name} is {properties.major}.{properties.minor}"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"it needs bf16 or fp16 tensors, got {q.dtype}"
+    if q.shape[-1] % 8 or q.shape[-1] > 256:
+        return f"head size {q.shape[-1]} is not a multiple of 8 up to 256"
+    if mask is not None:
+        return "it is used without a mask here (masked batches go to SDPA)"
+    return None
+
+
+@torch.library.custom_op("qwen_layered::flash4_attention", mutates_args=())
+def _flash4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # An opaque op to torch.compile: dynamo does not trace into FlashAttention-4's Python launcher.
+    from flash_attn.cute import flash_attn_func
+
+    out = flash_attn_func(q, k, v)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@_flash4_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """q, k, v: (B, H, S, D); mask: None or boolean (B, S_k), True = attend. Returns (B, S, H * D)."""
+    """q, k, v: (B, S, H, D); mask: None or boolean (B, S_k), True = attend. Returns (B, S, H * D)."""
+    if _backend != "sdpa":
+        problem = flash4_problem(q, mask)
+        if problem is None:
+            return _flash4_attention(q, k, v).flatten(2)
+        if _backend == "flash4":
+            raise ValueError(f"attention backend 'flash4' cannot run this call: {problem}")
     if mask is not None:
         mask = mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
