@@ -232,19 +232,24 @@ class JointAttention(nn.Module):
         return x.unflatten(-1, (self.heads, self.head_dim))
 
     def forward(self, img, txt, pe, mask=None):
+        """img (B, S_img, dim), txt (B, S_txt, dim); pe: the (S_txt + S_img, 1, D/2, 2) RoPE table."""
         text_len = txt.shape[1]
-        q = torch.cat(
-            [self.norm_added_q(self._heads(self.add_q_proj(txt))), self.norm_q(self._heads(self.to_q(img)))],
-            1,
-        )
-        k = torch.cat(
-            [self.norm_added_k(self._heads(self.add_k_proj(txt))), self.norm_k(self._heads(self.to_k(img)))],
-            1,
-        )
+        pe_txt, pe_img = pe[:text_len], pe[text_len:]
+
+        # Per stream: project, split heads, RMSNorm, rotate; then join [text ; image]. Rotating before the
+        # join lets torch.compile fuse norm, rotation and the copy into the joined tensor in one pass.
+        def joined(txt_proj, img_proj, txt_norm, img_norm):
+            t = apply_rope(txt_norm(self._heads(txt_proj(txt))), pe_txt)
+            i = apply_rope(img_norm(self._heads(img_proj(img))), pe_img)
+            return torch.cat([t, i], 1)
+
+        q = joined(self.add_q_proj, self.to_q, self.norm_added_q, self.norm_q)
+        k = joined(self.add_k_proj, self.to_k, self.norm_added_k, self.norm_k)
         v = torch.cat([self._heads(self.add_v_proj(txt)), self._heads(self.to_v(img))], 1)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = attention(apply_rope(q, pe), apply_rope(k, pe), v, mask)
-        return self.to_out[0](out[:, text_len:]), self.to_add_out(out[:, :text_len])
+        out = attention(q, k, v, mask)  # (B, S, H * D)
+        # The image projection runs over all S rows and its text rows are dropped: slicing the input instead
+        # would copy the image rows out of every sample first (a (B, S - L) slice of (B, S) is not one matrix).
+        return self.to_out[0](out)[:, text_len:], self.to_add_out(out[:, :text_len])
 
 
 class DualStreamBlock(nn.Module):
@@ -409,7 +414,8 @@ class VLDMMDiT(nn.Module):
         temb = self.time_text_embed(sigma, dtype)
 
         text_pos, image_pos = layered_positions(noisy_frames, grid_height, grid_width, text.shape[1], tokens.device)
-        pe = rope_cos_sin(torch.cat([text_pos, image_pos]), self.config.axes_dims, self.config.rope_theta)
+        # (S, 1, D/2, 2): broadcasts over the heads of (B, S, H, D) queries and keys
+        pe = rope_cos_sin(torch.cat([text_pos, image_pos]), self.config.axes_dims, self.config.rope_theta)[:, None]
         mask = None
         if text_mask is not None and not bool(text_mask.all()):
             mask = torch.cat([text_mask.bool(), text_mask.new_ones(img.shape[:2], dtype=torch.bool)], dim=1)

@@ -60,7 +60,10 @@ def rope_cos_sin(positions: torch.Tensor, axes_dims: tuple[int, ...], theta: flo
 
 
 def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of x (B, H, S, D) by the (S, D/2, 2) table, in float32."""
+    """Rotate interleaved channel pairs of x (..., D) by a (cos, sin) table (..., D/2, 2), in float32.
+
+    The table's leading dimensions broadcast against x's: (S, 1, D/2, 2) for (B, S, H, D) queries.
+    """
     pairs = x.float().unflatten(-1, (-1, 2))
     real, imag = pairs.unbind(-1)
     cos, sin = cos_sin.unbind(-1)
