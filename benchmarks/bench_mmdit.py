@@ -84,10 +84,11 @@ def kernel_groups(profiler) -> tuple[dict[str, float], list[tuple[float, str, st
         if cuda_us <= 0 or event.key.startswith(("aten::", "cuda")):
             continue
         key = event.key.lower()
-        if any(tag in key for tag in ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "_mm_")):
-            group = "matmul"
-        elif any(tag in key for tag in ("flash", "fmha", "attention", "sdpa", "cudnn")):
+        # attention first: FlashAttention-4's CuTe kernels carry "cutlass" in their names too
+        if any(tag in key for tag in ("flash", "fmha", "attention", "sdpa", "cudnn")):
             group = "attention"
+        elif any(tag in key for tag in ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "_mm_")):
+            group = "matmul"
         else:
             group = "other"
         groups[group] += cuda_us

@@ -38,15 +38,19 @@ from bench_mmdit import (  # noqa: E402
     timed,
 )
 
+from layered_core.attention import attention_backend, flash4_installed, set_attention_backend  # noqa: E402
 from layered_core.mmdit import GeluProjection, MMDiTConfig, VLDMMDiT  # noqa: E402
 
 VARIANTS = (
     "eager",
     "eager-unfused",
     "compiled",
+    "compiled-sdpa",
     "compiled-unfused",
     "max-autotune",
+    "max-autotune-unfused",
     "fp8-keep-mod",
+    "fp8-keep-mod-fast",
     "fp8",
     "fp8-eager",
 )
@@ -151,23 +155,30 @@ def main() -> None:
                 GeluProjection.fused_epilogue = variant == "eager"
                 measure(f"ours {variant}", ours_step)
                 GeluProjection.fused_epilogue = True
-            elif variant in ("compiled", "compiled-unfused", "max-autotune"):
-                GeluProjection.fused_epilogue = variant != "compiled-unfused"
+            elif variant in ("compiled", "compiled-sdpa", "compiled-unfused", "max-autotune", "max-autotune-unfused"):
+                # "-unfused": GELU left to inductor (which under max-autotune can put it in a Triton GEMM's epilogue)
+                GeluProjection.fused_epilogue = not variant.endswith("-unfused")
+                # "compiled" takes FlashAttention-4 where it is installed; "compiled-sdpa" keeps SDPA (cuDNN)
+                previous = set_attention_backend("sdpa" if variant == "compiled-sdpa" else "auto")
                 torch._dynamo.reset()
-                model.compile_blocks(mode="max-autotune-no-cudagraphs" if variant == "max-autotune" else None)
+                autotune = variant.startswith("max-autotune")
+                model.compile_blocks(mode="max-autotune-no-cudagraphs" if autotune else None)
                 measure(f"ours {variant}", ours_step)
-                if args.profile and variant == "compiled":
+                if args.profile and variant in ("compiled", "compiled-sdpa"):
                     profile(ours_step)
                 model.uncompile_blocks()
+                set_attention_backend(previous)
                 GeluProjection.fused_epilogue = True
             elif variant.startswith("fp8"):
                 from layered_core.checkpoints import is_quantizable, quantize_linears_fp8
+                from layered_core.ops import set_fp8_compute
 
-                if variant == "fp8-keep-mod":
+                if variant.startswith("fp8-keep-mod"):
                     # the AdaLN modulation linears (a third of the weights) stay bf16
                     quantize_linears_fp8(model, lambda name, w: is_quantizable(name, w) and "_mod." not in name)
                 else:
                     quantize_linears_fp8(model)  # the layers still in bf16, if any
+                set_fp8_compute(model, "auto", fast_accum=variant.endswith("-fast"))
                 torch.cuda.empty_cache()
                 torch._dynamo.reset()
                 if variant != "fp8-eager":
@@ -179,7 +190,8 @@ def main() -> None:
     print(
         f"VLD-MMDiT full size, bf16 weights, {args.resolution}x{args.resolution} px, {args.layers} layers, "
         f"{args.text_tokens} text tokens, cond + uncond per step, {torch.cuda.get_device_name()}, "
-        f"torch {torch.__version__}"
+        f"torch {torch.__version__}; attention: {attention_backend()}, FlashAttention-4 "
+        f"{'installed' if flash4_installed() else 'not installed'}"
     )
     print(
         f"FLOP per step {2 * flops / 1e12:.1f} T; floor {floor:.3f} s/step at {args.gemm_tflops:.0f} TFLOP/s "
@@ -252,7 +264,7 @@ def profile(step) -> None:
         "kernel time of one step: "
         + ", ".join(f"{g} {us / 1000:.1f} ms ({us / total:.0%})" for g, us in groups.items())
     )
-    for us, group, key, count in sorted(kernels, reverse=True)[:14]:
+    for us, group, key, count in sorted(kernels, reverse=True)[:24]:
         print(f"  {us / 1000:>8.2f} ms  {group:<9} {count:>5}x  {key}")
 
 
