@@ -18,8 +18,9 @@ from einops import rearrange
 from torch import nn
 
 from .attention import attention
+from .kernels import norm_rope_join
 from .ops import FP8_DTYPES, resolve_operations
-from .rope import apply_rope, layered_positions, rope_cos_sin
+from .rope import layered_positions, rope_cos_sin
 
 LATENT_CHANNELS = 16
 
@@ -234,17 +235,13 @@ class JointAttention(nn.Module):
     def forward(self, img, txt, pe, mask=None):
         """img (B, S_img, dim), txt (B, S_txt, dim); pe: the (S_txt + S_img, 1, D/2, 2) RoPE table."""
         text_len = txt.shape[1]
-        pe_txt, pe_img = pe[:text_len], pe[text_len:]
-
-        # Per stream: project, split heads, RMSNorm, rotate; then join [text ; image]. Rotating before the
-        # join lets torch.compile fuse norm, rotation and the copy into the joined tensor in one pass.
-        def joined(txt_proj, img_proj, txt_norm, img_norm):
-            t = apply_rope(txt_norm(self._heads(txt_proj(txt))), pe_txt)
-            i = apply_rope(img_norm(self._heads(img_proj(img))), pe_img)
-            return torch.cat([t, i], 1)
-
-        q = joined(self.add_q_proj, self.to_q, self.norm_added_q, self.norm_q)
-        k = joined(self.add_k_proj, self.to_k, self.norm_added_k, self.norm_k)
+        # Per stream: project, split heads, RMSNorm, rotate; then join [text ; image] (one fused kernel on GPUs).
+        q = norm_rope_join(
+            self._heads(self.add_q_proj(txt)), self._heads(self.to_q(img)), self.norm_added_q, self.norm_q, pe
+        )
+        k = norm_rope_join(
+            self._heads(self.add_k_proj(txt)), self._heads(self.to_k(img)), self.norm_added_k, self.norm_k, pe
+        )
         v = torch.cat([self._heads(self.add_v_proj(txt)), self._heads(self.to_v(img))], 1)
         out = attention(q, k, v, mask)  # (B, S, H * D)
         # The image projection runs over all S rows and its text rows are dropped: slicing the input instead
