@@ -167,7 +167,7 @@ def test_forced_fp8_calls_scaled_mm_with_rowwise_operands(scaled_mm_calls):
     assert kwargs["scale_a"].is_contiguous() and kwargs["scale_b"].is_contiguous()
     assert torch.equal(kwargs["scale_b"], linear.weight_scale.expand(1, 384))
     assert kwargs["bias"].dtype == torch.bfloat16 and kwargs["out_dtype"] == torch.bfloat16
-    assert kwargs["use_fast_accum"] is False
+    assert kwargs["use_fast_accum"] is True  # the default
 
 
 @pytest.mark.parametrize("compute", ["auto", "dequantize"])
