@@ -62,6 +62,8 @@ def norm_rope_join(
         and head_dim >= 16
         and head_dim & (head_dim - 1) == 0
         and pe.dtype == torch.float32
+        and pe.device == txt.device
+        and tuple(pe.shape) == (txt.shape[1] + img.shape[1], 1, head_dim // 2, 2)
         and not (torch.is_grad_enabled() and (txt.requires_grad or img.requires_grad))
     )
     if fused:
