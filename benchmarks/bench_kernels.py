@@ -10,14 +10,20 @@ what 60 blocks of them add up to per step, beside the whole step's measured time
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from layered_core import attention as attn
-from layered_core.ops import quantize_rows_fp8
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_mmdit import add_shape_arguments  # noqa: E402
+
+from layered_core import attention as attn  # noqa: E402
+from layered_core.ops import quantize_rows_fp8  # noqa: E402
 
 
 def bench(fn, ms: int = 200) -> float:
@@ -51,9 +57,7 @@ def time_gemm(m: int, k: int, n: int, epilogue: str | None, gen) -> tuple[float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resolution", type=int, default=640)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--text-tokens", type=int, default=256)
+    add_shape_arguments(parser)
     parser.add_argument("--batch", type=int, default=2, help="2: cond and uncond in one forward")
     parser.add_argument("--only", choices=("matmul", "attention"), help="time one kind of kernel only")
     args = parser.parse_args()

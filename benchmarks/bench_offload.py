@@ -29,6 +29,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_mmdit import add_shape_arguments  # noqa: E402
 
 from layered_core.checkpoints import quantize_fp8  # noqa: E402
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT  # noqa: E402
@@ -388,9 +391,7 @@ def main() -> None:
     parser.add_argument("--hold-back", action="store_true", help="fill the GPU so only the (single) budget is free")
     parser.add_argument("--full-step-seconds", nargs="*", default=[], metavar="MODE=SECONDS")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--resolution", type=int, default=640, help="square image side in pixels")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--text-tokens", type=int, default=256)
+    add_shape_arguments(parser)
     parser.add_argument("--slots", type=int, default=2)
     parser.add_argument("--fp8", action="store_true", help="block linears in float8 with scales (fp8 kept)")
     parser.add_argument("--iters", type=int, default=3)

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_mmdit import (  # noqa: E402
+    add_shape_arguments,
     float32_reference,
     flops_per_forward,
     kernel_groups,
@@ -86,9 +87,7 @@ def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resolution", type=int, default=640, help="square image side in pixels")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--text-tokens", type=int, default=256)
+    add_shape_arguments(parser)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--variants", default="eager,compiled,fp8", help=f"comma-separated, of {VARIANTS}")
