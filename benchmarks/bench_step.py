@@ -39,6 +39,7 @@ from bench_mmdit import (  # noqa: E402
     timed,
 )
 
+from layered_core import attention as attention_module  # noqa: E402
 from layered_core.attention import attention_backend, flash4_installed, set_attention_backend  # noqa: E402
 from layered_core.mmdit import GeluProjection, MMDiTConfig, VLDMMDiT  # noqa: E402
 
@@ -47,6 +48,8 @@ VARIANTS = (
     "eager-unfused",
     "compiled",
     "compiled-sdpa",
+    "compiled-cublaslt",
+    "compiled-fa4-tile",
     "compiled-unfused",
     "max-autotune",
     "max-autotune-unfused",
@@ -95,7 +98,7 @@ def main() -> None:
     parser.add_argument("--no-float32", action="store_true", help="skip the float32 reference (no errors)")
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI")))
     parser.add_argument("--gemm-tflops", type=float, default=755.0)
-    parser.add_argument("--profile", action="store_true", help="kernel-time groups of the first compiled variant")
+    parser.add_argument("--profile", action="store_true", help="kernel-time groups of each compiled variant")
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
@@ -151,23 +154,30 @@ def main() -> None:
         # fp8 last: quantising frees the bf16 weights the others need
         for variant in sorted(variants, key=VARIANTS.index):
             if variant in ("eager", "eager-unfused"):
-                GeluProjection.fused_epilogue = variant == "eager"
+                GeluProjection.epilogue = "none" if variant.endswith("-unfused") else "auto"
                 measure(f"ours {variant}", ours_step)
-                GeluProjection.fused_epilogue = True
-            elif variant in ("compiled", "compiled-sdpa", "compiled-unfused", "max-autotune", "max-autotune-unfused"):
-                # "-unfused": GELU left to inductor (which under max-autotune can put it in a Triton GEMM's epilogue)
-                GeluProjection.fused_epilogue = not variant.endswith("-unfused")
-                # "compiled" takes FlashAttention-4 where it is installed; "compiled-sdpa" keeps SDPA (cuDNN)
+                GeluProjection.epilogue = "auto"
+            elif variant.startswith(("compiled", "max-autotune")):
+                # "-unfused": GELU left to inductor (which under max-autotune can put it in a Triton GEMM's epilogue);
+                # "-cublaslt": GELU in cuBLASLt's epilogue; else quack's GEMM where it is installed
+                suffix = variant.split("-")[-1]
+                GeluProjection.epilogue = {"unfused": "none", "cublaslt": "cublaslt"}.get(suffix, "auto")
+                # "compiled" takes FlashAttention-4 where it is installed; "compiled-sdpa" keeps SDPA (cuDNN);
+                # "compiled-fa4-tile": FlashAttention-4 with its own tile choice instead of ours
                 previous = set_attention_backend("sdpa" if variant == "compiled-sdpa" else "auto")
+                chosen_tile = attention_module.flash4_tile
+                if variant == "compiled-fa4-tile":
+                    attention_module.flash4_tile = lambda q: None
                 torch._dynamo.reset()
                 autotune = variant.startswith("max-autotune")
                 model.compile_blocks(mode="max-autotune-no-cudagraphs" if autotune else None)
                 measure(f"ours {variant}", ours_step)
-                if args.profile and variant in ("compiled", "compiled-sdpa"):
+                if args.profile and not variant.startswith("max-autotune"):
                     profile(ours_step)
                 model.uncompile_blocks()
                 set_attention_backend(previous)
-                GeluProjection.fused_epilogue = True
+                attention_module.flash4_tile = chosen_tile
+                GeluProjection.epilogue = "auto"
             elif variant.startswith("fp8"):
                 from layered_core.checkpoints import is_quantizable, quantize_linears_fp8
                 from layered_core.ops import set_fp8_compute
@@ -253,7 +263,8 @@ def float32_output(model, config, latents, condition, text, sigma) -> torch.Tens
 
 
 def profile(step) -> None:
-    """CUDA time of one step by kernel group: matrix products, attention, everything else."""
+    """CUDA time of one step by kernel group (matrix products, attention, everything else), and the time the GPU
+    sat idle between kernels, with the longest idle spans and the kernels around them."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
         step()
         sync()
@@ -265,6 +276,26 @@ def profile(step) -> None:
     )
     for us, group, key, count in sorted(kernels, reverse=True)[:24]:
         print(f"  {us / 1000:>8.2f} ms  {group:<9} {count:>5}x  {key}")
+    spans = sorted(
+        (event.time_range.start, event.time_range.end, event.name)
+        for event in profiler.events()
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.time_range.end > event.time_range.start
+    )
+    if not spans:
+        return
+    gaps, reach, last = [], spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        if start > reach:
+            gaps.append((start - reach, last, name))
+        if end > reach:
+            reach, last = end, name
+    idle = sum(g for g, _, _ in gaps)
+    print(
+        f"GPU idle between kernels: {idle / 1000:.1f} ms of {(reach - spans[0][0]) / 1000:.1f} ms "
+        f"({len(gaps)} gaps, {sum(1 for g, _, _ in gaps if g > 50)} over 50 us)"
+    )
+    for gap, before, after in sorted(gaps, reverse=True)[:6]:
+        print(f"  {gap / 1000:>8.3f} ms idle after {before[:60]} before {after[:60]}")
 
 
 if __name__ == "__main__":

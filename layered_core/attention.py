@@ -6,7 +6,10 @@ Two kernels can serve it:
   kernel on NVIDIA GPUs and a math or flash kernel on the CPU. Always available.
 - ``"flash4"``: FlashAttention-4's CuTe kernels (``pip install flash-attn-4``), for Hopper and Blackwell GPUs
   (compute capability 9.x and 10.x), bf16 or fp16, no mask. It is an optional extra: where it is installed and
-  the call fits, ``"auto"`` (the default) takes it, else SDPA.
+  the call fits, ``"auto"`` (the default) takes it, else SDPA. On Hopper with 128-wide heads it runs 128 x 192
+  tiles (761 TFLOP/s on an H100 at the 640 px step's shape, against 726 for FA4's default 128 x 128). Its
+  compiled kernels are kept on disk (FA4's own cache, switched on here unless
+  ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED`` is set), so a new process does not compile them again.
 
 :func:`set_attention_backend` picks one for the whole process (``QWEN_LAYERED_ATTENTION`` sets the default).
 """
@@ -80,13 +83,46 @@ def flash4_problem(q: torch.Tensor, mask: torch.Tensor | None) -> str | None:
     return None
 
 
+def _enable_flash4_disk_cache() -> None:
+    """Switch FA4's on-disk kernel cache on (in ~/.cache/qwen-layered) unless the user set the switch, or the
+    folder cannot be made. FA4 reads the switch when first imported, so this runs before that import."""
+    if "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED" in os.environ:
+        return
+    folder = os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
+    if folder is None:
+        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        folder = os.path.join(root, "qwen-layered", "flash-attention-cute")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return  # no writable cache folder: FA4 compiles in every process, as it does by default
+    os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] = folder
+    os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"
+
+
+def flash4_tile(q: torch.Tensor) -> tuple[int, int] | None:
+    """The (query, key) tile FA4 runs with here, or None for FA4's own choice. On Hopper with 128-wide heads,
+    128 x 192 measured 761 TFLOP/s against 726 for FA4's default 128 x 128 (H100, 2 x 10112 tokens, 24 heads)."""
+    if q.shape[-1] == 128 and torch.cuda.get_device_capability(q.device)[0] == 9:
+        return (128, 192)
+    return None
+
+
 @torch.library.custom_op("qwen_layered::flash4_attention", mutates_args=())
 def _flash4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # An opaque op to torch.compile: dynamo does not trace into FlashAttention-4's Python launcher.
-    from flash_attn.cute import flash_attn_func
+    _enable_flash4_disk_cache()
+    # The launcher below the public flash_attn_func, which does not expose the tile size (the pinned FA4
+    # version has both); inference only, so no autograd wrapper is needed.
+    from flash_attn.cute.interface import _flash_attn_fwd
 
-    out = flash_attn_func(q, k, v)
-    return out[0] if isinstance(out, tuple) else out
+    tile = flash4_tile(q)
+    with torch.cuda.device(q.device):
+        if tile is None:
+            out = _flash_attn_fwd(q, k, v)
+        else:
+            out = _flash_attn_fwd(q, k, v, tile_mn=tile, mma_pv_is_rs=True, intra_wg_overlap=True)
+    return out[0]  # (out, lse, ...)
 
 
 @_flash4_attention.register_fake

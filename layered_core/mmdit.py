@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import attention
-from .kernels import norm_rope_join
+from .kernels import linear_gelu, norm_rope_join
 from .ops import FP8_DTYPES, resolve_operations
 from .rope import layered_positions, rope_cos_sin
 
@@ -162,28 +162,17 @@ class TimeEmbedding(nn.Module):
 
 
 class GeluProjection(nn.Module):
-    # class-wide switch for the fused GEMM + GELU path (benchmarks turn it off to compare)
-    fused_epilogue = True
+    # class-wide choice of GELU epilogue (see kernels.linear_gelu); the benchmarks switch it to compare
+    epilogue = "auto"
 
     def __init__(self, dim_in: int, dim_out: int, dtype=None, device=None, operations=None):
         super().__init__()
         self.proj = resolve_operations(operations).Linear(dim_in, dim_out, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        proj = self.proj
-        if (
-            self.fused_epilogue
-            and x.is_cuda
-            and type(proj) is nn.Linear
-            and proj.bias is not None
-            and x.dtype == proj.weight.dtype
-        ):
-            # One GEMM with bias and tanh-GELU in its epilogue (cuBLASLt): the 4x-wide hidden state is
-            # written once instead of written, read and written again by a separate GELU kernel. CUDA only:
-            # on the CPU this op applies the exact GELU, not the tanh form the model uses.
-            out = torch._addmm_activation(proj.bias, x.flatten(0, -2), proj.weight.t(), use_gelu=True)
-            return out.unflatten(0, x.shape[:-1])
-        return nn.functional.gelu(proj(x), approximate="tanh")
+        # One GEMM with bias and tanh-GELU in its epilogue on GPUs: the 4x-wide hidden state is written once
+        # instead of written, read and written again by a separate GELU kernel.
+        return linear_gelu(x, self.proj, self.epilogue)
 
 
 class FeedForward(nn.Module):

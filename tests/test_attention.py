@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -87,8 +88,10 @@ needs_flash4 = pytest.mark.skipif(
 
 
 @needs_flash4
-def test_flash4_matches_sdpa_on_gpu(backend):
-    q, k, v = qkv(batch=2, seq=1000, heads=4, dim=128, dtype=torch.bfloat16, device="cuda", seed=3)
+@pytest.mark.parametrize("dim", [128, 64])  # 128: the 128 x 192 tile on Hopper; 64: FA4's own tile
+def test_flash4_matches_sdpa_on_gpu(backend, dim):
+    # 1000 tokens: the last key tile is partial
+    q, k, v = qkv(batch=2, seq=1000, heads=4, dim=dim, dtype=torch.bfloat16, device="cuda", seed=3)
     attn.set_attention_backend("sdpa")
     expected = reference(q, k, v)
     sdpa = attn.attention(q, k, v)
@@ -109,3 +112,29 @@ def test_flash4_inside_torch_compile(backend):
 
     compiled = torch.compile(block, fullgraph=True)  # fullgraph: the op must not break the graph
     torch.testing.assert_close(compiled(q, k, v), block(q, k, v), rtol=2e-2, atol=2e-2)
+
+
+def test_flash4_disk_cache_switch(monkeypatch, tmp_path):
+    for name in ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    attn._enable_flash4_disk_cache()
+    folder = tmp_path / "cache" / "qwen-layered" / "flash-attention-cute"
+    assert folder.is_dir()
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(folder)
+
+    # the user's own choice stands
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0")
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", "/somewhere/else")
+    attn._enable_flash4_disk_cache()
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "0"
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == "/somewhere/else"
+
+    # no folder can be made there (a file is in the way): the cache stays off
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(blocker / "sub"))
+    attn._enable_flash4_disk_cache()
+    assert "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED" not in os.environ

@@ -1,4 +1,5 @@
-"""The fused QK-norm + RoPE + join kernel against the PyTorch code it replaces (GPU tests skip without CUDA)."""
+"""The fused kernels (QK-norm + RoPE + join; GEMM + GELU) against the PyTorch code they replace (GPU tests skip
+without CUDA)."""
 
 from __future__ import annotations
 
@@ -97,3 +98,87 @@ def test_kernel_under_torch_compile_and_float32_weights():
         out = compiled(txt, img, txt_norm, img_norm, pe)
     truth = float64_truth(txt, img, txt_norm, img_norm, pe)
     assert ((out.double() - truth).norm() / truth.norm()).item() < 4e-3
+
+
+def gelu_inputs(rows=37, dim_in=64, dim_out=256, dtype=torch.float32, device="cpu", seed=0, batch=(2,)):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    linear = nn.Linear(dim_in, dim_out)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(dim_out, dim_in, generator=gen) / dim_in**0.5)
+        linear.bias.copy_(torch.randn(dim_out, generator=gen))
+    x = torch.randn(*batch, rows, dim_in, generator=gen)
+    return x.to(device, dtype), linear.to(device, dtype)
+
+
+def gelu_truth(x, linear):
+    h = x.double() @ linear.weight.double().t() + linear.bias.double()
+    return torch.nn.functional.gelu(h, approximate="tanh")
+
+
+def rel_error(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def test_linear_gelu_on_cpu_is_the_tanh_form():
+    x, linear = gelu_inputs()
+    out = kernels.linear_gelu(x, linear)
+    assert out.shape == (2, 37, 256)
+    torch.testing.assert_close(out.double(), gelu_truth(x, linear), rtol=1e-5, atol=1e-5)
+    # cuBLASLt's epilogue op computes the exact GELU on the CPU: the CPU must not take it
+    exact = torch.nn.functional.gelu(linear(x))
+    assert (out - exact).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="epilogue must be one of"):
+        kernels.linear_gelu(x, linear, epilogue="triton")
+
+
+def test_linears_the_fused_gemm_must_not_take():
+    x, linear = gelu_inputs()
+    assert kernels.plain_linear(linear, x) == (linear.weight, linear.bias)
+    linear.comfy_cast_weights = True  # ComfyUI casts or offloads this weight inside forward
+    assert kernels.plain_linear(linear, x) is None
+    del linear.comfy_cast_weights
+    linear.bias_function = [lambda b: b * 2]  # a patch applied on the fly
+    assert kernels.plain_linear(linear, x) is None
+    del linear.bias_function
+    assert kernels.plain_linear(linear, x.double()) is None  # another dtype
+    assert kernels.plain_linear(nn.Identity(), x) is None
+    linear.weight = None  # ComfyUI's lazily loaded weight
+    assert kernels.plain_linear(linear, x) is None
+    assert kernels.quack_gelu_problem(x, torch.empty(256, 64)) is not None  # CPU input
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_quack = pytest.mark.skipif(
+    not (torch.cuda.is_available() and kernels.QUACK_INSTALLED and torch.cuda.get_device_capability()[0] in (9, 10)),
+    reason="needs quack-kernels and a Hopper or Blackwell GPU",
+)
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "epilogue,dtype,shape",
+    [
+        ("cublaslt", torch.bfloat16, dict()),
+        pytest.param("auto", torch.bfloat16, dict(rows=1000, dim_in=512, dim_out=2048), marks=needs_quack),
+        pytest.param("auto", torch.float16, dict(rows=37, dim_in=64, dim_out=256, batch=()), marks=needs_quack),
+    ],
+)
+def test_linear_gelu_matches_float64_on_gpu(epilogue, dtype, shape):
+    x, linear = gelu_inputs(dtype=dtype, device="cuda", **shape)
+    truth = gelu_truth(x, linear)
+    with torch.inference_mode():
+        fused = kernels.linear_gelu(x, linear, epilogue)
+        two_ops = kernels.linear_gelu(x, linear, "none")
+    assert fused.shape == truth.shape and fused.dtype == dtype
+    # one rounding at the end instead of two: no worse than a linear and a GELU
+    assert rel_error(fused, truth) <= rel_error(two_ops, truth) * 1.05 + 1e-6
+    assert rel_error(fused, truth) < 4e-3
+
+
+@needs_quack
+def test_quack_gelu_inside_torch_compile():
+    x, linear = gelu_inputs(rows=256, dim_in=128, dim_out=512, dtype=torch.bfloat16, device="cuda", seed=5)
+    compiled = torch.compile(lambda x: kernels.linear_gelu(x * 2, linear) + 1, fullgraph=True)
+    with torch.inference_mode():
+        out = compiled(x)
+    assert rel_error(out, gelu_truth(x * 2, linear) + 1) < 4e-3
