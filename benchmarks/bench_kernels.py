@@ -1,6 +1,7 @@
 """The kernels one VLD-MMDiT step is made of, timed alone on the GPU: every matrix product of a block (bf16, and
-fp8 with rowwise scales, with and without fast accumulation) and the joint attention under each available
-kernel (cuDNN and FlashAttention-2 through SDPA, FlashAttention-4 where installed). Prints TFLOP/s per kernel and
+fp8 with rowwise scales, with and without fast accumulation; the MLP's GELU epilogue from cuBLASLt and, where
+installed, quack) and the joint attention under each available kernel (cuDNN and FlashAttention-2 through SDPA,
+FlashAttention-4 with our tile and its own, where installed). Prints TFLOP/s per kernel and
 what 60 blocks of them add up to per step, beside the whole step's measured time.
 
     python benchmarks/bench_kernels.py                         # 640 px, 4 layers, 256 text tokens, batch 2
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_mmdit import add_shape_arguments  # noqa: E402
 
 from layered_core import attention as attn  # noqa: E402
+from layered_core import kernels  # noqa: E402
 from layered_core.ops import quantize_rows_fp8  # noqa: E402
 
 
@@ -41,6 +43,10 @@ def time_gemm(m: int, k: int, n: int, epilogue: str | None, gen) -> tuple[float,
     b = torch.randn(n, generator=gen, device="cuda").bfloat16() * 0.02
     if epilogue == "gelu":
         bf16 = bench(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True))
+    elif epilogue == "quack":
+        # the op itself: kernels.linear_gelu would hand short inputs to cuBLASLt
+        bf16 = bench(lambda: torch.ops.qwen_layered.quack_linear_gelu(x, w, b))
+        return bf16, float("nan"), float("nan"), float("nan")  # the fp8 products are the plain row's
     else:
         bf16 = bench(lambda: F.linear(x, w, b))
     w8 = w.float().div(w.float().abs().max() / 448).to(torch.float8_e4m3fn)
@@ -77,13 +83,24 @@ def main() -> None:
 
 
 def time_matmuls(args, image_rows: int, text_rows: int, dim: int, blocks: int, gen) -> None:
-    # (name, rows, in, out, per block, epilogue)
+    # (name, rows, in, out, per block, epilogue); the model runs quack's GELU GEMM where it can, else cuBLASLt's
+    quack = kernels.quack_gelu_problem(
+        torch.empty(image_rows, dim, device="cuda", dtype=torch.bfloat16), torch.empty(8, 8)
+    )
+    if quack is not None:
+        print(f"quack GEMM not timed: {quack}")
     gemms = []
     for stream, rows in (("image", image_rows), ("text", text_rows)):
+        # the model hands short inputs (the text stream) to cuBLASLt (kernels.QUACK_MIN_ROWS)
+        by_quack = quack is None and rows >= kernels.QUACK_MIN_ROWS
         gemms += [
             (f"{stream} q/k/v/out", rows, dim, dim, 4, None),
             (f"{stream} q+k+v fused", rows, dim, 3 * dim, 0, None),
-            (f"{stream} mlp up + gelu", rows, dim, 4 * dim, 1, "gelu"),
+            (f"{stream} mlp up + gelu", rows, dim, 4 * dim, int(not by_quack), "gelu"),
+        ]
+        if quack is None:
+            gemms.append((f"{stream} mlp up + gelu, quack", rows, dim, 4 * dim, int(by_quack), "quack"))
+        gemms += [
             (f"{stream} mlp up, no gelu", rows, dim, 4 * dim, 0, None),
             (f"{stream} mlp down", rows, 4 * dim, dim, 1, None),
         ]
@@ -105,7 +122,8 @@ def time_matmuls(args, image_rows: int, text_rows: int, dim: int, blocks: int, g
             f" {flop / slow / 1e9:>5.0f} {fast:>8.3f} {flop / fast / 1e9:>5.0f} {quant:>8.3f}"
         )
     print(
-        "per step (60 blocks; the fused q+k+v and the mlp up without GELU not counted): "
+        "per step (60 blocks; the fused q+k+v, the mlp up without GELU and the GELU GEMM the model does not run "
+        "not counted): "
         + ", ".join(f"{key} {blocks * ms:.0f} ms" for key, ms in totals.items())
         + " (quant: eager rowwise quantisation, which compiled blocks fuse into the producer)"
     )
@@ -138,17 +156,22 @@ def time_attention(args, seq: int, heads: int, head_dim: int, blocks: int, gen) 
             f"   rel diff to default {(out - expected).norm() / expected.norm():.1e}"
         )
     if attn.flash4_installed():
-        previous = attn.set_attention_backend("flash4")
-        start = time.perf_counter()
-        out = attn.attention(q, k, v).float()
-        torch.cuda.synchronize()
-        first = time.perf_counter() - start
-        ms = bench(lambda: attn.attention(q, k, v))
-        print(
-            f"{'FlashAttention-4 (CuTe)':<34} {ms:>8.3f} {flop / ms / 1e9:>8.0f} {blocks * ms:>12.0f}"
-            f"   rel diff to default {(out - expected).norm() / expected.norm():.1e}; first call {first:.1f} s"
-        )
+        previous, ours = attn.set_attention_backend("flash4"), attn.flash4_tile
+        for name, tile in (("FlashAttention-4, tile as chosen", ours), ("FlashAttention-4, its own tile", None)):
+            if tile is None:
+                attn.flash4_tile = lambda q: None
+            start = time.perf_counter()
+            out = attn.attention(q, k, v).float()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - start
+            ms = bench(lambda: attn.attention(q, k, v))
+            print(
+                f"{name:<34} {ms:>8.3f} {flop / ms / 1e9:>8.0f} {blocks * ms:>12.0f}"
+                f"   rel diff to default {(out - expected).norm() / expected.norm():.1e}; first call {first:.1f} s"
+                f" (tile {ours(q) if tile is not None else 'FA4 default'})"
+            )
         attn.set_attention_backend(previous)
+        attn.flash4_tile = ours
     else:
         print("FlashAttention-4: not installed (pip install flash-attn-4)")
 

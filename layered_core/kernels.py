@@ -8,8 +8,9 @@ PyTorch code serves everywhere else and is the reference the GPU tests compare a
 
 :func:`linear_gelu` is the MLP's first projection with its tanh-GELU in the GEMM's epilogue, so the 4x-wide
 hidden state is written once. Where quack's CuTe GEMMs are installed (they come with FlashAttention-4, the
-``flash4`` extra) it uses quack's on Hopper and Blackwell GPUs: 812 TFLOP/s on an H100 at the 640 px step's
-shape, against 687 for cuBLASLt's GELU epilogue, which serves on other CUDA GPUs. Elsewhere it is a linear
+``flash4`` extra) it uses quack's on Hopper and Blackwell GPUs for large row counts: on an H100 at the 640 px
+step's image shape, 685 to 812 TFLOP/s against 660 to 687 for cuBLASLt's GELU epilogue, which serves elsewhere
+on CUDA (and for the short text stream). Elsewhere it is a linear
 and a GELU.
 """
 
@@ -38,6 +39,9 @@ def _find_quack() -> bool:
 
 QUACK_INSTALLED = _find_quack()
 GELU_EPILOGUES = ("auto", "cublaslt", "none")
+# quack's default tile wins on the image stream's 19200 rows (685 against 660 TFLOP/s, H100) and loses on the text
+# stream's 512 (443 against 619); below this many rows cuBLASLt keeps the GEMM
+QUACK_MIN_ROWS = 4096
 
 
 def plain_linear(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -75,6 +79,8 @@ def quack_gelu_problem(x: torch.Tensor, weight: torch.Tensor) -> str | None:
         return f"it needs bf16 or fp16, got {x.dtype}"
     if x.shape[-1] % 8 or weight.shape[0] % 8:
         return "the widths must be multiples of 8 (16-byte rows for the tensor-memory copies)"
+    if x.numel() // x.shape[-1] < QUACK_MIN_ROWS:
+        return f"fewer than {QUACK_MIN_ROWS} rows, where cuBLASLt is faster"
     return None
 
 

@@ -147,6 +147,20 @@ def test_linears_the_fused_gemm_must_not_take():
     assert kernels.quack_gelu_problem(x, torch.empty(256, 64)) is not None  # CPU input
 
 
+def test_quack_takes_only_long_inputs(monkeypatch):
+    # as on a Hopper GPU with quack installed, without needing either
+    monkeypatch.setattr(kernels, "QUACK_INSTALLED", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    weight = torch.empty(256, 64)
+    short = torch.empty(2, 37, 64, dtype=torch.bfloat16, device="meta")
+    assert "rows" in kernels.quack_gelu_problem(short, weight)
+    long = torch.empty(2, kernels.QUACK_MIN_ROWS // 2, 64, dtype=torch.bfloat16, device="meta")
+    assert kernels.quack_gelu_problem(long, weight) is None
+    assert "bf16 or fp16" in kernels.quack_gelu_problem(long.float(), weight)
+    assert "multiples of 8" in kernels.quack_gelu_problem(long, torch.empty(250, 64))
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_quack = pytest.mark.skipif(
     not (torch.cuda.is_available() and kernels.QUACK_INSTALLED and torch.cuda.get_device_capability()[0] in (9, 10)),
@@ -159,8 +173,8 @@ needs_quack = pytest.mark.skipif(
     "epilogue,dtype,shape",
     [
         ("cublaslt", torch.bfloat16, dict()),
-        pytest.param("auto", torch.bfloat16, dict(rows=1000, dim_in=512, dim_out=2048), marks=needs_quack),
-        pytest.param("auto", torch.float16, dict(rows=37, dim_in=64, dim_out=256, batch=()), marks=needs_quack),
+        pytest.param("auto", torch.bfloat16, dict(rows=2500, dim_in=512, dim_out=2048), marks=needs_quack),
+        pytest.param("auto", torch.float16, dict(rows=4100, dim_in=64, dim_out=256, batch=()), marks=needs_quack),
     ],
 )
 def test_linear_gelu_matches_float64_on_gpu(epilogue, dtype, shape):
@@ -177,7 +191,8 @@ def test_linear_gelu_matches_float64_on_gpu(epilogue, dtype, shape):
 
 @needs_quack
 def test_quack_gelu_inside_torch_compile():
-    x, linear = gelu_inputs(rows=256, dim_in=128, dim_out=512, dtype=torch.bfloat16, device="cuda", seed=5)
+    x, linear = gelu_inputs(rows=4096, dim_in=128, dim_out=512, dtype=torch.bfloat16, device="cuda", seed=5)
+    assert kernels.quack_gelu_problem(x, linear.weight) is None
     compiled = torch.compile(lambda x: kernels.linear_gelu(x * 2, linear) + 1, fullgraph=True)
     with torch.inference_mode():
         out = compiled(x)
