@@ -451,21 +451,71 @@ def decode_frames(
 _TIME_CONV = re.compile(r"^(encoder\.downsamples|decoder\.upsamples)\.(\d+)\.time_conv\.(weight|bias)$")
 
 _DIFFUSERS_MARKERS = ("encoder.conv_in.", "decoder.conv_in.", "encoder.down_blocks.", "decoder.up_blocks.")
-_RESNET_NAMES = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6"}
 
 
 def _is_diffusers_layout(keys) -> bool:
     return any(k.startswith(_DIFFUSERS_MARKERS) or k.startswith(("quant_conv.", "post_quant_conv.")) for k in keys)
 
 
-def _wan_tail(tail: str) -> str:
-    """Rename the inside of one block (resnet, attention or resampler) from diffusers to Wan."""
-    first, _, rest = tail.partition(".")
-    if first in _RESNET_NAMES:
-        return f"{_RESNET_NAMES[first]}.{rest}"
-    if first == "conv_shortcut":
-        return f"shortcut.{rest}"
-    return tail
+# The diffusers and Wan names of the same weights: one rule per line for both directions, first match wins.
+# {part} is encoder or decoder, {rest} the rest of the name (copied), {block} the rest inside a residual block
+# (renamed by _BLOCK_NAMES), {i} and {j} diffusers indices. Wan's index {n} is i * stride + offset with the
+# rule's (stride, offset): stride "s" is up_stride, offset -1 the last slot of a level, offset "j" the index j.
+_KEY_RULES = (
+    ("quant_conv.{rest}", "conv1.{rest}", None),
+    ("post_quant_conv.{rest}", "conv2.{rest}", None),
+    ("{part}.conv_in.{rest}", "{part}.conv1.{rest}", None),
+    ("{part}.norm_out.{rest}", "{part}.head.0.{rest}", None),
+    ("{part}.conv_out.{rest}", "{part}.head.2.{rest}", None),
+    ("{part}.mid_block.resnets.{i}.{block}", "{part}.middle.{n}.{block}", (2, 0)),
+    ("{part}.mid_block.attentions.{i}.{rest}", "{part}.middle.{n}.{rest}", (2, 1)),
+    ("{part}.down_blocks.{i}.{block}", "{part}.downsamples.{i}.{block}", None),
+    ("{part}.up_blocks.{i}.upsamplers.0.{rest}", "{part}.upsamples.{n}.{rest}", ("s", -1)),
+    ("{part}.up_blocks.{i}.resnets.{j}.{block}", "{part}.upsamples.{n}.{block}", ("s", "j")),
+)
+# Inside a residual block: (diffusers, Wan).
+_BLOCK_NAMES = (
+    ("norm1", "residual.0"),
+    ("conv1", "residual.2"),
+    ("norm2", "residual.3"),
+    ("conv2", "residual.6"),
+    ("conv_shortcut", "shortcut"),
+)
+_FIELDS = {"part": "encoder|decoder", "rest": ".+", "block": ".+", "i": r"\d+", "j": r"\d+", "n": r"\d+"}
+
+
+def _compile(template: str) -> re.Pattern:
+    pieces = re.split(r"\{(\w+)\}", template)  # literal, field, literal, ...
+    return re.compile("".join(f"(?P<{p}>{_FIELDS[p]})" if k % 2 else re.escape(p) for k, p in enumerate(pieces)))
+
+
+_RULES = [(_compile(diffusers), diffusers, _compile(wan), wan, index) for diffusers, wan, index in _KEY_RULES]
+
+
+def _rename_key(key: str, up_stride: int, to_wan: bool) -> str:
+    """``key`` renamed by the first rule of _KEY_RULES that matches it; keys none matches come back unchanged."""
+    block_names = _BLOCK_NAMES if to_wan else [(wan, diffusers) for diffusers, wan in _BLOCK_NAMES]
+    for diffusers_pattern, diffusers, wan_pattern, wan, index in _RULES:
+        pattern, target = (diffusers_pattern, wan) if to_wan else (wan_pattern, diffusers)
+        if not (m := pattern.fullmatch(key)):
+            continue
+        fields = m.groupdict()
+        if index:
+            stride, offset = index
+            stride = up_stride if stride == "s" else stride
+            if to_wan:
+                fields["n"] = int(fields["i"]) * stride + (int(fields["j"]) if offset == "j" else offset % stride)
+            else:
+                fields["i"], fields["j"] = divmod(int(fields["n"]), stride)
+                if offset != "j" and fields["j"] != offset % stride:
+                    continue  # another rule's slot
+        if "block" in fields:
+            for old, new in block_names:
+                if fields["block"].startswith(old + "."):
+                    fields["block"] = new + fields["block"][len(old) :]
+                    break
+        return target.format(**fields)
+    return key
 
 
 def wan_key_from_diffusers(key: str, up_stride: int) -> str:
@@ -473,29 +523,7 @@ def wan_key_from_diffusers(key: str, up_stride: int) -> str:
 
     ``up_stride`` is the number of Wan ``decoder.upsamples`` entries per decoder level: num_res_blocks + 2.
     """
-    for diffusers, wan in (("quant_conv.", "conv1."), ("post_quant_conv.", "conv2.")):
-        if key.startswith(diffusers):
-            return wan + key[len(diffusers) :]
-    part, _, tail = key.partition(".")
-    if part not in ("encoder", "decoder"):
-        return key
-    if m := re.fullmatch(r"conv_in\.(.+)", tail):
-        return f"{part}.conv1.{m[1]}"
-    if m := re.fullmatch(r"norm_out\.(.+)", tail):
-        return f"{part}.head.0.{m[1]}"
-    if m := re.fullmatch(r"conv_out\.(.+)", tail):
-        return f"{part}.head.2.{m[1]}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", tail):
-        return f"{part}.middle.{2 * int(m[1])}.{_wan_tail(m[2])}"
-    if m := re.fullmatch(r"mid_block\.attentions\.(\d+)\.(.+)", tail):
-        return f"{part}.middle.{2 * int(m[1]) + 1}.{m[2]}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(.+)", tail):
-        return f"{part}.downsamples.{m[1]}.{_wan_tail(m[2])}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", tail):
-        return f"{part}.upsamples.{int(m[1]) * up_stride + int(m[2])}.{_wan_tail(m[3])}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", tail):
-        return f"{part}.upsamples.{int(m[1]) * up_stride + up_stride - 1}.{m[2]}"
-    return key
+    return _rename_key(key, up_stride, to_wan=True)
 
 
 def wan_names_from_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -505,43 +533,9 @@ def wan_names_from_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str
     return {wan_key_from_diffusers(k, up_stride): v for k, v in state_dict.items()}
 
 
-_WAN_TO_RESNET = {v: k for k, v in _RESNET_NAMES.items()}
-
-
-def _diffusers_tail(tail: str) -> str:
-    """Rename the inside of one block from Wan to diffusers (inverse of :func:`_wan_tail`)."""
-    if m := re.fullmatch(r"(residual\.\d+)\.(.+)", tail):
-        return f"{_WAN_TO_RESNET.get(m[1], m[1])}.{m[2]}"
-    if tail.startswith("shortcut."):
-        return "conv_shortcut." + tail[len("shortcut.") :]
-    return tail
-
-
 def diffusers_key_from_wan(key: str, up_stride: int) -> str:
     """The diffusers name of one Wan-named VAE key (inverse of :func:`wan_key_from_diffusers`)."""
-    for wan, diffusers in (("conv1.", "quant_conv."), ("conv2.", "post_quant_conv.")):
-        if key.startswith(wan):
-            return diffusers + key[len(wan) :]
-    part, _, tail = key.partition(".")
-    if m := re.fullmatch(r"conv1\.(.+)", tail):
-        return f"{part}.conv_in.{m[1]}"
-    if m := re.fullmatch(r"head\.0\.(.+)", tail):
-        return f"{part}.norm_out.{m[1]}"
-    if m := re.fullmatch(r"head\.2\.(.+)", tail):
-        return f"{part}.conv_out.{m[1]}"
-    if m := re.fullmatch(r"middle\.(\d+)\.(.+)", tail):
-        index = int(m[1])
-        if index % 2:
-            return f"{part}.mid_block.attentions.{index // 2}.{m[2]}"
-        return f"{part}.mid_block.resnets.{index // 2}.{_diffusers_tail(m[2])}"
-    if m := re.fullmatch(r"downsamples\.(\d+)\.(.+)", tail):
-        return f"{part}.down_blocks.{m[1]}.{_diffusers_tail(m[2])}"
-    if m := re.fullmatch(r"upsamples\.(\d+)\.(.+)", tail):
-        level, index = divmod(int(m[1]), up_stride)
-        if index == up_stride - 1:
-            return f"{part}.up_blocks.{level}.upsamplers.0.{m[2]}"
-        return f"{part}.up_blocks.{level}.resnets.{index}.{_diffusers_tail(m[2])}"
-    return key
+    return _rename_key(key, up_stride, to_wan=False)
 
 
 # Wan modules that are causal 3D convolutions in the released checkpoints (the rest are 2D convolutions).

@@ -22,8 +22,10 @@ from layered_core.vae import (
     crossfade_weights,
     decode_frames,
     decode_tiled,
+    diffusers_key_from_wan,
     tile_spans,
     vae_config_from_state_dict,
+    wan_key_from_diffusers,
     wan_names_from_diffusers,
 )
 
@@ -210,6 +212,17 @@ def test_wan_names_round_trip_through_diffusers_converter(reference):
     back = convert_wan_vae_to_diffusers(dict(wan))
     assert back.keys() == original.keys()
     assert all(torch.equal(back[k], original[k]) for k in original)
+
+
+def test_key_names_round_trip_one_to_one(reference):
+    """Every diffusers key gets a Wan name of its own, and diffusers_key_from_wan maps that name back to the key."""
+    torch.manual_seed(0)
+    one_block = AutoencoderKLQwenImage(base_dim=4, z_dim=16, dim_mult=[1, 2, 3], num_res_blocks=1, input_channels=4)
+    for state_dict, up_stride in ((reference.state_dict(), TINY.num_res_blocks + 2), (one_block.state_dict(), 3)):
+        wan = {key: wan_key_from_diffusers(key, up_stride) for key in state_dict}
+        assert len(set(wan.values())) == len(wan)
+        assert all(name != key for key, name in wan.items())
+        assert {key: diffusers_key_from_wan(name, up_stride) for key, name in wan.items()} == {key: key for key in wan}
 
 
 def test_wan_layout_loads_like_diffusers_layout(reference, model):
