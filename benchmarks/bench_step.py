@@ -40,6 +40,7 @@ from bench_mmdit import (  # noqa: E402
 )
 
 from layered_core import attention as attention_module  # noqa: E402
+from layered_core import kernels  # noqa: E402
 from layered_core.attention import attention_backend, flash4_installed, set_attention_backend  # noqa: E402
 from layered_core.mmdit import GeluProjection, MMDiTConfig, VLDMMDiT  # noqa: E402
 
@@ -161,6 +162,10 @@ def main() -> None:
                 # "-unfused": GELU left to inductor (which under max-autotune can put it in a Triton GEMM's epilogue);
                 # "-cublaslt": GELU in cuBLASLt's epilogue; else quack's GEMM where it is installed
                 suffix = variant.split("-")[-1]
+                if variant == "compiled-cublaslt" and not kernels.QUACK_INSTALLED:
+                    print("note: quack-kernels is not installed, so compiled-cublaslt runs as compiled does")
+                if variant == "compiled-fa4-tile" and not flash4_installed():
+                    print("note: FlashAttention-4 is not installed, so compiled-fa4-tile runs as compiled does")
                 GeluProjection.epilogue = {"unfused": "none", "cublaslt": "cublaslt"}.get(suffix, "auto")
                 # "compiled" takes FlashAttention-4 where it is installed; "compiled-sdpa" keeps SDPA (cuDNN);
                 # "compiled-fa4-tile": FlashAttention-4 with its own tile choice instead of ours

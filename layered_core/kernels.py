@@ -9,15 +9,15 @@ PyTorch code serves everywhere else and is the reference the GPU tests compare a
 :func:`linear_gelu` is the MLP's first projection with its tanh-GELU in the GEMM's epilogue, so the 4x-wide
 hidden state is written once. Where quack's CuTe GEMMs are installed (they come with FlashAttention-4, the
 ``flash4`` extra) it uses quack's on Hopper and Blackwell GPUs for large row counts: on an H100 at the 640 px
-step's image shape, 685 to 812 TFLOP/s against 660 to 687 for cuBLASLt's GELU epilogue, which serves elsewhere
-on CUDA (and for the short text stream). Elsewhere it is a linear
-and a GELU.
+step's image shape, 685 to 812 TFLOP/s against 660 to 687 for cuBLASLt's GELU epilogue, which serves elsewhere on
+CUDA (and for the short text stream). On the CPU it is a linear and a GELU.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +44,25 @@ GELU_EPILOGUES = ("auto", "cublaslt", "none")
 QUACK_MIN_ROWS = 4096
 
 
+def _linear_forward(linear: nn.Module) -> bool:
+    """Whether the module's forward is nn.Linear's, or ComfyUI's comfy.ops one (which is nn.Linear's unless the
+    flags plain_linear checks are set). A subclass with its own forward (a LoRA wrapper, say) is not."""
+    forward = type(linear).forward
+    if forward is nn.Linear.forward:
+        return True
+    return (
+        getattr(forward, "__module__", None) == "comfy.ops"
+        and getattr(forward, "__qualname__", None) == "disable_weight_init.Linear.forward"
+    )
+
+
 def plain_linear(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) of a torch.nn.Linear (or ComfyUI's subclass) that a fused kernel may use as they are: on x's
-    device and in x's dtype, with no casting, patches or offloading in its forward. None otherwise."""
-    if not isinstance(linear, nn.Linear):
+    """(weight, bias) of a torch.nn.Linear (or ComfyUI's) that a fused kernel may use in place of calling it: plain
+    tensors on x's device and in x's dtype, no hooks, and no casting, patches or offloading in its forward. None
+    otherwise."""
+    if not isinstance(linear, nn.Linear) or not _linear_forward(linear):
+        return None
+    if linear._forward_hooks or linear._forward_pre_hooks:
         return None
     if getattr(linear, "comfy_cast_weights", False) or getattr(linear, "weight_function", None):
         return None
@@ -56,10 +71,10 @@ def plain_linear(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
     weight, bias = linear.weight, linear.bias
     if weight is None:  # ComfyUI loads some weights lazily
         return None
-    if weight.device != x.device or weight.dtype != x.dtype:
-        return None
-    if bias is not None and (bias.device != x.device or bias.dtype != x.dtype):
-        return None
+    for tensor in (weight,) if bias is None else (weight, bias):
+        # a tensor subclass (a quantized weight, say) needs its own kernels
+        if type(tensor) not in (torch.Tensor, nn.Parameter) or tensor.device != x.device or tensor.dtype != x.dtype:
+            return None
     return weight, bias
 
 
@@ -78,7 +93,9 @@ def quack_gelu_problem(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"it needs bf16 or fp16, got {x.dtype}"
     if x.shape[-1] % 8 or weight.shape[0] % 8:
-        return "the widths must be multiples of 8 (16-byte rows for the tensor-memory copies)"
+        return "the widths must be multiples of 8 (16-byte rows for the TMA bulk copies)"
+    if not weight.is_contiguous():
+        return "the weight must be contiguous"
     if x.numel() // x.shape[-1] < QUACK_MIN_ROWS:
         return f"fewer than {QUACK_MIN_ROWS} rows, where cuBLASLt is faster"
     return None
@@ -90,10 +107,14 @@ def linear_gelu(x: torch.Tensor, linear: nn.Module, epilogue: str = "auto") -> t
     benchmarks compare them)."""
     if epilogue not in GELU_EPILOGUES:
         raise ValueError(f"epilogue must be one of {GELU_EPILOGUES}, got {epilogue!r}")
-    plain = plain_linear(linear, x) if x.is_cuda and epilogue != "none" else None
-    if plain is None or (torch.is_grad_enabled() and x.requires_grad):
+    plain = None
+    if x.is_cuda and epilogue != "none" and x.dim() >= 2 and x.numel() > 0:
+        plain = plain_linear(linear, x)
+    if plain is None:
         return linear_gelu_reference(x, linear)
     weight, bias = plain
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return linear_gelu_reference(x, linear)  # neither fused op has a backward
     rows = x.flatten(0, -2)
     if epilogue == "auto" and quack_gelu_problem(x, weight) is None:
         out = torch.ops.qwen_layered.quack_linear_gelu(rows.contiguous(), weight, bias)
@@ -110,11 +131,33 @@ def linear_gelu(x: torch.Tensor, linear: nn.Module, epilogue: str = "auto") -> t
 def _quack_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # Opaque to torch.compile, like the attention op; quack's default tile for the GPU (no autotuning, which
     # would compile dozens of kernels on first use). x (M, K) contiguous, weight (N, K) as nn.Linear holds it.
-    from quack.gemm_interface import gemm_act
-
+    gemm_act = _quack_gemm_act()
+    aligned = all(t is None or t.data_ptr() % 16 == 0 for t in (x, weight, bias))
+    if gemm_act is None or not aligned:
+        # quack unusable here (it failed to import, or the data is not 16-byte aligned for its bulk copies)
+        if bias is None:
+            return F.gelu(F.linear(x, weight), approximate="tanh")
+        return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
     with torch.cuda.device(x.device):
         _, out = gemm_act(x, weight.t(), bias=bias, activation="gelu_tanh_approx", store_preact=False, tuned=False)
     return out
+
+
+_QUACK_GEMM_ACT = None
+
+
+def _quack_gemm_act():
+    """quack's gemm_act, imported on first use; None (with one warning) if the installed quack cannot be imported,
+    so that a broken install falls back to cuBLASLt instead of failing every MLP."""
+    global _QUACK_GEMM_ACT
+    if _QUACK_GEMM_ACT is None:
+        try:
+            from quack.gemm_interface import gemm_act
+        except Exception as error:  # an ImportError, or the CuTe DSL failing to load its libraries
+            warnings.warn(f"quack-kernels is installed but cannot be imported ({error}); using cuBLASLt", stacklevel=2)
+            gemm_act = False
+        _QUACK_GEMM_ACT = gemm_act
+    return _QUACK_GEMM_ACT or None
 
 
 @_quack_linear_gelu.register_fake

@@ -116,7 +116,8 @@ def test_flash4_inside_torch_compile(backend):
 
 def test_flash4_disk_cache_switch(monkeypatch, tmp_path):
     for name in ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # set first, so that monkeypatch restores the variable (or its absence) after
+        monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     attn._enable_flash4_disk_cache()
     folder = tmp_path / "cache" / "qwen-layered" / "flash-attention-cute"

@@ -140,8 +140,23 @@ def test_linears_the_fused_gemm_must_not_take():
     linear.bias_function = [lambda b: b * 2]  # a patch applied on the fly
     assert kernels.plain_linear(linear, x) is None
     del linear.bias_function
+    linear.weight_function = [lambda w: w * 2]
+    assert kernels.plain_linear(linear, x) is None
+    del linear.weight_function
     assert kernels.plain_linear(linear, x.double()) is None  # another dtype
+    assert kernels.plain_linear(linear, x.to("meta")) is None  # another device
     assert kernels.plain_linear(nn.Identity(), x) is None
+
+    class LoRALinear(nn.Linear):  # its own forward: calling the weight directly would skip the LoRA
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    lora = LoRALinear(64, 256)
+    assert kernels.plain_linear(lora, x) is None
+    handle = linear.register_forward_hook(lambda module, args, out: out * 2)
+    assert kernels.plain_linear(linear, x) is None
+    handle.remove()
+    assert kernels.plain_linear(linear, x) is not None
     linear.weight = None  # ComfyUI's lazily loaded weight
     assert kernels.plain_linear(linear, x) is None
     assert kernels.quack_gelu_problem(x, torch.empty(256, 64)) is not None  # CPU input
@@ -179,6 +194,8 @@ needs_quack = pytest.mark.skipif(
 )
 def test_linear_gelu_matches_float64_on_gpu(epilogue, dtype, shape):
     x, linear = gelu_inputs(dtype=dtype, device="cuda", **shape)
+    if epilogue == "auto":
+        assert kernels.quack_gelu_problem(x, linear.weight) is None  # this case tests quack's GEMM
     truth = gelu_truth(x, linear)
     with torch.inference_mode():
         fused = kernels.linear_gelu(x, linear, epilogue)
@@ -197,3 +214,14 @@ def test_quack_gelu_inside_torch_compile():
     with torch.inference_mode():
         out = compiled(x)
     assert rel_error(out, gelu_truth(x * 2, linear) + 1) < 4e-3
+
+
+@needs_quack
+def test_quack_op_falls_back_on_unaligned_data():
+    x, linear = gelu_inputs(rows=4096, dim_in=128, dim_out=512, dtype=torch.bfloat16, device="cuda", seed=6, batch=())
+    shifted = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")[1:].view_as(x)  # 2 bytes off 16
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 16 != 0
+    with torch.inference_mode():
+        out = torch.ops.qwen_layered.quack_linear_gelu(shifted, linear.weight, linear.bias)
+    assert rel_error(out, gelu_truth(x, linear)) < 4e-3
