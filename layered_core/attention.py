@@ -108,20 +108,32 @@ def flash4_tile(q: torch.Tensor) -> tuple[int, int] | None:
     return None
 
 
+_FLASH4_FORWARD = None
+
+
+def _flash4_forward():
+    """FA4's launcher below the public flash_attn_func, which does not expose the tile size (the pinned FA4
+    version has both); inference only, so no autograd wrapper is needed. Imported once, with the disk cache
+    switched on first."""
+    global _FLASH4_FORWARD
+    if _FLASH4_FORWARD is None:
+        _enable_flash4_disk_cache()
+        from flash_attn.cute.interface import _flash_attn_fwd
+
+        _FLASH4_FORWARD = _flash_attn_fwd
+    return _FLASH4_FORWARD
+
+
 @torch.library.custom_op("qwen_layered::flash4_attention", mutates_args=())
 def _flash4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # An opaque op to torch.compile: dynamo does not trace into FlashAttention-4's Python launcher.
-    _enable_flash4_disk_cache()
-    # The launcher below the public flash_attn_func, which does not expose the tile size (the pinned FA4
-    # version has both); inference only, so no autograd wrapper is needed.
-    from flash_attn.cute.interface import _flash_attn_fwd
-
+    forward = _flash4_forward()
     tile = flash4_tile(q)
     with torch.cuda.device(q.device):
         if tile is None:
-            out = _flash_attn_fwd(q, k, v)
+            out = forward(q, k, v)
         else:
-            out = _flash_attn_fwd(q, k, v, tile_mn=tile, mma_pv_is_rs=True, intra_wg_overlap=True)
+            out = forward(q, k, v, tile_mn=tile, mma_pv_is_rs=True, intra_wg_overlap=True)
     return out[0]  # (out, lse, ...)
 
 

@@ -44,6 +44,15 @@ GELU_EPILOGUES = ("auto", "cublaslt", "none")
 QUACK_MIN_ROWS = 4096
 
 
+def _comfy_patched(module: nn.Module) -> bool:
+    """Whether ComfyUI casts, patches or offloads this module's weights inside its forward (comfy.ops flags)."""
+    return bool(
+        getattr(module, "comfy_cast_weights", False)
+        or getattr(module, "weight_function", None)
+        or getattr(module, "bias_function", None)
+    )
+
+
 def _linear_forward(linear: nn.Module) -> bool:
     """Whether the module's forward is nn.Linear's, or ComfyUI's comfy.ops one (which is nn.Linear's unless the
     flags plain_linear checks are set). A subclass with its own forward (a LoRA wrapper, say) is not."""
@@ -62,11 +71,7 @@ def plain_linear(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
     otherwise."""
     if not isinstance(linear, nn.Linear) or not _linear_forward(linear):
         return None
-    if linear._forward_hooks or linear._forward_pre_hooks:
-        return None
-    if getattr(linear, "comfy_cast_weights", False) or getattr(linear, "weight_function", None):
-        return None
-    if getattr(linear, "bias_function", None):
+    if linear._forward_hooks or linear._forward_pre_hooks or _comfy_patched(linear):
         return None
     weight, bias = linear.weight, linear.bias
     if weight is None:  # ComfyUI loads some weights lazily
@@ -118,13 +123,17 @@ def linear_gelu(x: torch.Tensor, linear: nn.Module, epilogue: str = "auto") -> t
     rows = x.flatten(0, -2)
     if epilogue == "auto" and quack_gelu_problem(x, weight) is None:
         out = torch.ops.qwen_layered.quack_linear_gelu(rows.contiguous(), weight, bias)
-    elif bias is not None:
-        # cuBLASLt's bias + GELU epilogue. CUDA only: on the CPU this op applies the exact GELU, not the tanh
-        # form the model uses.
-        out = torch._addmm_activation(bias, rows, weight.t(), use_gelu=True)
     else:
-        return linear_gelu_reference(x, linear)
+        out = _cublaslt_linear_gelu(rows, weight, bias)
     return out.unflatten(0, x.shape[:-1])
+
+
+def _cublaslt_linear_gelu(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """cuBLASLt's bias + GELU epilogue on (M, K) rows; without a bias, a linear and a GELU. CUDA only: on the CPU
+    this op applies the exact GELU, not the tanh form the model uses."""
+    if bias is None:
+        return F.gelu(F.linear(rows, weight), approximate="tanh")
+    return torch._addmm_activation(bias, rows, weight.t(), use_gelu=True)
 
 
 @torch.library.custom_op("qwen_layered::quack_linear_gelu", mutates_args=())
@@ -135,9 +144,7 @@ def _quack_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     aligned = all(t is None or t.data_ptr() % 16 == 0 for t in (x, weight, bias))
     if gemm_act is None or not aligned:
         # quack unusable here (it failed to import, or the data is not 16-byte aligned for its bulk copies)
-        if bias is None:
-            return F.gelu(F.linear(x, weight), approximate="tanh")
-        return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+        return _cublaslt_linear_gelu(x, weight, bias)
     with torch.cuda.device(x.device):
         _, out = gemm_act(x, weight.t(), bias=bias, activation="gelu_tanh_approx", store_preact=False, tuned=False)
     return out
@@ -179,9 +186,7 @@ def _plain_weight(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     weight sits on x's device, with no casting, patches or offloading in its forward."""
     if not isinstance(norm, nn.RMSNorm) or norm.weight is None or norm.normalized_shape != (x.shape[-1],):
         return None
-    if getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None):
-        return None
-    if getattr(norm, "bias_function", None) or norm.weight.device != x.device:
+    if _comfy_patched(norm) or norm.weight.device != x.device:
         return None
     if norm.weight.dtype not in (x.dtype, torch.float32):
         return None
