@@ -36,6 +36,17 @@ def random_weights_(model: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(value.to(p.dtype))
 
 
+def random_model(config: MMDiTConfig, dtype: torch.dtype, device) -> VLDMMDiT:
+    """The transformer built on the meta device, then materialised on ``device`` with random weights, computing
+    in ``dtype``."""
+    with torch.device("meta"):
+        model = VLDMMDiT(config, dtype=dtype)
+    model = model.to_empty(device=device).eval().requires_grad_(False)
+    random_weights_(model)
+    model.compute_dtype = dtype
+    return model
+
+
 def flops_per_forward(config: MMDiTConfig, image_tokens: int, text_tokens: int, noisy_tokens: int) -> float:
     d = config.hidden_size
     s = image_tokens + text_tokens
@@ -179,11 +190,7 @@ def main() -> None:
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
     t0 = time.perf_counter()
-    with torch.device("meta"):
-        model = VLDMMDiT(config, dtype=dtype)
-    model = model.to_empty(device=device).eval().requires_grad_(False)
-    random_weights_(model)
-    model.compute_dtype = dtype
+    model = random_model(config, dtype, device)
     sync()
     params = sum(p.numel() for p in model.parameters())
     print(f"built {params / 1e9:.2f} B parameters in {time.perf_counter() - t0:.1f} s", flush=True)

@@ -31,7 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent.parent))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_mmdit import add_shape_arguments  # noqa: E402
+from bench_mmdit import add_shape_arguments, timed  # noqa: E402
 
 from layered_core.checkpoints import quantize_fp8  # noqa: E402
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT  # noqa: E402
@@ -153,16 +153,7 @@ def time_step(model, forwards, warmup: int, iters: int) -> float:
         for latents, condition, text, sigma, mask in forwards:
             model(latents, condition, text, sigma, mask)
 
-    for _ in range(warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(step, warmup, iters))
 
 
 def h2d_seconds(streamer, device: str, repeats: int = 5) -> tuple[int, float, bool]:

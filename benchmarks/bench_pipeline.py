@@ -22,7 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_mmdit import random_weights_, sync  # noqa: E402
+from bench_mmdit import random_model, sync  # noqa: E402
 
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT  # noqa: E402
 from layered_core.pipeline import DecomposeOptions, LayeredPipeline  # noqa: E402
@@ -94,11 +94,7 @@ def main() -> None:
         model, tokenizer, image_processor = tiny_text_encoder_set(MMDiTConfig.tiny().text_dim)
         text_encoder = PromptEncoder(model, tokenizer, image_processor)
     else:
-        with torch.device("meta"):
-            transformer = VLDMMDiT(MMDiTConfig.full(), dtype=dtype)
-        transformer = transformer.to_empty(device=device).eval().requires_grad_(False)
-        random_weights_(transformer)
-        transformer.compute_dtype = dtype
+        transformer = random_model(MMDiTConfig.full(), dtype, device)
         vae = RGBAVAE(VAEConfig.full(), dtype=dtype, device=device).eval().requires_grad_(False)
         text_encoder = full_text_encoder(device, dtype)
     sync()

@@ -31,7 +31,7 @@ from bench_mmdit import (  # noqa: E402
     flops_per_forward,
     kernel_groups,
     peak_gib,
-    random_weights_,
+    random_model,
     reference_forward,
     reference_model,
     reset_peak,
@@ -42,7 +42,7 @@ from bench_mmdit import (  # noqa: E402
 from layered_core import attention as attention_module  # noqa: E402
 from layered_core import kernels  # noqa: E402
 from layered_core.attention import attention_backend, flash4_installed, set_attention_backend  # noqa: E402
-from layered_core.mmdit import GeluProjection, MMDiTConfig, VLDMMDiT  # noqa: E402
+from layered_core.mmdit import GeluProjection, MMDiTConfig  # noqa: E402
 
 VARIANTS = (
     "eager",
@@ -109,11 +109,7 @@ def main() -> None:
     config = MMDiTConfig.full()
     dtype, device = torch.bfloat16, "cuda"
     t0 = time.perf_counter()
-    with torch.device("meta"):
-        model = VLDMMDiT(config, dtype=dtype)
-    model = model.to_empty(device=device).eval().requires_grad_(False)
-    random_weights_(model)
-    model.compute_dtype = dtype
+    model = random_model(config, dtype, device)
     sync()
     print(
         f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters in {time.perf_counter() - t0:.1f} s"

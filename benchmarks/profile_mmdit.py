@@ -17,18 +17,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_mmdit import flops_per_forward, kernel_groups, random_weights_, timed  # noqa: E402
+from bench_mmdit import flops_per_forward, kernel_groups, random_model, timed  # noqa: E402
 
-from layered_core.mmdit import MMDiTConfig, VLDMMDiT  # noqa: E402
+from layered_core.mmdit import MMDiTConfig  # noqa: E402
 
 
 def main() -> None:
     config = MMDiTConfig.full()
-    with torch.device("meta"):
-        model = VLDMMDiT(config, dtype=torch.bfloat16)
-    model = model.to_empty(device="cuda").eval().requires_grad_(False)
-    random_weights_(model)
-    model.compute_dtype = torch.bfloat16
+    model = random_model(config, torch.bfloat16, "cuda")
     h = w = 80
     frames = 5
     gen = torch.Generator(device="cuda").manual_seed(1)
