@@ -175,6 +175,23 @@ def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-tokens", type=int, default=256)
 
 
+def step_inputs(config: MMDiTConfig, args, dtype: torch.dtype, device):
+    """Random inputs of one step at the shape of ``add_shape_arguments``' args, cond and uncond as a batch of 2
+    (seed 1): (latents, condition, text, sigma, FLOP of one batch-1 forward, tokens per sample)."""
+    h = w = args.resolution // 8
+    frames = args.layers + 1
+    gen = torch.Generator(device=device).manual_seed(1)
+    latents = torch.randn(2, 16, frames, h, w, generator=gen, device=device)
+    condition = torch.randn(2, 16, h, w, generator=gen, device=device)
+    text = torch.randn(2, args.text_tokens, config.text_dim, generator=gen, device=device).to(dtype)
+    # 0.75 is exact in bf16: diffusers casts the timestep to the model dtype, and a sigma like 0.7 would
+    # become 0.6992 there (a 0.1 relative L2 change of the output on its own).
+    sigma = torch.tensor([0.75, 0.75], device=device)
+    grid = (h // 2) * (w // 2)
+    flops = flops_per_forward(config, (frames + 1) * grid, args.text_tokens, frames * grid)
+    return latents, condition, text, sigma, flops, (frames + 1) * grid + args.text_tokens
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_arguments(parser)
@@ -195,17 +212,7 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"built {params / 1e9:.2f} B parameters in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    h = w = args.resolution // 8
-    frames = args.layers + 1
-    gen = torch.Generator(device=device).manual_seed(1)
-    latents = torch.randn(2, 16, frames, h, w, generator=gen, device=device)
-    condition = torch.randn(2, 16, h, w, generator=gen, device=device)
-    text = torch.randn(2, args.text_tokens, config.text_dim, generator=gen, device=device).to(dtype)
-    # 0.75 is exact in bf16: diffusers casts the timestep to the model dtype, and a sigma like 0.7 would
-    # become 0.6992 there (a 0.1 relative L2 change of the output on its own).
-    sigma = torch.tensor([0.75, 0.75], device=device)
-    grid = (h // 2) * (w // 2)
-    flops = flops_per_forward(config, (frames + 1) * grid, args.text_tokens, frames * grid)
+    latents, condition, text, sigma, flops, _ = step_inputs(config, args, dtype, device)
 
     rows, outputs = [], {}
     with torch.inference_mode():

@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_mmdit import (  # noqa: E402
     add_shape_arguments,
     float32_reference,
-    flops_per_forward,
     kernel_groups,
     peak_gib,
     random_model,
     reference_forward,
     reference_model,
     reset_peak,
+    step_inputs,
     sync,
     timed,
 )
@@ -115,15 +115,7 @@ def main() -> None:
         f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters in {time.perf_counter() - t0:.1f} s"
     )
 
-    h = w = args.resolution // 8
-    frames = args.layers + 1
-    gen = torch.Generator(device=device).manual_seed(1)
-    latents = torch.randn(2, 16, frames, h, w, generator=gen, device=device)
-    condition = torch.randn(2, 16, h, w, generator=gen, device=device)
-    text = torch.randn(2, args.text_tokens, config.text_dim, generator=gen, device=device).to(dtype)
-    sigma = torch.tensor([0.75, 0.75], device=device)  # exact in bf16 (diffusers rounds the timestep to it)
-    grid = (h // 2) * (w // 2)
-    flops = flops_per_forward(config, (frames + 1) * grid, args.text_tokens, frames * grid)
+    latents, condition, text, sigma, flops, tokens = step_inputs(config, args, dtype, device)
     floor = 2 * flops / (args.gemm_tflops * 1e12)
 
     rows: list[tuple[str, float, float, str]] = []  # name, s/step, peak GiB, note
@@ -205,7 +197,7 @@ def main() -> None:
     )
     print(
         f"FLOP per step {2 * flops / 1e12:.1f} T; floor {floor:.3f} s/step at {args.gemm_tflops:.0f} TFLOP/s "
-        f"({(frames + 1) * grid + args.text_tokens} tokens per sample)"
+        f"({tokens} tokens per sample)"
     )
     peers = {name: seconds for name, seconds, _, _ in rows if not name.startswith("ours")}
     header = f"{'impl':<24} {'s/step':>7} {'x floor':>8} {'TFLOP/s':>8} {'peak GiB':>9} {'rel L2':>9}"
