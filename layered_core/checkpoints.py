@@ -612,22 +612,7 @@ def save_mmdit(
         if config is None:
             raise ValueError("the diffusers layout needs the config for config.json")
         path.mkdir(parents=True, exist_ok=True)
-        diffusers_config = {
-            "_class_name": "QwenImageTransformer2DModel",
-            "patch_size": config.patch_size,
-            "in_channels": config.in_channels,
-            "out_channels": config.out_channels,
-            "num_layers": config.num_layers,
-            "attention_head_dim": config.head_dim,
-            "num_attention_heads": config.num_heads,
-            "joint_attention_dim": config.text_dim,
-            "guidance_embeds": False,
-            "axes_dims_rope": list(config.axes_dims),
-            "zero_cond_t": False,
-            "use_additional_t_cond": True,
-            "use_layer3d_rope": True,
-        }
-        (path / "config.json").write_text(json.dumps(diffusers_config, indent=2))
+        (path / "config.json").write_text(json.dumps(config.to_diffusers(), indent=2))
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name in sorted(tensors):

@@ -86,6 +86,25 @@ class MMDiTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_diffusers(self) -> dict:
+        """The diffusers ``transformer/config.json`` of this shape (the inverse of :meth:`from_diffusers`);
+        ``QwenImageTransformer2DModel(**config)`` takes it once ``_class_name`` is dropped."""
+        return {
+            "_class_name": "QwenImageTransformer2DModel",
+            "patch_size": self.patch_size,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "num_layers": self.num_layers,
+            "attention_head_dim": self.head_dim,
+            "num_attention_heads": self.num_heads,
+            "joint_attention_dim": self.text_dim,
+            "guidance_embeds": False,
+            "axes_dims_rope": list(self.axes_dims),
+            "zero_cond_t": False,
+            "use_additional_t_cond": True,
+            "use_layer3d_rope": True,
+        }
+
     @classmethod
     def from_diffusers(cls, config: dict) -> MMDiTConfig:
         """From a diffusers ``transformer/config.json``; refuses a plain Qwen-Image config."""

@@ -15,18 +15,8 @@ def reference_transformer(config: MMDiTConfig, seed: int = 0):
     """diffusers' QwenImageTransformer2DModel configured as Qwen-Image-Layered, random weights."""
     from diffusers import QwenImageTransformer2DModel
 
-    model = QwenImageTransformer2DModel(
-        patch_size=config.patch_size,
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        num_layers=config.num_layers,
-        attention_head_dim=config.head_dim,
-        num_attention_heads=config.num_heads,
-        joint_attention_dim=config.text_dim,
-        axes_dims_rope=config.axes_dims,
-        use_additional_t_cond=True,
-        use_layer3d_rope=True,
-    )
+    kwargs = {k: v for k, v in config.to_diffusers().items() if not k.startswith("_")}
+    model = QwenImageTransformer2DModel(**kwargs)
     return randomize_(model, seed).eval()
 
 
