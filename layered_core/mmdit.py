@@ -321,6 +321,12 @@ def pack_latents(latents: torch.Tensor, patch: int = 2) -> torch.Tensor:
     return rearrange(latents, "b c f (h ph) (w pw) -> b (f h w) (c ph pw)", ph=patch, pw=patch)
 
 
+def image_token_count(layer_count: int, latent_height: int, latent_width: int, patch_size: int = 2) -> int:
+    """Image tokens of one decomposition's forward: the composite, ``layer_count`` layers and the condition
+    frame, each (h / patch) x (w / patch) patches."""
+    return (layer_count + 2) * (latent_height // patch_size) * (latent_width // patch_size)
+
+
 def unpack_latents(tokens: torch.Tensor, frames: int, height: int, width: int, patch: int = 2) -> torch.Tensor:
     """Inverse of :func:`pack_latents`; height and width are in latent pixels."""
     return rearrange(

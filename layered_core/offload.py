@@ -21,7 +21,7 @@ many whole blocks fit. The host keeps one packed copy of every block (the reside
 :meth:`BlockStreamer.load` bring it back with another K. Host memory stays what the loaded model took:
 the original tensors are dropped once a block is packed.
 
-:class:`VRAMBudget` is what the pipeline uses: one large model on the GPU at a time.
+:class:`~layered_core.placement.VRAMBudget` is what the pipeline uses: one large model on the GPU at a time.
 """
 
 from __future__ import annotations
@@ -31,135 +31,17 @@ import functools
 import logging
 import math
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .memory import GiB, ResidencyPlan, activation_bytes, plan_residency, tensor_bytes
+
 logger = logging.getLogger(__name__)
 
-GiB = 1024**3
 ALIGNMENT = 256  # bytes between tensors in a packed block: what CUDA kernels' vector loads want
 PAGE = 4096  # host buffers start and end on pages, so two buffers never share a pinned page
-
-# Peak activation bytes of one forward per element of (batch x tokens x hidden). Measured: 30 on the H100
-# at 640 px (39.7 GiB peak at batch 2 over 38.05 GiB of weights, benchmarks/RESULTS.md); counted by hand:
-# about 24 in attention (q, k, v, their rotated copies, the output, float32 RoPE temporaries) over the
-# float32 residual streams. 48 leaves room for the masked attention path and allocator rounding.
-ACTIVATION_BYTES_PER_ELEMENT = 48
-# Memory the caching allocator does not count as allocated but the GPU must have: lazily loaded kernels,
-# cuBLAS and cuDNN workspaces, fragmentation of the allocator's cache.
-WORKSPACE_RESERVE = 3 * GiB // 2
-# Activations of the text encoder on top of its weights (a 512-token prompt, or a caption's KV cache).
-TEXT_ENCODER_MARGIN = 2 * GiB
-
-
-def gib(value: float | None, what: str = "VRAM budget") -> int | None:
-    """``value`` GiB as bytes (None stays None); a budget must be a positive, finite number."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} must be a positive number of GiB, got {value!r}")
-    return int(value * GiB)
-
-
-def tensor_bytes(module: nn.Module) -> int:
-    """Bytes of a module's parameters and buffers, each tensor counted once."""
-    seen, total = set(), 0
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def activation_bytes(model: nn.Module, image_tokens: int, text_tokens: int, batch: int) -> int:
-    """A conservative peak of a forward's activations on the GPU, in bytes.
-
-    ``image_tokens`` counts every image token (the noisy frames and the condition frame: (layers + 2)
-    frames of (h/2)(w/2) patches), ``text_tokens`` the longest prompt, ``batch`` the forward's batch (2
-    when cond and uncond run together). Float8 linears add their just-in-time dequantised weight
-    (float32, its scaled float32 copy and the bf16 result: 10 bytes per weight) of the largest layer.
-    """
-    for name, value in (("image_tokens", image_tokens), ("text_tokens", text_tokens), ("batch", batch)):
-        if not isinstance(value, int) or value < (0 if name == "text_tokens" else 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    elements = batch * (image_tokens + text_tokens) * model.config.hidden_size
-    dequantised = max(
-        (m.weight.numel() for m in model.modules() if _is_float8(getattr(m, "weight", None))),
-        default=0,
-    )
-    return ACTIVATION_BYTES_PER_ELEMENT * elements + 10 * dequantised
-
-
-def _is_float8(tensor) -> bool:
-    return isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-def decomposition_tokens(model: nn.Module, layers: int, latent_height: int, latent_width: int) -> int:
-    """Image tokens of a decomposition: the composite, ``layers`` layers and the condition frame."""
-    patch = model.config.patch_size
-    return (layers + 2) * (latent_height // patch) * (latent_width // patch)
-
-
-@dataclass(frozen=True)
-class ResidencyPlan:
-    """Where the blocks go under a budget: the first ``resident_blocks`` on the GPU, the rest streamed."""
-
-    budget: int
-    resident_blocks: int
-    streamed_blocks: int
-    slots: int  # slots actually allocated: min(requested, streamed)
-    other_bytes: int  # non-block weights, always on the GPU
-    resident_bytes: int
-    slot_bytes: int  # all slots together
-    activation_bytes: int
-    reserve_bytes: int
-
-    @property
-    def device_bytes(self) -> int:
-        """What the plan expects the GPU to hold at most."""
-        return self.other_bytes + self.resident_bytes + self.slot_bytes + self.activation_bytes + self.reserve_bytes
-
-
-def plan_residency(
-    block_bytes: list[int],
-    other_bytes: int,
-    budget: int,
-    activations: int,
-    slots: int = 2,
-    reserve: int = WORKSPACE_RESERVE,
-) -> ResidencyPlan:
-    """The largest K such that the other weights, blocks 0..K-1, ``slots`` slots (each as large as the
-    largest streamed block), the activations and the reserve fit in ``budget`` bytes.
-
-    K = all blocks needs no slots. Raises ValueError naming the budget and the least one that would do
-    when not even K = 0 fits.
-    """
-    if slots < 1:
-        raise ValueError(f"slots must be at least 1, got {slots}")
-    if budget <= 0:
-        raise ValueError(f"VRAM budget must be positive, got {budget} bytes")
-    count = len(block_bytes)
-    fixed = other_bytes + activations + reserve
-    for resident in range(count, -1, -1):
-        streamed = count - resident
-        used_slots = min(slots, streamed)
-        slot_bytes = used_slots * max(block_bytes[resident:], default=0)
-        resident_bytes = sum(block_bytes[:resident])
-        if fixed + resident_bytes + slot_bytes <= budget:
-            return ResidencyPlan(
-                budget, resident, streamed, used_slots, other_bytes, resident_bytes, slot_bytes, activations, reserve
-            )
-    used_slots = min(slots, count)
-    least = fixed + used_slots * max(block_bytes, default=0)
-    raise ValueError(
-        f"VRAM budget {budget / GiB:.2f} GiB is too small: streaming every block needs at least {least / GiB:.2f} GiB "
-        f"({used_slots} block slots {used_slots * max(block_bytes, default=0) / GiB:.2f} GiB, other weights "
-        f"{other_bytes / GiB:.2f} GiB, activations {activations / GiB:.2f} GiB, CUDA workspace reserve "
-        f"{reserve / GiB:.2f} GiB); raise the budget, or lower the resolution or the layer count"
-    )
 
 
 # --------------------------------------------------------------------------- packed blocks
@@ -575,109 +457,3 @@ def stream_blocks(
         raise ValueError(f"resident_blocks must be 0..{len(streamer.blocks)}, got {resident_blocks!r}")
     logger.info("streaming transformer blocks: %s", streamer.describe())
     return streamer
-
-
-# --------------------------------------------------------------------------- the pipeline's placement
-
-
-class VRAMBudget:
-    """Where the pipeline's three models sit under a VRAM budget: one large model on the GPU at a time.
-
-    The transformer streams its blocks (:class:`BlockStreamer`) and holds block memory only while it
-    samples, with K planned for that decomposition's tokens. The VAE and the text encoder live on the
-    CPU and visit the GPU while they run, the block memory given back first. The text encoder visits
-    only if its weights, :data:`TEXT_ENCODER_MARGIN` and the reserve fit in the budget beside the
-    transformer's other weights; otherwise it runs on the CPU (Qwen2.5-VL-7B is 15.5 GiB in bf16: it
-    visits under 24 GiB and runs on the CPU under 16, where an auto-caption takes minutes).
-    """
-
-    def __init__(self, transformer, vae, text_encoder, device, budget: int, slots: int = 2):
-        if not isinstance(budget, int) or budget <= 0:
-            raise ValueError(f"VRAM budget must be a positive number of bytes, got {budget!r}")
-        self.device = torch.device(device)
-        self.budget = budget
-        self.vae = vae.to("cpu") if vae is not None else None
-        model = getattr(text_encoder, "model", None)
-        if isinstance(model, nn.Module):
-            model.to("cpu")
-        # Refused now only if not even the smallest decomposition (640 px, one layer, no guidance) fits;
-        # each call plans K for its own tokens.
-        smallest = decomposition_tokens(transformer, 1, 80, 80)
-        self.streamer = stream_blocks(
-            transformer, device, budget, slots=slots, image_tokens=smallest, text_tokens=1, batch=1, load=False
-        )
-        text_bytes = tensor_bytes(model) if isinstance(model, nn.Module) else 0
-        self.text_encoder_visits = (
-            isinstance(model, nn.Module)
-            and self.streamer.other_bytes + text_bytes + TEXT_ENCODER_MARGIN + WORKSPACE_RESERVE <= budget
-        )
-        if isinstance(model, nn.Module) and not self.text_encoder_visits:
-            logger.warning(
-                "the text encoder (%.1f GiB) does not fit a %.1f GiB VRAM budget: it runs on the CPU (pass a prompt "
-                "to skip the slow auto-caption)",
-                text_bytes / GiB,
-                budget / GiB,
-            )
-        self._visiting: set[int] = set()
-
-    def describe(self) -> str:
-        where = self.device if self.text_encoder_visits else "cpu"
-        return f"VRAM budget {self.budget / GiB:.2f} GiB: {self.streamer.describe()}; text encoder runs on {where}"
-
-    @contextlib.contextmanager
-    def visiting(self, module: nn.Module | None, text_encoder: bool = False) -> Iterator[None]:
-        """``module`` on the device for the duration (re-entrant); its host tensors are kept and put back
-        after, so leaving costs no copy. The text encoder stays on the CPU when it does not fit."""
-        if module is None or id(module) in self._visiting or (text_encoder and not self.text_encoder_visits):
-            yield
-            return
-        self.streamer.offload()
-        kept = _move_tensors(module, self.device)
-        self._visiting.add(id(module))
-        try:
-            yield
-        finally:
-            self._visiting.discard(id(module))
-            _restore_tensors(kept)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    @contextlib.contextmanager
-    def sampling(self, image_tokens: int, text_tokens: int, batch: int) -> Iterator[ResidencyPlan]:
-        """The transformer's blocks on the device, K planned for this workload; given back after."""
-        plan = self.streamer.plan(self.budget, image_tokens, text_tokens, batch)
-        self.streamer.load(plan.resident_blocks)
-        logger.info("sampling with %s", self.streamer.describe())
-        try:
-            yield plan
-        finally:
-            self.streamer.offload()
-
-
-def _move_tensors(module: nn.Module, device: torch.device) -> list:
-    """Point every parameter and buffer of ``module`` at a copy on ``device``; returns what to restore.
-
-    Shared tensors are copied once. Parameters keep their objects (new ``.data``), as accelerate does."""
-    kept, moved_params, moved_buffers = [], set(), {}
-    with torch.no_grad():
-        for owner in module.modules():
-            for param in owner._parameters.values():
-                if param is not None and id(param) not in moved_params:
-                    moved_params.add(id(param))
-                    kept.append((param, None, None, param.data))
-                    param.data = param.data.to(device)
-            for name, buffer in owner._buffers.items():
-                if buffer is not None:
-                    if id(buffer) not in moved_buffers:
-                        moved_buffers[id(buffer)] = buffer.to(device)
-                    kept.append((None, owner, name, buffer))
-                    owner._buffers[name] = moved_buffers[id(buffer)]
-    return kept
-
-
-def _restore_tensors(kept: list) -> None:
-    for param, owner, name, tensor in kept:
-        if param is not None:
-            param.data = tensor
-        else:
-            owner._buffers[name] = tensor

@@ -16,9 +16,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checkpoints import load_mmdit, load_vae
 from .image import BUCKETS, bucket_size, flatten, image_to_tensor, resize_layers, resize_rgba, to_rgba
 from .layers import LayerStack, attach_split, rgba_to_pil, stack_from_tensor
-from .sampling import MAX_LAYERS, Conditioning, StepInfo, sample
+from .memory import gib
+from .mmdit import image_token_count
+from .placement import VRAMBudget
+from .sampling import Conditioning, StepInfo, check_layer_count, forward_batch, sample
+from .text import load_text_encoder
 from .vae import DEFAULT_FRAMES_PER_BATCH, decode_frames
 
 logger = logging.getLogger(__name__)
@@ -50,8 +55,7 @@ class DecomposeOptions:
         if not 1 <= self.max_sequence_length <= 1024:
             raise ValueError(f"max_sequence_length must be in 1..1024, got {self.max_sequence_length}")
         # checked here, before any model runs, so a bad setting costs nothing
-        if not isinstance(self.layers, int) or not 1 <= self.layers <= MAX_LAYERS:
-            raise ValueError(f"layer count must be an integer from 1 to {MAX_LAYERS}, got {self.layers!r}")
+        check_layer_count(self.layers)
         if not self.cfg_scale > 0:
             raise ValueError(f"cfg_scale must be positive, got {self.cfg_scale}")
         if self.resolution not in BUCKETS:
@@ -111,9 +115,6 @@ class LayeredPipeline:
         transformer's blocks stream to ``device`` (see :class:`~layered_core.offload.VRAMBudget`).
         ``compile`` compiles the transformer's blocks (:meth:`VLDMMDiT.compile_blocks`): on an H100 a step
         takes 0.72 s instead of 0.98 s, after 12-18 s of compilation on the first step."""
-        from .checkpoints import load_mmdit, load_vae
-        from .text import load_text_encoder
-
         transformer = transformer or model
         vae = vae or model
         text_encoder = text_encoder or model
@@ -122,8 +123,6 @@ class LayeredPipeline:
         if compile and vram_budget_gb is not None:
             raise ValueError("compile and vram_budget_gb together are not supported yet: choose one")
         if vram_budget_gb is not None:
-            from .offload import VRAMBudget, gib
-
             budget = gib(vram_budget_gb)  # checked before minutes of loading
             models = (
                 load_mmdit(transformer, dtype=dtype, device="cpu", fp8=fp8),
@@ -163,11 +162,10 @@ class LayeredPipeline:
         tokens (yields the plan); else nothing happens (yields None)."""
         if self.vram_budget is None:
             return contextlib.nullcontext()
-        from .offload import decomposition_tokens
-
-        image_tokens = decomposition_tokens(self.transformer, options.layers, *condition.shape[-2:])
+        patch = self.transformer.config.patch_size
+        image_tokens = image_token_count(options.layers, *condition.shape[-2:], patch)
         prompts = [c for c in (positive, negative) if c is not None]
-        batch = condition.shape[0] * (2 if negative is not None and options.cfg_scale > 1 else 1)
+        batch = forward_batch(condition.shape[0], options.cfg_scale, negative is not None)
         return self.vram_budget.sampling(image_tokens, max(c.embeddings.shape[1] for c in prompts), batch)
 
     def encode_image(self, image: Image.Image) -> torch.Tensor:

@@ -9,9 +9,26 @@ from dataclasses import dataclass
 
 import torch
 
-from .mmdit import LATENT_CHANNELS, pack_latents, unpack_latents
+from .mmdit import LATENT_CHANNELS, image_token_count, pack_latents, unpack_latents
 
 MAX_LAYERS = 20  # the model was trained with up to 20 layers
+
+
+def check_layer_count(count, what: str = "layer count") -> int:
+    """``count`` if it is a layer count the model takes (an int from 1 to :data:`MAX_LAYERS`), else ValueError."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_LAYERS:
+        raise ValueError(f"{what} must be an integer from 1 to {MAX_LAYERS}, got {count!r}")
+    return count
+
+
+def is_guided(cfg_scale: float, has_negative: bool = True) -> bool:
+    """Whether true CFG runs: a scale above 1 and a negative prompt to guide against."""
+    return cfg_scale > 1.0 and has_negative
+
+
+def forward_batch(batch: int, cfg_scale: float, has_negative: bool = True) -> int:
+    """The transformer's batch for ``batch`` images: cond and uncond together when guided."""
+    return batch * (2 if is_guided(cfg_scale, has_negative) else 1)
 
 
 class Cancelled(RuntimeError):
@@ -128,8 +145,7 @@ def sample(
     returning False (or raising) stops the run with :class:`Cancelled`.
     Returns float32 latents (B, 16, N+1, h, w).
     """
-    if not isinstance(layers, int) or not 1 <= layers <= MAX_LAYERS:
-        raise ValueError(f"layer count must be an integer from 1 to {MAX_LAYERS}, got {layers!r}")
+    check_layer_count(layers)
     if condition.ndim != 4 or condition.shape[1] != LATENT_CHANNELS:
         raise ValueError(f"condition latent must be (B, {LATENT_CHANNELS}, h, w), got {tuple(condition.shape)}")
     batch, _, height, width = condition.shape
@@ -139,14 +155,14 @@ def sample(
         raise ValueError(f"cfg_scale must be positive, got {cfg_scale}")
     device = condition.device
 
-    guided = cfg_scale > 1.0 and negative is not None
+    guided = is_guided(cfg_scale, negative is not None)
     # cond and uncond share one batched forward when their prompts are equally long. Otherwise padding
     # would need an attention mask, and masked attention runs far slower than the unmasked kernels
     # (1.36 against 0.99 s a step on an H100 at 640 px), so they run as two forwards instead.
     length = _unpadded_length(prompt)
     batched = guided and (batch_guidance or (length is not None and length == _unpadded_length(negative)))
     if batched:
-        image_tokens = (layers + 2) * (height // 2) * (width // 2)  # noisy frames and the condition, 2x2 patches
+        image_tokens = image_token_count(layers, height, width)
         text, text_mask = _batched_text(prompt, negative, image_tokens)
         model_condition = torch.cat([condition, condition])
 

@@ -286,11 +286,22 @@ class RGBAVAE(nn.Module):
         model.load_state_dict(converted, strict=True, assign=True)
         return model.eval()
 
-    def latent_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel (mean, std), (1, C, 1, 1) float32: normalised latent = (z - mean) / std."""
+    def _latent_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (mean, std), (1, C, 1, 1) float32."""
         mean = torch.tensor(self.config.latents_mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         std = torch.tensor(self.config.latents_std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         return mean, std
+
+    def normalize_latent(self, raw: torch.Tensor) -> torch.Tensor:
+        """The raw latent z (B, C, h, w), as ComfyUI's LATENT holds it, normalised per channel as
+        ``(z - latents_mean) / latents_std``: what :meth:`decode` takes and :meth:`encode` gives. Float32."""
+        mean, std = self._latent_stats(raw.device)
+        return (raw.float() - mean) / std
+
+    def denormalize_latent(self, normalised: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize_latent`: ``latent * latents_std + latents_mean``, float32."""
+        mean, std = self._latent_stats(normalised.device)
+        return normalised.float() * std + mean
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -314,9 +325,7 @@ class RGBAVAE(nn.Module):
         if x.shape[1] == 3:
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         moments = self.conv1(self.encoder(x))
-        mode = moments[:, : self.config.z_dim].float()
-        mean, std = self.latent_stats(mode.device)
-        return (mode - mean) / std
+        return self.normalize_latent(moments[:, : self.config.z_dim])
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, tile: int | None = None, overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
@@ -349,8 +358,7 @@ class RGBAVAE(nn.Module):
 
     def _decode_tile(self, latent: torch.Tensor) -> torch.Tensor:
         weight = self.decoder.conv1.weight
-        mean, std = self.latent_stats(weight.device)
-        z = (latent.to(device=weight.device, dtype=torch.float32) * std + mean).to(weight.dtype)
+        z = self.denormalize_latent(latent.to(weight.device)).to(weight.dtype)
         image = self.decoder(self.conv2(z))
         return (image.float().clamp(-1.0, 1.0) + 1.0) / 2.0
 

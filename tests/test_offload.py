@@ -12,22 +12,12 @@ import torch
 from PIL import Image
 
 from layered_core.checkpoints import load_mmdit, quantize_fp8, save_mmdit
+from layered_core.memory import ACTIVATION_BYTES_PER_ELEMENT, GiB, gib, tensor_bytes
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT
-from layered_core.offload import (
-    ACTIVATION_BYTES_PER_ELEMENT,
-    WORKSPACE_RESERVE,
-    BlockStreamer,
-    GiB,
-    VRAMBudget,
-    _SyncTransfers,
-    activation_bytes,
-    gib,
-    plan_residency,
-    stream_blocks,
-    tensor_bytes,
-)
+from layered_core.offload import BlockStreamer, _SyncTransfers, stream_blocks
 from layered_core.ops import FP8Linear
 from layered_core.pipeline import DecomposeOptions, LayeredPipeline
+from layered_core.placement import VRAMBudget
 from layered_core.sampling import Conditioning, sample
 from layered_core.tiny_models import randomize_
 from layered_core.vae import RGBAVAE, VAEConfig
@@ -384,64 +374,6 @@ def test_cuda_streaming_with_slow_copies_equals_the_resident_model(slots):
     streamer.load(1)
     for _ in range(3):
         assert torch.equal(cuda_run(model), want)
-
-
-# --------------------------------------------------------------------------- the plan, in numbers
-
-
-def test_plan_takes_the_most_blocks_that_fit():
-    blocks, other, activations, reserve = [GiB] * 6, GiB // 2, 3 * GiB // 4, GiB // 4  # fixed part 1.5 GiB
-    plan = plan_residency(blocks, other, int(7.5 * GiB), activations, slots=2, reserve=reserve)
-    assert (plan.resident_blocks, plan.streamed_blocks, plan.slots, plan.slot_bytes) == (6, 0, 0, 0)
-    assert plan.device_bytes == int(7.5 * GiB)
-    # one byte less: no longer all of them, and 2 slots to pay for -> 1.5 + K + 2 <= 7.49
-    plan = plan_residency(blocks, other, int(7.5 * GiB) - 1, activations, slots=2, reserve=reserve)
-    assert (plan.resident_blocks, plan.streamed_blocks, plan.slots, plan.slot_bytes) == (3, 3, 2, 2 * GiB)
-    plan = plan_residency(blocks, other, int(3.5 * GiB), activations, slots=2, reserve=reserve)
-    assert (plan.resident_blocks, plan.streamed_blocks) == (0, 6)
-    plan = plan_residency(blocks, other, int(3.5 * GiB), activations, slots=1, reserve=reserve)
-    assert (plan.resident_blocks, plan.slots) == (1, 1)
-    with pytest.raises(ValueError, match=r"VRAM budget 3\.40 GiB is too small: .* at least 3\.50 GiB \(2 block slots"):
-        plan_residency(blocks, other, int(3.4 * GiB), activations, slots=2, reserve=reserve)
-    # a slot is as large as the largest streamed block; resident blocks do not count
-    plan = plan_residency([GiB, 2 * GiB, GiB], 0, int(3.5 * GiB), 0, slots=1, reserve=0)
-    assert (plan.resident_blocks, plan.slot_bytes) == (1, 2 * GiB)
-    plan = plan_residency([2 * GiB, GiB, GiB], 0, int(3.5 * GiB), 0, slots=1, reserve=0)
-    assert (plan.resident_blocks, plan.slot_bytes) == (1, GiB)
-
-
-def test_full_size_plans_at_24_and_16_gib():
-    """The numbers the H100 run checks: the full model in bf16 at 640 px, 4 layers, 256 text tokens,
-    cond and uncond as one batch of 2."""
-    with torch.device("meta"):
-        model = VLDMMDiT(MMDiTConfig.full(), dtype=torch.bfloat16)
-    blocks = [tensor_bytes(block) for block in model.transformer_blocks]
-    other = tensor_bytes(model) - sum(blocks)
-    assert blocks[0] == 679_662_592 and len(set(blocks)) == 1  # 0.633 GiB a block
-    assert other == 81_058_944
-    activations = activation_bytes(model, image_tokens=6 * 40 * 40, text_tokens=256, batch=2)
-    assert activations == ACTIVATION_BYTES_PER_ELEMENT * 2 * 9856 * 3072 == 2_906_652_672  # 2.71 GiB
-    plans = {gb: plan_residency(blocks, other, gb * GiB, activations, slots=2) for gb in (80, 40, 24, 16, 8)}
-    assert {gb: (p.resident_blocks, p.streamed_blocks) for gb, p in plans.items()} == {
-        80: (60, 0),
-        40: (54, 6),
-        24: (29, 31),
-        16: (16, 44),
-        8: (3, 57),
-    }
-    assert all(p.device_bytes <= p.budget for p in plans.values())
-    with pytest.raises(ValueError, match=r"VRAM budget 5\.00 GiB is too small: .* at least 5\.55 GiB"):
-        plan_residency(blocks, other, 5 * GiB, activations, slots=2)
-    assert WORKSPACE_RESERVE == 1.5 * GiB
-
-
-def test_activation_estimate_covers_the_fp8_dequantised_weight(tmp_path):
-    plain, fp8 = tiny_model(), fp8_model(tmp_path)
-    tokens = dict(image_tokens=100, text_tokens=10, batch=2)
-    assert activation_bytes(plain, **tokens) == ACTIVATION_BYTES_PER_ELEMENT * 2 * 110 * 64
-    assert activation_bytes(fp8, **tokens) == activation_bytes(plain, **tokens) + 10 * 64 * 384  # img_mod, the largest
-    with pytest.raises(ValueError, match="batch must be a positive integer"):
-        activation_bytes(plain, 100, 10, 0)
 
 
 # --------------------------------------------------------------------------- sampling and the pipeline

@@ -1,0 +1,124 @@
+"""How much GPU memory a decomposition needs, and how many transformer blocks fit resident under a budget.
+
+Estimates only, no placement: :mod:`layered_core.offload` streams the blocks that do not fit, and
+:mod:`layered_core.placement` moves the pipeline's models under a budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from .ops import FP8_DTYPES
+
+GiB = 1024**3
+
+# Peak activation bytes of one forward per element of (batch x tokens x hidden). Measured: 30 on the H100
+# at 640 px (39.7 GiB peak at batch 2 over 38.05 GiB of weights, benchmarks/RESULTS.md); counted by hand:
+# about 24 in attention (q, k, v, their rotated copies, the output, float32 RoPE temporaries) over the
+# float32 residual streams. 48 leaves room for the masked attention path and allocator rounding.
+ACTIVATION_BYTES_PER_ELEMENT = 48
+# Memory the caching allocator does not count as allocated but the GPU must have: lazily loaded kernels,
+# cuBLAS and cuDNN workspaces, fragmentation of the allocator's cache.
+WORKSPACE_RESERVE = 3 * GiB // 2
+# Activations of the text encoder on top of its weights (a 512-token prompt, or a caption's KV cache).
+TEXT_ENCODER_MARGIN = 2 * GiB
+
+
+def gib(value: float | None, what: str = "VRAM budget") -> int | None:
+    """``value`` GiB as bytes (None stays None); a budget must be a positive, finite number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a positive number of GiB, got {value!r}")
+    return int(value * GiB)
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each tensor counted once."""
+    seen, total = set(), 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def activation_bytes(model: nn.Module, image_tokens: int, text_tokens: int, batch: int) -> int:
+    """A conservative peak of a forward's activations on the GPU, in bytes.
+
+    ``image_tokens`` counts every image token (the noisy frames and the condition frame: (layers + 2)
+    frames of (h/2)(w/2) patches), ``text_tokens`` the longest prompt, ``batch`` the forward's batch (2
+    when cond and uncond run together). Float8 linears add their just-in-time dequantised weight
+    (float32, its scaled float32 copy and the bf16 result: 10 bytes per weight) of the largest layer.
+    """
+    for name, value in (("image_tokens", image_tokens), ("text_tokens", text_tokens), ("batch", batch)):
+        if not isinstance(value, int) or value < (0 if name == "text_tokens" else 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    elements = batch * (image_tokens + text_tokens) * model.config.hidden_size
+    dequantised = max(
+        (m.weight.numel() for m in model.modules() if getattr(getattr(m, "weight", None), "dtype", None) in FP8_DTYPES),
+        default=0,
+    )
+    return ACTIVATION_BYTES_PER_ELEMENT * elements + 10 * dequantised
+
+
+@dataclass(frozen=True)
+class ResidencyPlan:
+    """Where the blocks go under a budget: the first ``resident_blocks`` on the GPU, the rest streamed."""
+
+    budget: int
+    resident_blocks: int
+    streamed_blocks: int
+    slots: int  # slots actually allocated: min(requested, streamed)
+    other_bytes: int  # non-block weights, always on the GPU
+    resident_bytes: int
+    slot_bytes: int  # all slots together
+    activation_bytes: int
+    reserve_bytes: int
+
+    @property
+    def device_bytes(self) -> int:
+        """What the plan expects the GPU to hold at most."""
+        return self.other_bytes + self.resident_bytes + self.slot_bytes + self.activation_bytes + self.reserve_bytes
+
+
+def plan_residency(
+    block_bytes: list[int],
+    other_bytes: int,
+    budget: int,
+    activations: int,
+    slots: int = 2,
+    reserve: int = WORKSPACE_RESERVE,
+) -> ResidencyPlan:
+    """The largest K such that the other weights, blocks 0..K-1, ``slots`` slots (each as large as the
+    largest streamed block), the activations and the reserve fit in ``budget`` bytes.
+
+    K = all blocks needs no slots. Raises ValueError naming the budget and the least one that would do
+    when not even K = 0 fits.
+    """
+    if slots < 1:
+        raise ValueError(f"slots must be at least 1, got {slots}")
+    if budget <= 0:
+        raise ValueError(f"VRAM budget must be positive, got {budget} bytes")
+    count = len(block_bytes)
+    fixed = other_bytes + activations + reserve
+    for resident in range(count, -1, -1):
+        streamed = count - resident
+        used_slots = min(slots, streamed)
+        slot_bytes = used_slots * max(block_bytes[resident:], default=0)
+        resident_bytes = sum(block_bytes[:resident])
+        if fixed + resident_bytes + slot_bytes <= budget:
+            return ResidencyPlan(
+                budget, resident, streamed, used_slots, other_bytes, resident_bytes, slot_bytes, activations, reserve
+            )
+    used_slots = min(slots, count)
+    least = fixed + used_slots * max(block_bytes, default=0)
+    raise ValueError(
+        f"VRAM budget {budget / GiB:.2f} GiB is too small: streaming every block needs at least {least / GiB:.2f} GiB "
+        f"({used_slots} block slots {used_slots * max(block_bytes, default=0) / GiB:.2f} GiB, other weights "
+        f"{other_bytes / GiB:.2f} GiB, activations {activations / GiB:.2f} GiB, CUDA workspace reserve "
+        f"{reserve / GiB:.2f} GiB); raise the budget, or lower the resolution or the layer count"
+    )
