@@ -7,9 +7,9 @@ Two kernels can serve it:
 - ``"flash4"``: FlashAttention-4's CuTe kernels (``pip install flash-attn-4``), for Hopper and Blackwell GPUs
   (compute capability 9.x and 10.x), bf16 or fp16, no mask. It is an optional extra: where it is installed and
   the call fits, ``"auto"`` (the default) takes it, else SDPA. On Hopper with 128-wide heads it runs 128 x 192
-  tiles (761 TFLOP/s on an H100 at the 640 px step's shape, against 726 for FA4's default 128 x 128). Its
-  compiled kernels are kept on disk (FA4's own cache, switched on here unless
-  ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED`` is set), so a new process does not compile them again.
+  tiles, faster than FA4's default 128 x 128 at the step's shape (benchmarks/RESULTS.md). Its compiled kernels
+  are kept on disk (FA4's own cache, switched on here unless ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED`` is set),
+  so a new process does not compile them again.
 
 :func:`set_attention_backend` picks one for the whole process (``QWEN_LAYERED_ATTENTION`` sets the default).
 """
@@ -101,8 +101,8 @@ def _enable_flash4_disk_cache() -> None:
 
 
 def flash4_tile(q: torch.Tensor) -> tuple[int, int] | None:
-    """The (query, key) tile FA4 runs with here, or None for FA4's own choice. On Hopper with 128-wide heads,
-    128 x 192 measured 761 TFLOP/s against 726 for FA4's default 128 x 128 (H100, 2 x 10112 tokens, 24 heads)."""
+    """The (query, key) tile FA4 runs with here, or None for FA4's own choice: on Hopper with 128-wide heads,
+    128 x 192, which beat FA4's default 128 x 128 at the step's attention shape (benchmarks/bench_kernels.py)."""
     if q.shape[-1] == 128 and torch.cuda.get_device_capability(q.device)[0] == 9:
         return (128, 192)
     return None

@@ -14,9 +14,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .image import IMAGE_SUFFIXES, ImageError, open_image, resize_rgba
-from .layers import LayerStack
+import numpy as np
+
+from .atomic import atomic_write, atomic_write_text
+from .export import save_png_zip
+from .image import ImageError, find_image_files, open_image, resize_rgba
+from .layers import LayerStack, render_layer, rgba_to_pil
 from .pipeline import DecomposeOptions, LayeredPipeline
+from .psd import save_psd
 from .sampling import Cancelled, StepInfo
 
 logger = logging.getLogger(__name__)
@@ -31,7 +36,7 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found.extend(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(find_image_files(path))
         elif path.exists():
             found.append(path)
         else:
@@ -113,10 +118,6 @@ def split_recursively(pipeline: LayeredPipeline, stack: LayerStack, settings: Ba
 def write_outputs(
     stack: LayerStack, folder: Path, formats: tuple[str, ...], image_path: Path, input_image
 ) -> list[Path]:
-    from .export import save_png_zip
-    from .layers import render_layer, rgba_to_pil
-    from .psd import save_psd
-
     folder.mkdir(parents=True, exist_ok=True)
     # a rerun with fewer layers must not leave the old run's extra PNGs beside the new ones
     for stale in folder.glob("layer_*.png"):
@@ -129,10 +130,8 @@ def write_outputs(
     if "png" in formats:
         for index, layer in enumerate(stack.layers):
             target = folder / f"layer_{index + 1:02d}.png"
-            tmp = target.with_name(f".{target.name}.partial")
-            rgba_to_pil(render_layer(layer, stack.width, stack.height)).save(tmp, "PNG")
-            os.replace(tmp, target)
-            written.append(target)
+            picture = rgba_to_pil(render_layer(layer, stack.width, stack.height))
+            written.append(atomic_write(target, lambda file, picture=picture: picture.save(file, "PNG")))
     return written
 
 
@@ -144,8 +143,6 @@ def run_batch(
     progress: Callable[[str], None] | None = None,
 ) -> BatchResult:
     """Decompose every image into ``out/<stem>/``; returns what was done, skipped and failed."""
-    import numpy as np
-
     result = BatchResult()
     fingerprint = settings.fingerprint()
     total = len(images)
@@ -181,7 +178,7 @@ def run_batch(
                 "layers": len(stack.layers),
                 "seconds": {k: round(v, 3) for k, v in decomposition.seconds.items()},
             }
-            _atomic_text(folder / DONE_FILE, json.dumps(record, indent=2))
+            atomic_write_text(folder / DONE_FILE, json.dumps(record, indent=2))
             result.done.append(image_path)
             _say(progress, f"{label}: done in {time.perf_counter() - start:.1f} s -> {folder}")
         except (Cancelled, KeyboardInterrupt):
@@ -191,12 +188,6 @@ def run_batch(
             logger.exception("failed: %s", image_path)
             _say(progress, f"{label}: FAILED: {e}")
     return result
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _say(progress, message: str, transient: bool = False) -> None:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 
-from .checkpoints import (
-    LAYERED_MARKER,
-    TRANSFORMER_PREFIXES,
-    CheckpointError,
-    describe_keys,
-    find_prefix,
-    infer_mmdit_config,
-    open_checkpoint,
-    quantized_layers,
-)
+import torch
+
+from .batch import FORMATS, BatchSettings, find_images, run_batch, terminal_progress
+from .checkpoints import CheckpointError, describe_keys, infer_mmdit_config, open_checkpoint, quantized_layers
+from .checkpoints.transformer import layered_prefix
+from .pipeline import DecomposeOptions, LayeredPipeline
+from .sampling import MAX_LAYERS, check_layer_count
+from .selftest import main as selftest_main
+from .tiny_models import write_comfy_models
 
 
 def inspect_checkpoint(path: str) -> dict:
@@ -29,8 +30,8 @@ def inspect_checkpoint(path: str) -> dict:
         "bytes": sum(source.dtypes[k].itemsize * _numel(source.shapes[k]) for k in keys),
         "dtypes": sorted({str(source.dtypes[k]).removeprefix("torch.") for k in keys}),
     }
-    prefix = find_prefix(keys, TRANSFORMER_PREFIXES, "transformer_blocks.0.")
-    if f"{prefix}{LAYERED_MARKER}" in source:
+    prefix = layered_prefix(source)
+    if prefix is not None:
         info["prefix"] = prefix
         info["fp8_layers"] = len(quantized_layers(source, prefix))
         info["config"] = infer_mmdit_config(source, prefix).to_dict()
@@ -52,8 +53,6 @@ def _colour(text: str) -> tuple[int, int, int]:
 
 
 def add_decompose_parser(sub) -> None:
-    from .pipeline import DecomposeOptions
-
     d = DecomposeOptions()
     p = sub.add_parser("decompose", help="decompose images into RGBA layers (PSD / PNG zip per image)")
     p.add_argument("inputs", nargs="+", help="image files and folders of images")
@@ -62,7 +61,9 @@ def add_decompose_parser(sub) -> None:
     p.add_argument("--transformer", help="transformer file or folder (overrides --model)")
     p.add_argument("--vae", help="VAE file or folder (overrides --model)")
     p.add_argument("--text-encoder", help="folder with text_encoder/, tokenizer/, processor/ (overrides --model)")
-    p.add_argument("--layers", type=int, default=d.layers, help=f"layer count, 1..20 (default {d.layers})")
+    p.add_argument(
+        "--layers", type=int, default=d.layer_count, help=f"layer count, 1..{MAX_LAYERS} (default {d.layer_count})"
+    )
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--cfg", type=float, default=d.cfg_scale, help="true-CFG scale; 1 turns guidance off")
     p.add_argument("--no-cfg-normalize", action="store_true")
@@ -89,20 +90,12 @@ def add_decompose_parser(sub) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the transformer blocks: about 27%% less time per step on an H100, after 12-18 s "
-        "of compilation (worth it from the first image of 50 steps)",
+        help="torch.compile the transformer blocks: faster steps after some seconds of compilation on the first "
+        "(benchmarks/RESULTS.md has the figures)",
     )
 
 
 def decompose_command(args) -> int:
-    import logging
-    from pathlib import Path
-
-    import torch
-
-    from .batch import FORMATS, BatchSettings, find_images, run_batch, terminal_progress
-    from .pipeline import DecomposeOptions, LayeredPipeline
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     unknown = [f for f in formats if f not in FORMATS]
@@ -111,7 +104,7 @@ def decompose_command(args) -> int:
         return 2
     try:
         options = DecomposeOptions(
-            layers=args.layers,
+            layer_count=args.layers,
             steps=args.steps,
             cfg_scale=args.cfg,
             cfg_normalize=not args.no_cfg_normalize,
@@ -122,8 +115,7 @@ def decompose_command(args) -> int:
             keep_input_size=args.input_size,
             background=args.background,
         )
-        if not 1 <= args.split_layers <= 20:
-            raise ValueError(f"--split-layers must be 1..20, got {args.split_layers}")
+        check_layer_count(args.split_layers, "--split-layers")
         images = find_images(args.inputs)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -192,15 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "tiny-models":
-        from .tiny_models import write_comfy_models
-
         for kind, path in write_comfy_models(args.models_dir, seed=args.seed).items():
             print(f"{kind}: {path}")
         return 0
 
     if args.command == "selftest":
-        from .selftest import main as selftest_main
-
         return selftest_main()
     if args.command == "decompose":
         return decompose_command(args)

@@ -1,8 +1,4 @@
-"""Writing files safely, and the ZIP-of-PNGs export (with a JSON manifest) beside the PSD one.
-
-Every export goes through :func:`atomic_write`: the bytes go to a temporary file in the destination's
-directory, are flushed to disk, and only then renamed over the destination, so a failed or interrupted save
-leaves the old file (or nothing) and never half a file.
+"""The ZIP-of-PNGs export (with a JSON manifest) beside the PSD one, written atomically (:mod:`.atomic`).
 
 The ZIP holds ``manifest.json``, ``composite.png``, optionally ``input.png``, and one PNG per layer under
 ``layers/`` cut to its alpha box. The manifest lists the layers bottom to top with their names, files,
@@ -12,19 +8,17 @@ any layer name, Unicode or not, is safe.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import tempfile
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
+from .atomic import atomic_write
 from .layers import Layer, LayerStack, as_rgba, composite, crop_to_alpha, rgba_from_pil, rgba_to_pil
 
 MANIFEST_FORMAT = "layered-core/png-zip"
@@ -33,43 +27,6 @@ MANIFEST_VERSION = 1
 
 class ExportError(ValueError):
     """A stack that the chosen file format cannot hold, or a file that cannot be read back."""
-
-
-# Read once at import: os.umask can only be read by setting it, which would race with other threads later.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync it and rename it to ``path``.
-
-    On any failure the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise ExportError(f"{path}: the directory {directory} does not exist")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            # mkstemp makes the file private (0600); give it the permissions any new file would get
-            os.fchmod(file.fileno(), 0o666 & ~_UMASK)
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    # The rename is durable only once the directory entry is; not every platform can open a directory.
-    with contextlib.suppress(OSError):
-        directory_handle = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(directory_handle)
-        finally:
-            os.close(directory_handle)
-    return path
 
 
 def _png_bytes(pixels: np.ndarray, compress_level: int) -> bytes:

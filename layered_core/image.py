@@ -110,16 +110,10 @@ def resize_rgba(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image.resize(tuple(size), Image.Resampling.LANCZOS)
 
 
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
+def image_to_bchw(image: Image.Image) -> torch.Tensor:
     """RGBA PIL image as float32 (1, 4, H, W) in [0, 1]."""
     array = np.asarray(to_rgba(image), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
-
-
-def tensor_to_image(rgba: torch.Tensor) -> Image.Image:
-    """(4, H, W) float in [0, 1] as an RGBA PIL image."""
-    array = (rgba.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array, "RGBA")
 
 
 def resize_layers(layers: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -2,15 +2,15 @@
 
 :func:`norm_rope_join` takes the text and image query (or key) projections to the joined, normalised, rotated
 tensor attention reads. In PyTorch that is RMSNorm, RoPE and a concatenation per stream, which torch.compile
-turns into three passes over the data (0.76 ms per block at 640 px on an H100); the Triton kernel here reads
+turns into three passes over the data; the Triton kernel here reads
 each projection once and writes the joined tensor once. It runs on CUDA tensors where Triton is installed; the
 PyTorch code serves everywhere else and is the reference the GPU tests compare against.
 
 :func:`linear_gelu` is the MLP's first projection with its tanh-GELU in the GEMM's epilogue, so the 4x-wide
 hidden state is written once. Where quack's CuTe GEMMs are installed (they come with FlashAttention-4, the
-``flash4`` extra) it uses quack's on Hopper and Blackwell GPUs for large row counts: on an H100 at the 640 px
-step's image shape, 685 to 812 TFLOP/s against 660 to 687 for cuBLASLt's GELU epilogue, which serves elsewhere on
-CUDA (and for the short text stream). On the CPU it is a linear and a GELU.
+``flash4`` extra) it uses quack's on Hopper and Blackwell GPUs for large row counts, where it beat cuBLASLt's GELU
+epilogue (benchmarks/bench_kernels.py); cuBLASLt's serves elsewhere on CUDA (and for the short text stream). On the
+CPU it is a linear and a GELU.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def _find_quack() -> bool:
 
 QUACK_INSTALLED = _find_quack()
 GELU_EPILOGUES = ("auto", "cublaslt", "none")
-# quack's default tile wins on the image stream's 19200 rows (685 against 660 TFLOP/s, H100) and loses on the text
-# stream's 512 (443 against 619); below this many rows cuBLASLt keeps the GEMM
+# quack's default tile wins on the image stream's thousands of rows and loses on the text stream's few hundred
+# (benchmarks/RESULTS.md); below this many rows cuBLASLt keeps the GEMM
 QUACK_MIN_ROWS = 4096
 
 

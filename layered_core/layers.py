@@ -13,8 +13,8 @@ pixels and carries the sub-layers in ``children``, bottom to top, in canvas coor
 children, the way a PSD group shows its contents. Stacks and layers are immutable: every edit builds a new
 stack that shares the untouched layers (and their read-only arrays) with the old one.
 
-Conversions: :func:`rgba_from_pil` / :func:`rgba_to_pil` for PIL images, :func:`rgba_from_tensor` /
-:func:`rgba_to_tensor` and :func:`stack_from_tensor` / :func:`stack_to_tensor` for ComfyUI's IMAGE
+Conversions: :func:`rgba_from_pil` / :func:`rgba_to_pil` for PIL images, :func:`rgba_from_bhwc` /
+:func:`rgba_to_bhwc` and :func:`stack_from_bhwc` / :func:`stack_to_bhwc` for ComfyUI's IMAGE
 convention (``[B, H, W, C]`` float 0..1, C = 3 or 4, a batch of layers bottom to top).
 """
 
@@ -40,8 +40,8 @@ into ``children`` (``(2, 0)`` is the bottom sub-layer of layer 2). Negative indi
 Box = tuple[int, int, int, int]
 """``(x0, y0, x1, y1)`` on the canvas, half-open."""
 
-# Rows per compositing strip: about 64 K pixels, so a strip's float32 working set (1 MiB) stays in cache.
-# Measured (8 random 2048x2048 layers, one thread): 1.1 s with whole-image numpy operations, 0.44 s in strips.
+# Rows per compositing strip: about 64 K pixels, so a strip's float32 working set (1 MiB) stays in cache, which is
+# faster than whole-image numpy operations (benchmarks/bench_psd.py).
 _STRIP_PIXELS = 1 << 16
 # Threads that composite strips side by side: the CPUs this process may run on.
 _WORKERS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
@@ -408,16 +408,6 @@ def render_premultiplied(layers: Sequence[Layer], box: Box) -> np.ndarray:
     return out
 
 
-def unpremultiply(premultiplied: np.ndarray) -> np.ndarray:
-    """float (h, w, 4) premultiplied RGBA in 0..1 -> uint8 straight RGBA (colour 0 where alpha is 0)."""
-    out = np.empty(premultiplied.shape, np.uint8)
-    rows = max(1, _STRIP_PIXELS // max(premultiplied.shape[1], 1))
-    for top in range(0, premultiplied.shape[0], rows):
-        strip = premultiplied[top : top + rows].astype(np.float32) * 255
-        _unpremultiply_into(out[top : top + rows], strip)
-    return out
-
-
 def render(layers: Sequence[Layer], box: Box) -> np.ndarray:
     """Composite ``layers`` into the canvas region ``box`` as uint8 straight RGBA."""
     out = np.empty((max(box[3] - box[1], 0), max(box[2] - box[0], 0), 4), np.uint8)
@@ -482,13 +472,11 @@ def rgba_to_pil(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(as_rgba(pixels)), "RGBA")
 
 
-def rgba_from_tensor(image: torch.Tensor) -> np.ndarray:
+def rgba_from_bhwc(image: torch.Tensor) -> np.ndarray:
     """A ComfyUI IMAGE (``[H, W, C]`` or ``[1, H, W, C]`` float 0..1, C = 3 or 4) as uint8 straight RGBA."""
     if image.ndim == 4:
         if image.shape[0] != 1:
-            raise ValueError(
-                f"image tensor: expected one image, got a batch of {image.shape[0]}; use stack_from_tensor"
-            )
+            raise ValueError(f"image tensor: expected one image, got a batch of {image.shape[0]}; use stack_from_bhwc")
         image = image[0]
     if image.ndim != 3 or image.shape[-1] not in (3, 4) or not image.is_floating_point():
         raise ValueError(
@@ -499,7 +487,7 @@ def rgba_from_tensor(image: torch.Tensor) -> np.ndarray:
     return as_rgba(_round_to_uint8(values * 255))
 
 
-def rgba_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+def rgba_to_bhwc(pixels: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 4) straight RGBA as a ComfyUI IMAGE: float32 ``[1, H, W, 4]`` in 0..1."""
     # Imported here so that code which only exports files does not pay for importing torch.
     import torch
@@ -508,7 +496,7 @@ def rgba_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(values)[None]
 
 
-def stack_from_tensor(images: torch.Tensor, names: Sequence[str] | None = None, crop: bool = True) -> LayerStack:
+def stack_from_bhwc(images: torch.Tensor, names: Sequence[str] | None = None, crop: bool = True) -> LayerStack:
     """A batch of canvas-sized layers (``[N, H, W, C]`` float 0..1, bottom to top) as a stack.
 
     With ``crop`` each layer keeps only its alpha box (offsets say where it was), which is what the exports
@@ -523,15 +511,15 @@ def stack_from_tensor(images: torch.Tensor, names: Sequence[str] | None = None, 
         raise ValueError(f"layer names: expected {count} names (one per layer), got {len(names)}")
     layers = []
     for index in range(count):
-        layer = Layer(rgba_from_tensor(images[index]), str(names[index]))
+        layer = Layer(rgba_from_bhwc(images[index]), str(names[index]))
         layers.append(crop_to_alpha(layer) if crop else layer)
     return LayerStack(width, height, tuple(layers))
 
 
-def stack_to_tensor(stack: LayerStack) -> torch.Tensor:
+def stack_to_bhwc(stack: LayerStack) -> torch.Tensor:
     """Each top-level layer on the full canvas, as a ComfyUI IMAGE batch ``[N, H, W, 4]`` (bottom to top)."""
     import torch
 
     if not stack.layers:
         raise ValueError("layer stack: has no layers to turn into an image batch")
-    return torch.cat([rgba_to_tensor(render_layer(layer, stack.width, stack.height)) for layer in stack.layers])
+    return torch.cat([rgba_to_bhwc(render_layer(layer, stack.width, stack.height)) for layer in stack.layers])

@@ -15,10 +15,10 @@ from .ops import FP8_DTYPES
 
 GiB = 1024**3
 
-# Peak activation bytes of one forward per element of (batch x tokens x hidden). Measured: 30 on the H100
-# at 640 px (39.7 GiB peak at batch 2 over 38.05 GiB of weights, benchmarks/RESULTS.md); counted by hand:
-# about 24 in attention (q, k, v, their rotated copies, the output, float32 RoPE temporaries) over the
-# float32 residual streams. 48 leaves room for the masked attention path and allocator rounding.
+# Peak activation bytes of one forward per element of (batch x tokens x hidden), above the measured peak
+# (benchmarks/RESULTS.md). Counted by hand: about 24 in attention (q, k, v, their rotated copies, the output,
+# float32 RoPE temporaries) over the float32 residual streams; 48 leaves room for the masked attention path
+# and allocator rounding.
 ACTIVATION_BYTES_PER_ELEMENT = 48
 # Memory the caching allocator does not count as allocated but the GPU must have: lazily loaded kernels,
 # cuBLAS and cuDNN workspaces, fragmentation of the allocator's cache.

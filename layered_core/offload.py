@@ -388,8 +388,6 @@ class BlockStreamer:
         self.removed = True
         return self.model
 
-    close = remove
-
     # -- hooks --------------------------------------------------------------------------------------------
 
     def _slot_of(self, index: int) -> int:

@@ -11,6 +11,8 @@ files store them, so a 20 GB fp8 checkpoint stays 20 GB in memory. On GPUs with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,9 +81,9 @@ class FP8Linear(nn.Module):
       8.9+, e4m3 weight, bf16 input, both weight dimensions multiples of 16, no autograd), else
       ``"dequantize"``. On CPU this is always ``"dequantize"``: the CPU fp8 matmul exists but is slower.
 
-    ``fast_accum`` (default on) lets the fp8 kernel accumulate at reduced precision: on an H100 the compiled
-    640 px step took 0.566 s with it and 0.625 s without (one run), and the output's relative L2 against bf16 stayed
-    4.8e-2 either way (``benchmarks/bench_step.py``, variants fp8-keep-mod and fp8-keep-mod-fast).
+    ``fast_accum`` (default on) lets the fp8 kernel accumulate at reduced precision: a faster step with the same
+    error against bf16 (``benchmarks/bench_step.py``, variants fp8-keep-mod and fp8-keep-mod-fast; figures in
+    benchmarks/RESULTS.md).
     """
 
     def __init__(
@@ -219,3 +221,48 @@ def set_fp8_compute(model: nn.Module, compute: str = "auto", fast_accum: bool = 
             module.fast_accum = fast_accum
             count += 1
     return count
+
+
+def quantize_fp8(weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor scaled float8: returns (weight / scale in fp8, float32 scale), amax mapped to the fp8 max."""
+    amax = weight.detach().abs().max().to(torch.float32).clamp(min=1e-12)
+    scale = amax / torch.finfo(dtype).max
+    return (weight.to(torch.float32) / scale).to(dtype), scale
+
+
+def is_quantizable(name: str, tensor: torch.Tensor) -> bool:
+    """Block linears are what ComfyUI's fp8mixed files quantise; embeddings and norms stay bf16."""
+    return name.startswith("transformer_blocks.") and name.endswith(".weight") and tensor.ndim == 2
+
+
+def quantize_linears_fp8(
+    model: nn.Module, predicate: Callable[[str, torch.Tensor], bool] | None = None, compute: str = "auto"
+) -> list[str]:
+    """Turn a loaded model's linears into :class:`FP8Linear` with per-tensor-scaled e4m3 weights, in place.
+
+    ``predicate(weight_name, weight)`` picks the layers; it defaults to :func:`is_quantizable`, the rule
+    ComfyUI's fp8mixed files and :func:`save_mmdit`'s fp8 layouts follow, so the result has the
+    layout of ``load_mmdit(<fp8 file>, fp8="keep")``. Layers are converted one at a time on their own
+    device and each full-precision weight is dropped as soon as its fp8 copy exists, so peak memory
+    grows by one layer. Returns the names of the converted layers.
+    """
+    predicate = predicate or is_quantizable
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and predicate(f"{name}.weight", module.weight)
+    ]
+    with torch.no_grad():
+        for name in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            linear = getattr(parent, child)
+            quantized, scale = quantize_fp8(linear.weight)
+            fp8 = FP8Linear.like(linear, compute=compute)
+            fp8.weight = nn.Parameter(quantized, requires_grad=False)
+            fp8.weight_scale = scale
+            fp8.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+            setattr(parent, child, fp8)
+            linear.weight = None  # freed now even if someone still holds the old module
+            del linear, quantized
+    return targets

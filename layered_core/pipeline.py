@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 
 from .checkpoints import load_mmdit, load_vae
-from .image import BUCKETS, bucket_size, flatten, image_to_tensor, resize_layers, resize_rgba, to_rgba
-from .layers import LayerStack, attach_split, rgba_to_pil, stack_from_tensor
+from .image import BUCKETS, bucket_size, flatten, image_to_bchw, resize_layers, resize_rgba, to_rgba
+from .layers import LayerStack, attach_split, rgba_to_pil, stack_from_bhwc
 from .memory import gib
 from .mmdit import image_token_count
 from .placement import VRAMBudget
-from .sampling import Conditioning, StepInfo, check_layer_count, forward_batch, sample
+from .sampling import PromptEmbeddings, StepInfo, check_layer_count, forward_batch, sample
 from .text import load_text_encoder
 from .vae import DEFAULT_FRAMES_PER_BATCH, decode_frames
 
@@ -35,7 +35,7 @@ CAPTION_LANGUAGES = ("en", "zh")
 class DecomposeOptions:
     """Settings of one decomposition; the defaults are the official app's."""
 
-    layers: int = 4
+    layer_count: int = 4
     steps: int = 50
     cfg_scale: float = 4.0
     cfg_normalize: bool = True
@@ -55,7 +55,7 @@ class DecomposeOptions:
         if not 1 <= self.max_sequence_length <= 1024:
             raise ValueError(f"max_sequence_length must be in 1..1024, got {self.max_sequence_length}")
         # checked here, before any model runs, so a bad setting costs nothing
-        check_layer_count(self.layers)
+        check_layer_count(self.layer_count)
         if not self.cfg_scale > 0:
             raise ValueError(f"cfg_scale must be positive, got {self.cfg_scale}")
         if self.resolution not in BUCKETS:
@@ -66,14 +66,14 @@ class DecomposeOptions:
 class Decomposition:
     """The model's answer: N straight-alpha RGBA layers bottom to top, and its own composite (frame 0)."""
 
-    layers: torch.Tensor  # (N, 4, H, W) float32 in [0, 1]
+    layer_images: torch.Tensor  # (N, 4, H, W) float32 in [0, 1]
     composite: torch.Tensor  # (4, H, W) float32 in [0, 1]
     prompt: str
     seconds: dict[str, float] = field(default_factory=dict)
 
     def stack(self, names: list[str] | None = None) -> LayerStack:
         """The layers as a :class:`LayerStack`, each cut to its alpha box."""
-        return stack_from_tensor(self.layers.permute(0, 2, 3, 1), names=names)
+        return stack_from_bhwc(self.layer_images.permute(0, 2, 3, 1), names=names)
 
 
 def _is_blank(prompt: str | None) -> bool:
@@ -113,8 +113,8 @@ class LayeredPipeline:
 
         ``vram_budget_gb`` (GiB) runs within that much GPU memory: the models load on the CPU and the
         transformer's blocks stream to ``device`` (see :class:`~layered_core.offload.VRAMBudget`).
-        ``compile`` compiles the transformer's blocks (:meth:`VLDMMDiT.compile_blocks`): on an H100 a step
-        takes 0.72 s instead of 0.98 s, after 12-18 s of compilation on the first step."""
+        ``compile`` compiles the transformer's blocks (:meth:`VLDMMDiT.compile_blocks`): faster steps after some
+        seconds of compilation on the first (figures in benchmarks/RESULTS.md)."""
         transformer = transformer or model
         vae = vae or model
         text_encoder = text_encoder or model
@@ -163,7 +163,7 @@ class LayeredPipeline:
         if self.vram_budget is None:
             return contextlib.nullcontext()
         patch = self.transformer.config.patch_size
-        image_tokens = image_token_count(options.layers, *condition.shape[-2:], patch)
+        image_tokens = image_token_count(options.layer_count, *condition.shape[-2:], patch)
         prompts = [c for c in (positive, negative) if c is not None]
         batch = forward_batch(condition.shape[0], options.cfg_scale, negative is not None)
         return self.vram_budget.sampling(image_tokens, max(c.embeddings.shape[1] for c in prompts), batch)
@@ -171,9 +171,9 @@ class LayeredPipeline:
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """Normalised condition latent (1, 16, h, w) of a bucket-sized RGBA image."""
         with self._on_device(self.vae):
-            return self.vae.encode(image_to_tensor(image))
+            return self.vae.encode(image_to_bchw(image))
 
-    def encode_text(self, prompts: list[str], max_sequence_length: int = 512) -> Conditioning:
+    def encode_text(self, prompts: list[str], max_sequence_length: int = 512) -> PromptEmbeddings:
         """Prompt embeddings; like the reference, tokens past ``max_sequence_length`` are dropped."""
         if self.text_encoder is None:
             raise ValueError("no text encoder loaded: pass prompt_embeddings, or load one with load_text_encoder")
@@ -181,7 +181,7 @@ class LayeredPipeline:
             embeddings, mask = self.text_encoder.encode(prompts, max_sequence_length=max_sequence_length, truncate=True)
         if embeddings.shape[1] == max_sequence_length:
             logger.warning("a prompt reached %d tokens; anything longer was cut off", max_sequence_length)
-        return Conditioning(embeddings, mask)
+        return PromptEmbeddings(embeddings, mask)
 
     def caption(self, image: Image.Image, language: str = "en") -> str:
         if self.text_encoder is None:
@@ -208,9 +208,9 @@ class LayeredPipeline:
         prompt: str | None = None,
         options: DecomposeOptions | None = None,
         callback: Callable[[StepInfo], bool | None] | None = None,
-        prompt_embeddings: tuple[Conditioning, Conditioning | None] | None = None,
+        prompt_embeddings: tuple[PromptEmbeddings, PromptEmbeddings | None] | None = None,
     ) -> Decomposition:
-        """Decompose ``image`` into ``options.layers`` RGBA layers.
+        """Decompose ``image`` into ``options.layer_count`` RGBA layers.
 
         An empty prompt is replaced by an auto-caption of the resized image. ``prompt_embeddings``
         (cond, uncond) skips the text encoder.
@@ -252,7 +252,7 @@ class LayeredPipeline:
                 condition.to(device),
                 positive,
                 negative,
-                layers=options.layers,
+                layer_count=options.layer_count,
                 steps=options.steps,
                 cfg_scale=options.cfg_scale,
                 cfg_normalize=options.cfg_normalize,
@@ -265,13 +265,13 @@ class LayeredPipeline:
         seconds["sampling"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        layers, composite = self.decode(latents)
+        layer_images, composite = self.decode(latents)
         if options.keep_input_size:
-            both = resize_layers(torch.cat([layers, composite[None]]), original_size)
-            layers, composite = both[:-1], both[-1]
-        layers, composite = layers.float().cpu(), composite.float().cpu()
+            both = resize_layers(torch.cat([layer_images, composite[None]]), original_size)
+            layer_images, composite = both[:-1], both[-1]
+        layer_images, composite = layer_images.float().cpu(), composite.float().cpu()
         seconds["decode"] = time.perf_counter() - start
-        return Decomposition(layers, composite, prompt or "", seconds)
+        return Decomposition(layer_images, composite, prompt or "", seconds)
 
     def split(
         self,
@@ -296,10 +296,10 @@ class LayeredPipeline:
             raise ValueError(f"layer {layer.name!r} is already split; split one of its sub-layers instead")
         if layer.width < 8 or layer.height < 8 or not np.any(layer.pixels[..., 3]):
             raise ValueError(f"layer {layer.name!r} is empty or smaller than 8x8 pixels: nothing to split")
-        options = replace(options or DecomposeOptions(), layers=count, keep_input_size=True, background=None)
+        options = replace(options or DecomposeOptions(), layer_count=count, keep_input_size=True, background=None)
         result = self(rgba_to_pil(layer.pixels), prompt, options, callback)
         names = [f"{layer.name} / {index + 1}" for index in range(count)]
-        sub_stack = stack_from_tensor(result.layers.permute(0, 2, 3, 1), names=names)
+        sub_stack = stack_from_bhwc(result.layer_images.permute(0, 2, 3, 1), names=names)
         return attach_split(stack, resolved, sub_stack)
 
 

@@ -36,7 +36,8 @@ from psd_tools.psd.layer_and_mask import (
     TaggedBlocks,
 )
 
-from .export import ExportError, atomic_write, check_input_image
+from .atomic import atomic_write
+from .export import ExportError, check_input_image
 from .layers import Layer, LayerStack, composite_planes, crop_to_alpha
 
 logger = logging.getLogger(__name__)

@@ -50,11 +50,11 @@ def sigmas(steps: int, mu: float) -> torch.Tensor:
     return torch.cat([shifted, torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
 
 
-def initial_noise(batch: int, layers: int, height: int, width: int, seed: int) -> torch.Tensor:
+def initial_noise(batch: int, layer_count: int, height: int, width: int, seed: int) -> torch.Tensor:
     """Seeded Gaussian noise (B, 16, N+1, h, w), drawn on the CPU in the reference's (B, N+1, 16, h, w)
     order, so a seed gives the same noise on every device and in diffusers."""
     generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn(batch, layers + 1, LATENT_CHANNELS, height, width, generator=generator)
+    noise = torch.randn(batch, layer_count + 1, LATENT_CHANNELS, height, width, generator=generator)
     return noise.permute(0, 2, 1, 3, 4).contiguous()
 
 
@@ -80,18 +80,18 @@ class StepInfo:
 
 
 @dataclass
-class Conditioning:
+class PromptEmbeddings:
     """Prompt embeddings (B, L, D) with an optional boolean mask (B, L), True = real token."""
 
     embeddings: torch.Tensor
     mask: torch.Tensor | None = None
 
-    def to(self, device, dtype: torch.dtype | None = None) -> Conditioning:
+    def to(self, device, dtype: torch.dtype | None = None) -> PromptEmbeddings:
         mask = None if self.mask is None else self.mask.to(device)
-        return Conditioning(self.embeddings.to(device=device, dtype=dtype), mask)
+        return PromptEmbeddings(self.embeddings.to(device=device, dtype=dtype), mask)
 
 
-def _unpadded_length(c: Conditioning) -> int | None:
+def _unpadded_length(c: PromptEmbeddings) -> int | None:
     """The prompt length when no row of it is padded, else None."""
     if c.mask is not None and not bool(c.mask.all()):
         return None
@@ -99,13 +99,13 @@ def _unpadded_length(c: Conditioning) -> int | None:
 
 
 def _batched_text(
-    prompt: Conditioning, negative: Conditioning, image_tokens: int
+    prompt: PromptEmbeddings, negative: PromptEmbeddings, image_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Both prompts as one batch: zero-padded to the longer one, with a mask when any row is padded.
 
     Padded, the length is rounded up so that text and image tokens together are a multiple of 8: on other
-    lengths cuDNN's masked attention runs at half speed (10.2 against 5.4 ms at 9861 and 9856 tokens,
-    H100, torch 2.11). The extra tokens are masked out like the rest of the padding."""
+    lengths cuDNN's masked attention runs at about half speed. The extra tokens are masked out like the rest of
+    the padding."""
     length = max(prompt.embeddings.shape[1], negative.embeddings.shape[1])
     if any(_unpadded_length(c) != length for c in (prompt, negative)):
         length += -(length + image_tokens) % 8
@@ -123,9 +123,9 @@ def _batched_text(
 def sample(
     model: Callable,
     condition: torch.Tensor,
-    prompt: Conditioning,
-    negative: Conditioning | None,
-    layers: int,
+    prompt: PromptEmbeddings,
+    negative: PromptEmbeddings | None,
+    layer_count: int,
     steps: int = 50,
     cfg_scale: float = 4.0,
     cfg_normalize: bool = True,
@@ -134,7 +134,7 @@ def sample(
     callback: Callable[[StepInfo], bool | None] | None = None,
     batch_guidance: bool = False,
 ) -> torch.Tensor:
-    """Denoise N+1 frames (frame 0 the composite, 1..N the layers) for a condition latent.
+    """Denoise N+1 frames (frame 0 the composite, 1..N the layer_count) for a condition latent.
 
     model: ``model(latents, condition, text, sigma, text_mask)`` -> velocity, as :class:`VLDMMDiT`.
     condition: normalised latent of the input image (B, 16, h, w). With ``cfg_scale > 1`` and a
@@ -145,7 +145,7 @@ def sample(
     returning False (or raising) stops the run with :class:`Cancelled`.
     Returns float32 latents (B, 16, N+1, h, w).
     """
-    check_layer_count(layers)
+    check_layer_count(layer_count)
     if condition.ndim != 4 or condition.shape[1] != LATENT_CHANNELS:
         raise ValueError(f"condition latent must be (B, {LATENT_CHANNELS}, h, w), got {tuple(condition.shape)}")
     batch, _, height, width = condition.shape
@@ -157,18 +157,18 @@ def sample(
 
     guided = is_guided(cfg_scale, negative is not None)
     # cond and uncond share one batched forward when their prompts are equally long. Otherwise padding
-    # would need an attention mask, and masked attention runs far slower than the unmasked kernels
-    # (1.36 against 0.99 s a step on an H100 at 640 px), so they run as two forwards instead.
+    # would need an attention mask, and masked attention runs far slower than the unmasked kernels, so they run
+    # as two forwards instead.
     length = _unpadded_length(prompt)
     batched = guided and (batch_guidance or (length is not None and length == _unpadded_length(negative)))
     if batched:
-        image_tokens = image_token_count(layers, height, width)
+        image_tokens = image_token_count(layer_count, height, width)
         text, text_mask = _batched_text(prompt, negative, image_tokens)
         model_condition = torch.cat([condition, condition])
 
     if noise is None:
-        noise = initial_noise(batch, layers, height, width, seed)
-    expected = (batch, LATENT_CHANNELS, layers + 1, height, width)
+        noise = initial_noise(batch, layer_count, height, width, seed)
+    expected = (batch, LATENT_CHANNELS, layer_count + 1, height, width)
     if tuple(noise.shape) != expected:
         raise ValueError(f"noise must be {expected}, got {tuple(noise.shape)}")
     latents = noise.to(device=device, dtype=torch.float32)

@@ -10,10 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from psd_tools import PSDImage
 
-from .checkpoints import load_mmdit, load_vae, save_mmdit
-from .mmdit import MMDiTConfig, VLDMMDiT
-from .vae import RGBAVAE, VAEConfig, checkpoint_state_dict
+from .checkpoints import load_mmdit, load_vae, save_mmdit, save_vae
+from .layers import composite, rgba_to_pil
+from .pipeline import DecomposeOptions, LayeredPipeline
+from .psd import save_psd
+from .synthetic import synthetic_design
+from .tiny_models import tiny_transformer, tiny_vae, write_tiny_set
 
 TRANSFORMER_LAYOUTS = {
     # layout -> largest relative max error allowed against the in-memory model
@@ -32,14 +36,6 @@ class Check:
     detail: str
 
 
-def random_models(seed: int = 0) -> tuple[VLDMMDiT, RGBAVAE]:
-    """The tiny transformer and VAE with seeded weights at PyTorch's default scales."""
-    torch.manual_seed(seed)
-    transformer = VLDMMDiT(MMDiTConfig.tiny()).eval().requires_grad_(False)
-    vae = RGBAVAE(VAEConfig.tiny()).eval().requires_grad_(False)
-    return transformer, vae
-
-
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
 
@@ -49,7 +45,7 @@ def run_selftest(workdir: str | Path | None = None) -> list[Check]:
     checks: list[Check] = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
-        transformer, vae = random_models()
+        transformer, vae = tiny_transformer(), tiny_vae()
         config = transformer.config
         gen = torch.Generator().manual_seed(1)
         latents = torch.randn(1, 16, 3, 8, 12, generator=gen)
@@ -71,10 +67,7 @@ def run_selftest(workdir: str | Path | None = None) -> list[Check]:
                 checks.append(Check(name, False, f"{type(e).__name__}: {e}"))
 
         try:
-            from safetensors.torch import save_file
-
-            path = tmp / "qwen_image_layered_vae.safetensors"
-            save_file({k: v.contiguous() for k, v in checkpoint_state_dict(vae, "wan").items()}, str(path))
+            path = save_vae(vae, tmp / "qwen_image_layered_vae.safetensors", layout="wan")
             loaded_vae = load_vae(path)
             image = torch.rand(2, 4, 64, 96, generator=gen)
             latent = loaded_vae.encode(image)
@@ -90,14 +83,6 @@ def run_selftest(workdir: str | Path | None = None) -> list[Check]:
 
 def _whole_path(tmp: Path) -> list[Check]:
     """A tiny diffusers-layout folder of all three models, then image -> layers -> split -> PSD and ZIP."""
-    from psd_tools import PSDImage
-
-    from .layers import composite, rgba_to_pil
-    from .pipeline import DecomposeOptions, LayeredPipeline
-    from .psd import save_psd
-    from .synthetic import synthetic_design
-    from .tiny_models import write_tiny_set
-
     checks: list[Check] = []
     try:
         folder = write_tiny_set(tmp / "Qwen-Image-Layered-tiny")
@@ -109,9 +94,11 @@ def _whole_path(tmp: Path) -> list[Check]:
     image = rgba_to_pil(composite(synthetic_design(320, 192, 4, seed=1)))
     steps = []
     try:
-        result = pipeline(image, "", DecomposeOptions(layers=3, steps=2), callback=lambda info: steps.append(info.step))
-        ok = result.layers.shape[:2] == (3, 4) and bool(result.prompt) and steps == [0, 1]
-        size = f"{result.layers.shape[-1]}x{result.layers.shape[-2]}"
+        result = pipeline(
+            image, "", DecomposeOptions(layer_count=3, steps=2), callback=lambda info: steps.append(info.step)
+        )
+        ok = result.layer_images.shape[:2] == (3, 4) and bool(result.prompt) and steps == [0, 1]
+        size = f"{result.layer_images.shape[-1]}x{result.layer_images.shape[-2]}"
         checks.append(Check("decompose (auto-caption, 3 layers, 2 steps)", ok, f"3 layers at {size}"))
         stack = pipeline.split(result.stack(), 0, 2, prompt="the bottom layer", options=DecomposeOptions(steps=1))
         split_ok = len(stack.get(0).children) == 2

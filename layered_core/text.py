@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints import PICKLE_SUFFIXES, CheckpointError, read_safetensors_header
+from .checkpoints.files import PICKLE_SUFFIXES, CheckpointError, read_safetensors_header
 
 logger = logging.getLogger(__name__)
 

@@ -14,12 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
+from .checkpoints import save_mmdit, save_vae
+from .mmdit import MMDiTConfig, VLDMMDiT
 from .text import CAPTION_INSTRUCTIONS, ENCODE_TEMPLATE, TEMPLATE_PREFIX_TOKENS
+from .vae import RGBAVAE, VAEConfig
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +148,6 @@ def tiny_image_processor_config() -> dict:
 
 def tiny_image_processor():
     """The image processor of the tiny set (torchvision backend when installed, else the PIL one)."""
-    import tempfile
-
     from transformers import AutoImageProcessor
 
     # Loading from a config file picks the backend the same way a real processor/ folder does.
@@ -287,8 +289,6 @@ def write_tiny_text_encoder(folder: str | Path, hidden_size: int = 48, seed: int
 
 def tiny_transformer(seed: int = 0):
     """The tiny VLD-MMDiT (``MMDiTConfig.tiny()``) with seeded weights at PyTorch's default scales."""
-    from .mmdit import MMDiTConfig, VLDMMDiT
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return VLDMMDiT(MMDiTConfig.tiny()).eval().requires_grad_(False)
@@ -296,8 +296,6 @@ def tiny_transformer(seed: int = 0):
 
 def tiny_vae(seed: int = 0):
     """The tiny RGBA-VAE (``VAEConfig.tiny()``) with seeded weights."""
-    from .vae import RGBAVAE, VAEConfig
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         return RGBAVAE(VAEConfig.tiny()).eval().requires_grad_(False)
@@ -305,39 +303,13 @@ def tiny_vae(seed: int = 0):
 
 def write_tiny_transformer(folder: str | Path, seed: int = 0) -> Path:
     """``transformer/``: config.json + sharded safetensors + index, as in the real folder."""
-    from .checkpoints import save_mmdit
-
     model = tiny_transformer(seed)
     return save_mmdit(model.state_dict(), Path(folder) / "transformer", layout="diffusers", config=model.config)
 
 
 def write_tiny_vae(folder: str | Path, seed: int = 0) -> Path:
     """``vae/``: config.json (4 input channels, the latent statistics) + diffusers-named safetensors."""
-    from safetensors.torch import save_file
-
-    from .vae import checkpoint_state_dict
-
-    model = tiny_vae(seed)
-    config = model.config
-    target = Path(folder) / "vae"
-    target.mkdir(parents=True, exist_ok=True)
-    diffusers_config = {
-        "_class_name": "AutoencoderKLQwenImage",
-        "base_dim": config.base_dim,
-        "z_dim": config.z_dim,
-        "dim_mult": list(config.dim_mult),
-        "num_res_blocks": config.num_res_blocks,
-        "attn_scales": [],
-        "temperal_downsample": [False, True, True],
-        "dropout": 0.0,
-        "input_channels": config.image_channels,
-        "latents_mean": list(config.latents_mean),
-        "latents_std": list(config.latents_std),
-    }
-    (target / "config.json").write_text(json.dumps(diffusers_config, indent=2))
-    tensors = {k: v.contiguous() for k, v in checkpoint_state_dict(model, "diffusers").items()}
-    save_file(tensors, str(target / "diffusion_pytorch_model.safetensors"))
-    return target
+    return save_vae(tiny_vae(seed), Path(folder) / "vae", layout="diffusers")
 
 
 def write_model_index(folder: str | Path, seed: int = 0) -> Path:
@@ -391,11 +363,6 @@ def write_comfy_models(models_dir: str | Path, seed: int = 0) -> dict[str, Path]
     """Tiny random models under ComfyUI's real file names in a ``models/`` folder: the transformer as
     the bf16 file and as the fp8mixed file (per-layer comfy_quant), the VAE in its Wan 3D layout, and
     a transformers Qwen2.5-VL folder (text_encoder/, tokenizer/, processor/) for this pack's text nodes."""
-    from safetensors.torch import save_file
-
-    from .checkpoints import save_mmdit
-    from .vae import checkpoint_state_dict
-
     models_dir = Path(models_dir)
     written = {}
     transformer = tiny_transformer(seed)
@@ -404,9 +371,6 @@ def write_comfy_models(models_dir: str | Path, seed: int = 0) -> dict[str, Path]
         written[kind] = save_mmdit(
             transformer.state_dict(), target, layout=layout, config=transformer.config, dtype=torch.bfloat16
         )
-    vae_path = models_dir / COMFY_FILES["vae"]
-    vae_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in checkpoint_state_dict(tiny_vae(seed), "wan").items()}, str(vae_path))
-    written["vae"] = vae_path
+    written["vae"] = save_vae(tiny_vae(seed), models_dir / COMFY_FILES["vae"], layout="wan")
     written["text_encoder"] = write_tiny_text_encoder(models_dir / COMFY_FILES["text_encoder"], seed=seed)
     return written

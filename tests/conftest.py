@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from layered_core.mmdit import MMDiTConfig
+from layered_core.layers import Layer, LayerStack, attach_split
+from layered_core.mmdit import MMDiTConfig, VLDMMDiT
+from layered_core.pipeline import LayeredPipeline
+from layered_core.synthetic import synthetic_design
 from layered_core.tiny_models import randomize_
+from layered_core.vae import RGBAVAE, VAEConfig
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -55,3 +61,41 @@ def tiny_config() -> MMDiTConfig:
 @pytest.fixture(scope="session")
 def tiny_reference(tiny_config):
     return reference_transformer(tiny_config)
+
+
+UNICODE_NAME = "Überschrift 标题 🎨"
+
+
+def halves(layer, names):
+    """A two-layer sub-stack of ``layer``'s pixels (top and bottom half), as a second split would give."""
+    middle = layer.height // 2
+    return LayerStack(
+        layer.width,
+        layer.height,
+        (Layer(layer.pixels[:middle], names[0]), Layer(layer.pixels[middle:], names[1], (0, middle))),
+    )
+
+
+@pytest.fixture(scope="module")
+def tree():
+    """A design with a Unicode name, a split layer, a split inside the split, and an empty layer."""
+    stack = synthetic_design(160, 120, layer_count=6, seed=11)
+    stack = stack.with_layer(1, stack[1].replace(name=UNICODE_NAME))
+    stack = attach_split(stack, 3, halves(stack[3], ("upper", "lower")))
+    stack = attach_split(stack, (3, 1), halves(stack[(3, 1)], ("lower top", "lower bottom")))
+    empty = Layer(np.zeros((5, 5, 4), np.uint8), "nothing", (3, 3))
+    return LayerStack(stack.width, stack.height, stack.layers + (empty,))
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    """The tiny transformer and VAE with seeded weights and the fake text encoder."""
+    torch.manual_seed(0)
+    transformer = VLDMMDiT(MMDiTConfig.tiny()).eval().requires_grad_(False)
+    vae = RGBAVAE(VAEConfig.tiny()).eval().requires_grad_(False)
+    return LayeredPipeline(transformer, vae, FakeTextEncoder(MMDiTConfig.tiny().text_dim))
+
+
+def picture(width=100, height=60, seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")

@@ -11,7 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from layered_core.checkpoints import CheckpointError, infer_mmdit_config, load_mmdit, open_checkpoint, save_mmdit
+from layered_core.checkpoints import (
+    CheckpointError,
+    infer_mmdit_config,
+    load_mmdit,
+    load_vae,
+    open_checkpoint,
+    save_mmdit,
+)
+from layered_core.checkpoints.vae import wan_names_from_diffusers
 from layered_core.mmdit import MMDiTConfig
 from layered_core.ops import FP8Linear
 
@@ -185,10 +193,10 @@ def test_wrong_key_set_is_named(change, tmp_path, tiny_reference, tiny_config):
     state = dict(tiny_reference.state_dict())
     if change == "drop":
         del state["transformer_blocks.1.attn.to_k.weight"]
-        expected = "1 missing tensors .*transformer_blocks.1.attn.to_k.weight"
+        expected = r"1 missing tensors: transformer_blocks\.1\.attn\.to_k\.weight"
     else:
         state["transformer_blocks.0.extra_adapter.weight"] = torch.zeros(2, 2)
-        expected = "1 unexpected tensors .*transformer_blocks.0.extra_adapter.weight"
+        expected = r"1 unexpected tensors: transformer_blocks\.0\.extra_adapter\.weight"
     path = save_mmdit(state, tmp_path / "m.safetensors", config=tiny_config)
     with pytest.raises(CheckpointError, match=expected):
         load_mmdit(path)
@@ -242,7 +250,6 @@ def test_unsupported_quantisation_is_named(tmp_path, tiny_reference, tiny_config
 
 def _vae_files(tmp_path, reference, latents_mean=None):
     """The reference VAE as ComfyUI's single file (Wan names, 5D kernels) and as a diffusers folder."""
-    from layered_core.vae import wan_names_from_diffusers
 
     comfy = tmp_path / "qwen_image_layered_vae.safetensors"
     save_file({k: v.contiguous() for k, v in wan_names_from_diffusers(reference.state_dict()).items()}, str(comfy))
@@ -269,8 +276,6 @@ def vae_reference():
 
 @pytest.mark.parametrize("layout", ["comfy", "diffusers-folder", "pipeline-root"])
 def test_vae_layouts_load_and_match_diffusers(layout, tmp_path, vae_reference):
-    from layered_core.checkpoints import load_vae
-
     from .test_vae import reference_decode, reference_encode
 
     comfy, folder = _vae_files(tmp_path, vae_reference)
@@ -286,16 +291,12 @@ def test_vae_layouts_load_and_match_diffusers(layout, tmp_path, vae_reference):
 
 
 def test_vae_latent_stats_come_from_config(tmp_path, vae_reference):
-    from layered_core.checkpoints import load_vae
-
     mean = [0.01 * i for i in range(16)]
     _, folder = _vae_files(tmp_path, vae_reference, latents_mean=mean)
     assert list(load_vae(folder).config.latents_mean) == mean
 
 
 def test_three_channel_vae_is_refused(tmp_path):
-    from layered_core.checkpoints import load_vae
-
     from .test_vae import make_reference
 
     rgb = make_reference(image_channels=3, seed=1)
@@ -307,16 +308,12 @@ def test_three_channel_vae_is_refused(tmp_path):
 
 
 def test_transformer_file_given_to_vae_loader(tmp_path, tiny_reference, tiny_config):
-    from layered_core.checkpoints import load_vae
-
     path = write("comfy-prefixed", tmp_path, tiny_reference, tiny_config)
     with pytest.raises(CheckpointError, match="holds a Qwen-Image-Layered transformer, not a VAE"):
         load_vae(path)
 
 
 def test_truncated_vae_is_named(tmp_path, vae_reference):
-    from layered_core.checkpoints import load_vae
-
     comfy, _ = _vae_files(tmp_path, vae_reference)
     comfy.write_bytes(comfy.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="truncated file"):
@@ -324,8 +321,6 @@ def test_truncated_vae_is_named(tmp_path, vae_reference):
 
 
 def test_vae_with_missing_tensor_is_named(tmp_path, vae_reference):
-    from layered_core.checkpoints import load_vae
-
     comfy, _ = _vae_files(tmp_path, vae_reference)
     tensors = load_file(str(comfy))
     del tensors["decoder.head.2.bias"]

@@ -79,7 +79,7 @@ def test_decompose_command_refuses_bad_arguments(tiny_folder, tmp_path, capsys):
     assert main([*base, "--layers", "0"]) == 2
     assert "layer count must be an integer from 1 to 20" in capsys.readouterr().err
     assert main([*base, "--split-layers", "21"]) == 2
-    assert "--split-layers must be 1..20" in capsys.readouterr().err
+    assert "--split-layers must be an integer from 1 to 20, got 21" in capsys.readouterr().err
     assert main([*base, "--format", "tiff"]) == 2
     assert "--format takes psd, zip, png" in capsys.readouterr().err
     assert main([*base]) == 2  # an empty folder

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from layered_core.checkpoints.vae import vae_from_state_dict
 from layered_core.mmdit import VLDMMDiT
 from layered_core.pipeline import DecomposeOptions, LayeredPipeline
 from layered_core.text import PromptEncoder
 from layered_core.tiny_models import tiny_text_encoder_set
-from layered_core.vae import RGBAVAE
 
 from .conftest import reference_transformer
 from .test_text import reference_processor
@@ -44,7 +44,7 @@ def models(tiny_config):
     transformer.load_state_dict(ref_transformer.state_dict(), assign=True)
     ours = LayeredPipeline(
         transformer.eval(),
-        RGBAVAE.from_state_dict(ref_vae.state_dict()),
+        vae_from_state_dict(ref_vae.state_dict()),
         PromptEncoder(text_model, tokenizer, image_processor),
     )
     return ours, reference
@@ -86,22 +86,22 @@ def test_layers_match_diffusers(models, layers, cfg_normalize, size):
     image = input_image(*size)
     prompt = "a red circle over a noisy background with a soft edge"
     want = run_reference(reference, image, prompt, layers, cfg_normalize, seed=21)
-    got = ours(image, prompt, DecomposeOptions(layers=layers, steps=STEPS, cfg_normalize=cfg_normalize, seed=21))
-    assert got.layers.shape == want.shape
+    got = ours(image, prompt, DecomposeOptions(layer_count=layers, steps=STEPS, cfg_normalize=cfg_normalize, seed=21))
+    assert got.layer_images.shape == want.shape
     assert want.std() > 0.01  # decoded layers, not a constant
-    assert (got.layers - want).abs().max().item() <= 1e-4
+    assert (got.layer_images - want).abs().max().item() <= 1e-4
 
 
 def test_auto_caption_path_matches_diffusers(models):
     ours, reference = models
     image = input_image()
     want = run_reference(reference, image, "", 2, True, seed=8)
-    got = ours(image, "", DecomposeOptions(layers=2, steps=STEPS, seed=8))
+    got = ours(image, "", DecomposeOptions(layer_count=2, steps=STEPS, seed=8))
     caption = reference.get_image_caption(
         ours.prepare_image(image, DecomposeOptions()), use_en_prompt=True, device="cpu"
     )
     assert got.prompt == caption and caption  # the same caption the tiny model wrote
-    assert (got.layers - want).abs().max().item() <= 1e-4
+    assert (got.layer_images - want).abs().max().item() <= 1e-4
 
 
 def test_composite_is_the_models_frame_zero(models):
@@ -134,9 +134,9 @@ def test_composite_is_the_models_frame_zero(models):
             callback_on_step_end=keep_latents,
         )
     packed = final["latents"]
-    got = ours(image, "a poster", DecomposeOptions(layers=2, steps=STEPS, seed=4))
+    got = ours(image, "a poster", DecomposeOptions(layer_count=2, steps=STEPS, seed=4))
     height, width = got.composite.shape[-2:]
     latents = QwenImageLayeredPipeline._unpack_latents(packed, height, width, 2, 8)  # (1, 16, 3, h, w)
     want = reference_decode(reference.vae, latents[:, :, 0])[0]
     assert (got.composite - want).abs().max().item() <= 1e-4
-    assert (got.layers[0] - reference_decode(reference.vae, latents[:, :, 1])[0]).abs().max().item() <= 1e-4
+    assert (got.layer_images[0] - reference_decode(reference.vae, latents[:, :, 1])[0]).abs().max().item() <= 1e-4

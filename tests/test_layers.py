@@ -15,12 +15,12 @@ from layered_core.layers import (
     composite_premultiplied,
     crop_to_alpha,
     render_layer,
+    rgba_from_bhwc,
     rgba_from_pil,
-    rgba_from_tensor,
+    rgba_to_bhwc,
     rgba_to_pil,
-    rgba_to_tensor,
-    stack_from_tensor,
-    stack_to_tensor,
+    stack_from_bhwc,
+    stack_to_bhwc,
 )
 from layered_core.synthetic import synthetic_design
 
@@ -163,21 +163,21 @@ def test_pil_round_trip_is_exact():
 def test_tensor_conversions_follow_comfyui_image_convention():
     rng = np.random.default_rng(4)
     pixels = random_rgba(rng, 5, 6)
-    tensor = rgba_to_tensor(pixels)
+    tensor = rgba_to_bhwc(pixels)
     assert tensor.shape == (1, 5, 6, 4) and tensor.dtype == torch.float32
     assert float(tensor.max()) <= 1.0
-    assert np.array_equal(rgba_from_tensor(tensor), pixels)
-    rgb = rgba_from_tensor(torch.full((2, 2, 3), 0.5))
+    assert np.array_equal(rgba_from_bhwc(tensor), pixels)
+    rgb = rgba_from_bhwc(torch.full((2, 2, 3), 0.5))
     assert rgb[0, 0].tolist() == [128, 128, 128, 255]
     with pytest.raises(ValueError, match="batch of 2"):
-        rgba_from_tensor(torch.zeros(2, 4, 4, 4))
+        rgba_from_bhwc(torch.zeros(2, 4, 4, 4))
 
 
 def test_stack_tensor_round_trip_crops_and_restores():
     stack = synthetic_design(64, 48, layer_count=5, seed=5)
-    batch = stack_to_tensor(stack)
+    batch = stack_to_bhwc(stack)
     assert batch.shape == (5, 48, 64, 4)
-    back = stack_from_tensor(batch, names=[layer.name for layer in stack])
+    back = stack_from_bhwc(batch, names=[layer.name for layer in stack])
     for original, restored in zip(stack, back, strict=True):
         assert restored.name == original.name
         cropped = crop_to_alpha(original)
@@ -185,7 +185,7 @@ def test_stack_tensor_round_trip_crops_and_restores():
         assert np.array_equal(restored.pixels, cropped.pixels)
     assert np.array_equal(composite(back), composite(stack))
     with pytest.raises(ValueError, match="expected 5 names"):
-        stack_from_tensor(batch, names=["one"])
+        stack_from_bhwc(batch, names=["one"])
 
 
 def test_synthetic_designs_are_deterministic_and_have_what_they_promise():

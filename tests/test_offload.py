@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from layered_core.checkpoints import load_mmdit, quantize_fp8, save_mmdit
+from layered_core.checkpoints import load_mmdit, save_mmdit
 from layered_core.memory import ACTIVATION_BYTES_PER_ELEMENT, GiB, gib, tensor_bytes
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT
 from layered_core.offload import BlockStreamer, _SyncTransfers, stream_blocks
-from layered_core.ops import FP8Linear
+from layered_core.ops import FP8Linear, quantize_fp8
 from layered_core.pipeline import DecomposeOptions, LayeredPipeline
 from layered_core.placement import VRAMBudget
-from layered_core.sampling import Conditioning, sample
+from layered_core.sampling import PromptEmbeddings, sample
 from layered_core.tiny_models import randomize_
 from layered_core.vae import RGBAVAE, VAEConfig
 
@@ -383,8 +383,8 @@ def test_batch_guidance_pads_the_shorter_prompt_and_matches_two_forwards():
     model = tiny_model()
     gen = torch.Generator().manual_seed(3)
     condition = torch.randn(1, 16, 4, 6, generator=gen)
-    prompt = Conditioning(torch.randn(1, 7, CONFIG.text_dim, generator=gen))
-    negative = Conditioning(torch.randn(1, 2, CONFIG.text_dim, generator=gen))
+    prompt = PromptEmbeddings(torch.randn(1, 7, CONFIG.text_dim, generator=gen))
+    negative = PromptEmbeddings(torch.randn(1, 2, CONFIG.text_dim, generator=gen))
     calls, lengths = [], []
 
     def counted(*args):
@@ -392,7 +392,7 @@ def test_batch_guidance_pads_the_shorter_prompt_and_matches_two_forwards():
         lengths.append(args[2].shape[1])
         return model(*args)
 
-    settings = dict(layers=2, steps=3, cfg_scale=4.0, seed=1)
+    settings = dict(layer_count=2, steps=3, cfg_scale=4.0, seed=1)
     two = sample(counted, condition, prompt, negative, **settings)
     assert calls == [1, 1] * 3
     calls.clear()
@@ -429,13 +429,13 @@ class RecordingBudget(VRAMBudget):
 
 
 def test_pipeline_under_a_budget_gives_the_same_layers():
-    options = DecomposeOptions(layers=1, steps=1, seed=4)
+    options = DecomposeOptions(layer_count=1, steps=1, seed=4)
     want = LayeredPipeline(*models())(picture(), "a poster", options)
 
     transformer, vae, text = models()
     roomy = RecordingBudget(transformer, vae, text, "cpu", budget=8 * GiB)
     got = LayeredPipeline(transformer, vae, text, vram_budget=roomy)(picture(), "a poster", options)
-    assert torch.equal(got.layers, want.layers) and torch.equal(got.composite, want.composite)
+    assert torch.equal(got.layer_images, want.layer_images) and torch.equal(got.composite, want.composite)
     (plan,) = roomy.plans
     # 100x60 -> the 832x480 bucket: 3 frames of 52x30 patches; prompts of 8 and 1 tokens; cond + uncond
     assert plan.activation_bytes == ACTIVATION_BYTES_PER_ELEMENT * 2 * (3 * 52 * 30 + 8) * 64
@@ -450,7 +450,7 @@ def test_pipeline_under_a_budget_gives_the_same_layers():
     got = LayeredPipeline(transformer, vae, text, vram_budget=squeezed)(picture(), "a poster", options)
     (plan,) = squeezed.plans
     assert (plan.resident_blocks, plan.streamed_blocks, plan.slots) == (2, 3, 2)
-    assert torch.allclose(got.layers, want.layers, atol=1e-4)
+    assert torch.allclose(got.layer_images, want.layer_images, atol=1e-4)
     assert not squeezed.text_encoder_visits  # 2 KiB of weights + 2 GiB margin do not fit beside the blocks
 
 
@@ -458,16 +458,16 @@ def test_from_files_with_a_budget(tmp_path):
     from layered_core.tiny_models import write_tiny_set
 
     folder = write_tiny_set(tmp_path / "tiny", components=["model_index", "transformer", "vae"])
-    options = DecomposeOptions(layers=1, steps=1)
+    options = DecomposeOptions(layer_count=1, steps=1)
     files = dict(transformer=folder, vae=folder, dtype=torch.float32)
     plain = LayeredPipeline.from_files(**files)
     budgeted = LayeredPipeline.from_files(**files, vram_budget_gb=4)
     assert plain.vram_budget is None and budgeted.vram_budget.budget == 4 * GiB
     assert "VRAM budget 4.00 GiB" in budgeted.vram_budget.describe()
-    embeddings = (Conditioning(torch.randn(1, 3, 48, generator=torch.Generator().manual_seed(0))), None)
+    embeddings = (PromptEmbeddings(torch.randn(1, 3, 48, generator=torch.Generator().manual_seed(0))), None)
     a = plain(picture(), "x", options, prompt_embeddings=embeddings)
     b = budgeted(picture(), "x", options, prompt_embeddings=embeddings)
-    assert torch.equal(a.layers, b.layers)
+    assert torch.equal(a.layer_images, b.layer_images)
     with pytest.raises(ValueError, match=r"VRAM budget 0\.50 GiB is too small: .* at least 1\.5\d GiB"):
         LayeredPipeline.from_files(**files, vram_budget_gb=0.5)
     with pytest.raises(ValueError, match="VRAM budget must be a positive number of GiB, got -2"):

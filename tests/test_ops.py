@@ -12,16 +12,16 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from layered_core import ops
-from layered_core.checkpoints import (
+from layered_core.checkpoints import load_mmdit, open_checkpoint, quantized_layers, save_mmdit
+from layered_core.ops import (
+    E4M3_MAX,
+    FP8Linear,
     is_quantizable,
-    load_mmdit,
-    open_checkpoint,
     quantize_fp8,
     quantize_linears_fp8,
-    quantized_layers,
-    save_mmdit,
+    quantize_rows_fp8,
+    set_fp8_compute,
 )
-from layered_core.ops import E4M3_MAX, FP8Linear, quantize_rows_fp8, set_fp8_compute
 
 from .test_checkpoints import inputs
 from .test_mmdit import load_ours

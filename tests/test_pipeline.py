@@ -2,44 +2,27 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from layered_core.batch import BatchSettings, find_images, run_batch
 from layered_core.layers import LayerStack, composite, render_layer
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT
 from layered_core.pipeline import DecomposeOptions, Decomposition, LayeredPipeline
 from layered_core.vae import RGBAVAE, VAEConfig
 
-from .conftest import FakeTextEncoder
+from .conftest import picture
 
-
-@pytest.fixture(scope="module")
-def pipeline():
-    torch.manual_seed(0)
-    transformer = VLDMMDiT(MMDiTConfig.tiny()).eval().requires_grad_(False)
-    vae = RGBAVAE(VAEConfig.tiny()).eval().requires_grad_(False)
-    return LayeredPipeline(transformer, vae, FakeTextEncoder(MMDiTConfig.tiny().text_dim))
-
-
-def picture(width=100, height=60, seed=0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
-
-
-FAST = DecomposeOptions(layers=3, steps=2, resolution=640)
+FAST = DecomposeOptions(layer_count=3, steps=2, resolution=640)
 
 
 def test_decomposition_shapes_and_caption(pipeline):
     encoder = pipeline.text_encoder
     result = pipeline(picture(), prompt="", options=FAST)
     # 100x60 -> 640 bucket: 826.3 x 495.8 rounded to multiples of 32 = 832x480
-    assert result.layers.shape == (3, 4, 480, 832) and result.composite.shape == (4, 480, 832)
-    assert result.layers.min() >= 0 and result.layers.max() <= 1
+    assert result.layer_images.shape == (3, 4, 480, 832) and result.composite.shape == (4, 480, 832)
+    assert result.layer_images.min() >= 0 and result.layer_images.max() <= 1
     assert result.prompt == "caption en 832x480" and encoder.captions == 1
     assert encoder.prompts[-2:] == ["caption en 832x480", " "]  # then the negative prompt
     assert set(result.seconds) == {"encode image", "text", "sampling", "decode"}
@@ -48,23 +31,23 @@ def test_decomposition_shapes_and_caption(pipeline):
 
 
 def test_same_seed_same_layers_other_seed_other_layers(pipeline):
-    a = pipeline(picture(), "a poster", DecomposeOptions(layers=1, steps=2, seed=5))
-    b = pipeline(picture(), "a poster", DecomposeOptions(layers=1, steps=2, seed=5))
-    c = pipeline(picture(), "a poster", DecomposeOptions(layers=1, steps=2, seed=6))
-    assert torch.equal(a.layers, b.layers)
-    assert not torch.equal(a.layers, c.layers)
+    a = pipeline(picture(), "a poster", DecomposeOptions(layer_count=1, steps=2, seed=5))
+    b = pipeline(picture(), "a poster", DecomposeOptions(layer_count=1, steps=2, seed=5))
+    c = pipeline(picture(), "a poster", DecomposeOptions(layer_count=1, steps=2, seed=6))
+    assert torch.equal(a.layer_images, b.layer_images)
+    assert not torch.equal(a.layer_images, c.layer_images)
 
 
 def test_layers_at_input_size(pipeline):
-    result = pipeline(picture(123, 77), "x", DecomposeOptions(layers=2, steps=1, keep_input_size=True))
-    assert result.layers.shape == (2, 4, 77, 123) and result.composite.shape == (4, 77, 123)
+    result = pipeline(picture(123, 77), "x", DecomposeOptions(layer_count=2, steps=1, keep_input_size=True))
+    assert result.layer_images.shape == (2, 4, 77, 123) and result.composite.shape == (4, 77, 123)
 
 
 @pytest.mark.parametrize(
     "settings,message",
     [
-        (dict(layers=21), "layer count must be an integer from 1 to 20"),
-        (dict(layers=0), "layer count must be an integer from 1 to 20"),
+        (dict(layer_count=21), "layer count must be an integer from 1 to 20"),
+        (dict(layer_count=0), "layer count must be an integer from 1 to 20"),
         (dict(cfg_scale=-1.0), "cfg_scale must be positive"),
         (dict(resolution=512), "resolution must be one of"),
         (dict(steps=0), "steps must be at least 1"),
@@ -77,11 +60,11 @@ def test_impossible_settings_are_refused_before_any_model_runs(settings, message
 
 
 def test_stack_order_is_bottom_to_top(pipeline):
-    result = pipeline(picture(), "x", DecomposeOptions(layers=3, steps=1, seed=2))
+    result = pipeline(picture(), "x", DecomposeOptions(layer_count=3, steps=1, seed=2))
     stack = result.stack()
     for index, layer in enumerate(stack.layers):
         full = render_layer(layer, stack.width, stack.height).astype(np.float32) / 255
-        expected = result.layers[index].permute(1, 2, 0).numpy()
+        expected = result.layer_images[index].permute(1, 2, 0).numpy()
         assert np.abs(full - expected).max() <= 0.5 / 255 + 1e-6, index
     assert [layer.name for layer in stack.layers] == ["Layer 1", "Layer 2", "Layer 3"]
 
@@ -108,7 +91,7 @@ class HalvesPipeline(LayeredPipeline):
         self.seen = []
 
     def __call__(self, image, prompt=None, options=None, callback=None, prompt_embeddings=None):
-        self.seen.append((image.size, options.layers, options.keep_input_size))
+        self.seen.append((image.size, options.layer_count, options.keep_input_size))
         rgba = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
         left, right = rgba.clone(), rgba.clone()
         half = rgba.shape[2] // 2
@@ -151,7 +134,7 @@ def test_split_refuses_an_empty_layer():
 
 
 def test_split_with_the_real_models_keeps_position(pipeline):
-    result = pipeline(picture(), "x", DecomposeOptions(layers=2, steps=1))
+    result = pipeline(picture(), "x", DecomposeOptions(layer_count=2, steps=1))
     stack = result.stack()
     layer = stack.get(0)
     seen = []
@@ -170,79 +153,6 @@ def test_split_with_the_real_models_keeps_position(pipeline):
     assert [child.name for child in split.get(0).children] == ["Layer 1 / 1", "Layer 1 / 2"]
     assert np.shares_memory(split.get(0).pixels, layer.pixels)  # the parent keeps its pixels; others untouched
     assert all(split.get(i) is stack.get(i) for i in range(1, len(stack.layers)))
-
-
-def test_batch_runs_skips_and_reports_failures(pipeline, tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for index in range(2):
-        picture(64, 48, seed=index).save(inputs / f"good{index}.png")
-    (inputs / "broken.png").write_bytes(b"not an image at all")
-    (inputs / "notes.txt").write_text("ignored: not an image suffix")
-    images = find_images([inputs])
-    assert [p.name for p in images] == ["broken.png", "good0.png", "good1.png"]
-    settings = BatchSettings(DecomposeOptions(layers=2, steps=1), prompt="a test", formats=("psd", "zip", "png"))
-    out = tmp_path / "out"
-    first = run_batch(pipeline, images, out, settings)
-    assert [p.name for p in first.done] == ["good0.png", "good1.png"]
-    assert list(first.failed) == [images[0]] and "not a readable image" in first.failed[images[0]]
-    for name in ("good0", "good1"):
-        folder = out / name
-        assert {p.name for p in folder.iterdir()} == {
-            "layers.psd",
-            "layers.zip",
-            "layer_01.png",
-            "layer_02.png",
-            "done.json",
-        }
-        assert json.loads((folder / "done.json").read_text())["layers"] == 2
-    assert not (out / "broken").exists() or not (out / "broken" / "done.json").exists()
-
-    # rerun: only the failed image is tried again
-    picture(64, 48, seed=9).save(images[0])  # now readable
-    second = run_batch(pipeline, images, out, settings)
-    assert [p.name for p in second.skipped] == ["good0.png", "good1.png"]
-    assert [p.name for p in second.done] == ["broken.png"] and not second.failed
-
-    # other settings: nothing is skipped
-    third = run_batch(pipeline, images[:1], out, BatchSettings(DecomposeOptions(layers=1, steps=1), prompt="a test"))
-    assert [p.name for p in third.done] == ["broken.png"]
-
-
-def test_batch_output_folders_never_collide_or_escape(tmp_path):
-    from layered_core.batch import output_folder
-
-    out = tmp_path / "out"
-    a, b, dots = tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "c" / "...png"
-    images = [a, b, dots]
-    folders = [output_folder(out, image, images) for image in images]
-    assert len(set(folders)) == 3
-    assert all(folder.parent == out for folder in folders)
-    assert folders[2].name == "image"
-
-
-class FailingSplitPipeline(LayeredPipeline):
-    def split(self, *args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-
-
-def test_batch_keeps_the_decomposition_when_a_split_fails(pipeline, tmp_path):
-    failing = FailingSplitPipeline(pipeline.transformer, pipeline.vae, pipeline.text_encoder)
-    picture(64, 48).save(tmp_path / "img.png")
-    settings = BatchSettings(DecomposeOptions(layers=2, steps=1), prompt="x", formats=("png",), split_depth=1)
-    result = run_batch(failing, [tmp_path / "img.png"], tmp_path / "out", settings)
-    assert "out of memory" in result.failed[tmp_path / "img.png"]
-    folder = tmp_path / "out" / "img"
-    assert sorted(p.name for p in folder.iterdir()) == ["layer_01.png", "layer_02.png"]  # kept, not marked done
-
-
-def test_batch_rerun_with_fewer_layers_leaves_no_stale_files(pipeline, tmp_path):
-    picture(64, 48).save(tmp_path / "img.png")
-    out = tmp_path / "out"
-    run_batch(pipeline, [tmp_path / "img.png"], out, BatchSettings(DecomposeOptions(layers=3, steps=1), "x", ("png",)))
-    run_batch(pipeline, [tmp_path / "img.png"], out, BatchSettings(DecomposeOptions(layers=1, steps=1), "x", ("png",)))
-    assert sorted(p.name for p in (out / "img").iterdir()) == ["done.json", "layer_01.png"]
-    assert json.loads((out / "img" / "done.json").read_text())["layers"] == 1
 
 
 def test_from_files_compiles_the_blocks_and_refuses_compile_with_a_budget(tmp_path):

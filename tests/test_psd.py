@@ -1,8 +1,6 @@
 """PSD and PNG-ZIP export, read back with psd-tools and with Pillow; limits; no half-written files."""
 
-import json
 import os
-import zipfile
 
 import numpy as np
 import pytest
@@ -13,33 +11,12 @@ from psd_tools.constants import Compression
 from psd_tools.psd import PSD
 
 from layered_core import edits
-from layered_core.export import ExportError, load_png_zip, save_png_zip
-from layered_core.layers import Layer, LayerStack, attach_split, composite, crop_to_alpha
+from layered_core.export import ExportError
+from layered_core.layers import Layer, LayerStack, composite, crop_to_alpha
 from layered_core.psd import PSD_MAX_LAYERS, _even_length, save_psd
 from layered_core.synthetic import synthetic_design
 
-UNICODE_NAME = "Überschrift 标题 🎨"
-
-
-def halves(layer, names):
-    """A two-layer sub-stack of ``layer``'s pixels (top and bottom half), as a second split would give."""
-    middle = layer.height // 2
-    return LayerStack(
-        layer.width,
-        layer.height,
-        (Layer(layer.pixels[:middle], names[0]), Layer(layer.pixels[middle:], names[1], (0, middle))),
-    )
-
-
-@pytest.fixture(scope="module")
-def tree():
-    """A design with a Unicode name, a split layer, a split inside the split, and an empty layer."""
-    stack = synthetic_design(160, 120, layer_count=6, seed=11)
-    stack = stack.with_layer(1, stack[1].replace(name=UNICODE_NAME))
-    stack = attach_split(stack, 3, halves(stack[3], ("upper", "lower")))
-    stack = attach_split(stack, (3, 1), halves(stack[(3, 1)], ("lower top", "lower bottom")))
-    empty = Layer(np.zeros((5, 5, 4), np.uint8), "nothing", (3, 3))
-    return LayerStack(stack.width, stack.height, stack.layers + (empty,))
+from .conftest import UNICODE_NAME
 
 
 def expected_records(stack):
@@ -226,51 +203,3 @@ def test_a_failed_save_leaves_nothing_half_written(tree, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_psd(tree, tmp_path / "new.psd")
     assert os.listdir(tmp_path) == ["out.psd"]
-    with pytest.raises(ExportError, match="does not exist"):
-        save_png_zip(tree, tmp_path / "missing" / "out.zip")
-
-
-def test_png_zip_round_trip(tree, tmp_path):
-    path = save_png_zip(tree, tmp_path / "tree.zip", input_image=composite(tree))
-    with zipfile.ZipFile(path) as archive:
-        manifest = json.loads(archive.read("manifest.json").decode("utf-8"))
-        assert manifest["canvas"] == {"width": 160, "height": 120}
-        assert manifest["order"] == "bottom-to-top"
-        assert [entry["name"] for entry in manifest["layers"]] == [layer.name for layer in tree]
-        split = manifest["layers"][3]
-        assert [child["name"] for child in split["children"]] == ["upper", "lower"]
-        assert [child["name"] for child in split["children"][1]["children"]] == ["lower top", "lower bottom"]
-        assert manifest["layers"][-1]["file"] is None and manifest["layers"][-1]["size"] == [0, 0]
-        with archive.open("composite.png") as file:
-            assert np.array_equal(np.asarray(Image.open(file)), composite(tree))
-        first = manifest["layers"][1]
-        with archive.open(first["file"]) as file:
-            pixels = np.asarray(Image.open(file))
-        cropped = crop_to_alpha(tree[1])
-        assert first["offset"] == list(cropped.offset) and np.array_equal(pixels, cropped.pixels)
-    back = load_png_zip(path)
-    assert back.size == tree.size
-    for (path_a, mine), (path_b, read) in zip(tree.walk(), back.walk(), strict=True):
-        cropped = crop_to_alpha(mine)  # colour under transparent pixels outside the alpha box is not kept
-        assert path_a == path_b and read.name == mine.name and read.offset == cropped.offset
-        assert np.array_equal(read.pixels, cropped.pixels)
-    assert np.array_equal(composite(back), composite(tree))
-    with pytest.raises(ExportError, match="not a layer ZIP"):
-        empty = tmp_path / "empty.zip"
-        with zipfile.ZipFile(empty, "w"):
-            pass
-        load_png_zip(empty)
-
-
-def test_saved_files_get_normal_permissions(tmp_path):
-    import stat
-
-    from layered_core.layers import Layer, LayerStack
-    from layered_core.psd import save_psd
-
-    stack = LayerStack(8, 8, (Layer(np.full((8, 8, 4), 200, np.uint8), "one"),))
-    from layered_core import export
-
-    path = save_psd(stack, tmp_path / "a.psd")
-    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~export._UMASK
-    assert stat.S_IMODE(path.stat().st_mode) & 0o044  # readable by others, unlike mkstemp's 0600

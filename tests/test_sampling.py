@@ -9,7 +9,7 @@ import torch
 from layered_core.mmdit import pack_latents
 from layered_core.sampling import (
     Cancelled,
-    Conditioning,
+    PromptEmbeddings,
     guided_velocity,
     initial_noise,
     sample,
@@ -52,13 +52,13 @@ def conditioning(batch, length, value, pad=0):
     mask = torch.ones(batch, length, dtype=torch.bool)
     if pad:
         mask[:, -pad:] = False
-    return Conditioning(embeddings, mask)
+    return PromptEmbeddings(embeddings, mask)
 
 
 def test_equal_length_cond_and_uncond_run_as_one_batch():
     model = RecordingModel()
     condition = torch.randn(1, 16, 4, 6)
-    out = sample(model, condition, conditioning(1, 5, 1.0), conditioning(1, 5, -1.0), layers=3, steps=4, seed=7)
+    out = sample(model, condition, conditioning(1, 5, 1.0), conditioning(1, 5, -1.0), layer_count=3, steps=4, seed=7)
     assert out.shape == (1, 16, 4, 4, 6)
     assert [c[0] for c in model.calls] == [2] * 4  # one batched forward per step, no padding mask
     batch, length, mask, sigma = model.calls[0]
@@ -79,9 +79,9 @@ def test_unequal_prompts_run_unmasked_and_agree_with_the_padded_batch():
         return model(latents, condition, text, sigma, mask)
 
     condition = torch.randn(1, 16, 4, 6)
-    positive = Conditioning(torch.randn(1, 7, 48))
-    negative = Conditioning(torch.randn(1, 2, 48))
-    out = sample(recording, condition, positive, negative, layers=2, steps=2, seed=3)
+    positive = PromptEmbeddings(torch.randn(1, 7, 48))
+    negative = PromptEmbeddings(torch.randn(1, 2, 48))
+    out = sample(recording, condition, positive, negative, layer_count=2, steps=2, seed=3)
     assert [(b, m) for b, m in calls] == [(1, None)] * 4
 
     # the same step done as one padded batch with a mask
@@ -100,7 +100,7 @@ def test_unequal_prompts_run_unmasked_and_agree_with_the_padded_batch():
 def test_no_uncond_pass_without_guidance():
     model = RecordingModel()
     condition = torch.randn(1, 16, 4, 6)
-    sample(model, condition, conditioning(1, 5, 1.0), conditioning(1, 2, -1.0), layers=1, steps=3, cfg_scale=1.0)
+    sample(model, condition, conditioning(1, 5, 1.0), conditioning(1, 2, -1.0), layer_count=1, steps=3, cfg_scale=1.0)
     assert [c[0] for c in model.calls] == [1, 1, 1]
 
 
@@ -109,7 +109,7 @@ def test_euler_steps_follow_the_schedule():
     condition = torch.zeros(1, 16, 2, 2)
     prompt = conditioning(1, 2, 0.0)
     noise = initial_noise(1, 1, 2, 2, seed=3)
-    out = sample(lambda x, c, t, s, m: x, condition, prompt, None, layers=1, steps=5, noise=noise)
+    out = sample(lambda x, c, t, s, m: x, condition, prompt, None, layer_count=1, steps=5, noise=noise)
     schedule = sigmas(5, schedule_shift(1))
     factor = torch.prod(1 + schedule[1:] - schedule[:-1])
     assert torch.allclose(out, noise * factor, rtol=1e-5)
@@ -138,7 +138,7 @@ def test_seeded_noise_matches_reference_order():
 @pytest.mark.parametrize("layers", [0, 21, -1, 2.5, "4"])
 def test_impossible_layer_counts(layers):
     with pytest.raises(ValueError, match="layer count must be an integer from 1 to 20"):
-        sample(RecordingModel(), torch.zeros(1, 16, 2, 2), conditioning(1, 2, 0.0), None, layers=layers, steps=1)
+        sample(RecordingModel(), torch.zeros(1, 16, 2, 2), conditioning(1, 2, 0.0), None, layer_count=layers, steps=1)
 
 
 def test_callback_cancels_within_one_step():
@@ -151,12 +151,14 @@ def test_callback_cancels_within_one_step():
         return info.step < 2  # ask to stop after the third step
 
     with pytest.raises(Cancelled, match="after step 3 of 10"):
-        sample(model, torch.zeros(1, 16, 2, 2), conditioning(1, 2, 0.0), None, layers=1, steps=10, callback=callback)
+        sample(
+            model, torch.zeros(1, 16, 2, 2), conditioning(1, 2, 0.0), None, layer_count=1, steps=10, callback=callback
+        )
     assert seen == [0, 1, 2] and len(model.calls) == 3
 
 
 def test_bad_condition_shapes():
     with pytest.raises(ValueError, match="condition latent must be"):
-        sample(RecordingModel(), torch.zeros(1, 4, 2, 2), conditioning(1, 2, 0.0), None, layers=1)
+        sample(RecordingModel(), torch.zeros(1, 4, 2, 2), conditioning(1, 2, 0.0), None, layer_count=1)
     with pytest.raises(ValueError, match="must be even"):
-        sample(RecordingModel(), torch.zeros(1, 16, 3, 2), conditioning(1, 2, 0.0), None, layers=1)
+        sample(RecordingModel(), torch.zeros(1, 16, 3, 2), conditioning(1, 2, 0.0), None, layer_count=1)

@@ -14,20 +14,17 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from torch import nn
 
 from layered_core import vae as vae_module
-from layered_core.ops import TorchOps
-from layered_core.vae import (
-    RGBAVAE,
-    VAEConfig,
+from layered_core.checkpoints.vae import (
+    checkpoint_state_dict,
     convert_vae_state_dict,
-    crossfade_weights,
-    decode_frames,
-    decode_tiled,
     diffusers_key_from_wan,
-    tile_spans,
     vae_config_from_state_dict,
+    vae_from_state_dict,
     wan_key_from_diffusers,
     wan_names_from_diffusers,
 )
+from layered_core.ops import TorchOps
+from layered_core.vae import RGBAVAE, VAEConfig, crossfade_weights, decode_frames, decode_tiled, tile_spans
 
 TINY = VAEConfig.tiny()
 PARITY = 1e-5
@@ -58,7 +55,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def model(reference):
-    return RGBAVAE.from_state_dict(reference.state_dict())
+    return vae_from_state_dict(reference.state_dict())
 
 
 def stats(shape=(1, -1, 1, 1)):
@@ -165,7 +162,7 @@ def test_bfloat16_is_as_accurate_as_diffusers(reference):
     latent = torch.randn(2, 16, 6, 10, generator=torch.Generator().manual_seed(6))
     encoded32, decoded32 = reference_encode(reference, image), reference_decode(reference, latent)
 
-    model16 = RGBAVAE.from_state_dict(reference.state_dict(), dtype=torch.bfloat16)
+    model16 = vae_from_state_dict(reference.state_dict(), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model16.parameters())
     reference16 = make_reference().to(torch.bfloat16)
     mean, std = stats()
@@ -235,7 +232,7 @@ def test_wan_layout_loads_like_diffusers_layout(reference, model):
     assert all(v.ndim <= 4 for v in from_wan.values())
     assert from_wan["encoder.head.0.gamma"].shape == (TINY.base_dim * 4, 1, 1)
 
-    wan_model = RGBAVAE.from_state_dict(wan)
+    wan_model = vae_from_state_dict(wan)
     image = torch.rand(2, 4, 48, 80, generator=torch.Generator().manual_seed(7))
     latent = torch.randn(2, 16, 5, 9, generator=torch.Generator().manual_seed(8))
     assert torch.equal(wan_model.encode(image), model.encode(image))
@@ -262,7 +259,7 @@ def test_config_inferred_from_shapes(reference):
     config = vae_config_from_state_dict(other.state_dict(), latents_mean=mean, latents_std=std)
     assert (config.base_dim, config.dim_mult, config.num_res_blocks) == (4, (1, 2, 3), 1)
     assert config.latents_mean == tuple(float(v) for v in mean) and config.latents_std == std
-    assert RGBAVAE.from_state_dict(other.state_dict()).config.spatial_ratio == 4
+    assert vae_from_state_dict(other.state_dict()).config.spatial_ratio == 4
 
 
 def test_model_is_built_from_operations():
@@ -292,23 +289,23 @@ def test_refuses_three_channel_vae():
 def test_refuses_missing_key(reference):
     state_dict = dict(reference.state_dict())
     del state_dict["decoder.up_blocks.1.resnets.2.conv2.bias"]
-    with pytest.raises(ValueError, match=r"1 missing: decoder\.upsamples\.6\.residual\.6\.bias"):
+    with pytest.raises(ValueError, match=r"1 missing tensors: decoder\.upsamples\.6\.residual\.6\.bias"):
         convert_vae_state_dict(state_dict)
     for key in [k for k in state_dict if k.startswith("decoder.mid_block.")]:
         del state_dict[key]
-    with pytest.raises(ValueError, match=r"missing: .*\(\+\d+ more\)"):
+    with pytest.raises(ValueError, match=r"missing tensors: .*\(\+\d+ more\)"):
         convert_vae_state_dict(state_dict)
 
 
 def test_refuses_unexpected_key(reference):
     state_dict = dict(reference.state_dict())
     state_dict["decoder.extra_norm.gamma"] = torch.ones(8)
-    with pytest.raises(ValueError, match=r"1 unexpected: decoder\.extra_norm\.gamma"):
+    with pytest.raises(ValueError, match=r"1 unexpected tensors: decoder\.extra_norm\.gamma"):
         convert_vae_state_dict(state_dict)
     # time_conv is only known-unused where the checkpoint resamples.
     state_dict = wan_names_from_diffusers(reference.state_dict())
     state_dict["encoder.downsamples.0.time_conv.weight"] = torch.ones(8, 8, 3, 1, 1)
-    with pytest.raises(ValueError, match=r"unexpected: encoder\.downsamples\.0\.time_conv\.weight"):
+    with pytest.raises(ValueError, match=r"unexpected tensors: encoder\.downsamples\.0\.time_conv\.weight"):
         convert_vae_state_dict(state_dict)
 
 
@@ -475,7 +472,6 @@ def test_tiled_decode_rejects_overlap_over_a_third(model):
 @pytest.mark.parametrize("layout", ["diffusers", "wan"])
 def test_checkpoint_export_is_the_released_3d_layout(layout):
     """Our 2D weights written back as 3D checkpoints: diffusers loads them strictly and computes the same."""
-    from layered_core.vae import checkpoint_state_dict
 
     torch.manual_seed(4)
     ours = RGBAVAE(TINY).eval()
@@ -490,5 +486,5 @@ def test_checkpoint_export_is_the_released_3d_layout(layout):
     latent = torch.randn(2, 16, 6, 8)
     assert relative_error(ours.decode(latent), reference_decode(reference, latent)) <= PARITY
     # and back: our loader reads the export exactly
-    again = RGBAVAE.from_state_dict(exported)
+    again = vae_from_state_dict(exported)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.state_dict().items())
