@@ -5,6 +5,11 @@ The transformer becomes the ``diffusion_model`` of core's ``QwenImage`` model cl
 wrapped in a ``ModelPatcher``: ``load_models_gpu``, core's KSampler, ReferenceLatent and
 EmptyQwenImageLayeredLatentImage all work on it. It answers core's calling convention, so the same
 MODEL works in core's samplers and in this pack's.
+
+The other way round, :class:`ComfyTransformer` is a ComfyUI MODEL as the transformer layered_core's sampler
+and pipeline call, :class:`VAEPatcher` the RGBA-VAE under ComfyUI's model management (with the raw/normalised
+latent conversion between ComfyUI's LATENT and the pack's latents), and :class:`ManagedVAE` that VAE as the
+pipeline's.
 """
 
 from __future__ import annotations
@@ -137,3 +142,49 @@ class VAEPatcher:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         self._load(latent.shape[0], latent.shape[-2], latent.shape[-1])
         return self.vae.decode(latent.to(mm.vae_device()))
+
+    def normalize_latent(self, raw: torch.Tensor) -> torch.Tensor:
+        """ComfyUI's raw LATENT as the normalised latent :meth:`decode` takes (:meth:`RGBAVAE.normalize_latent`)."""
+        return self.vae.normalize_latent(raw)
+
+    def denormalize_latent(self, normalised: torch.Tensor) -> torch.Tensor:
+        """A normalised latent, as :meth:`encode` gives it, raw as ComfyUI's LATENT holds it."""
+        return self.vae.denormalize_latent(normalised)
+
+
+class ManagedVAE:
+    """This pack's VAE, loaded through ComfyUI before each use, with RGBAVAE's encode/decode."""
+
+    def __init__(self, patcher: VAEPatcher):
+        self.patcher = patcher
+
+    def encode(self, image):
+        return self.patcher.encode(image)
+
+    def decode(self, latent, tile=None):
+        return self.patcher.decode(latent)
+
+
+class ComfyTransformer:
+    """A ComfyUI MODEL as the ``model(latents, condition, text, sigma, mask)`` the sampler calls."""
+
+    def __init__(self, patcher):
+        self.patcher = patcher
+        self.compute_dtype = patcher.model.get_dtype_inference()
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.patcher.load_device)
+
+    def __call__(self, latents, condition, text, sigma, mask):
+        base = self.patcher.model
+        device, dtype = self.patcher.load_device, self.compute_dtype
+        out = base.diffusion_model(
+            latents.to(device, dtype),
+            sigma.to(device),
+            context=text.to(device, dtype),
+            attention_mask=None if mask is None else mask.to(device),
+            ref_latents=[condition[:, :, None].to(device, dtype)],
+            transformer_options=self.patcher.model_options.get("transformer_options", {}),
+        )
+        return out.float()

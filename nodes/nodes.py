@@ -22,7 +22,7 @@ from layered_core.psd import save_psd
 from layered_core.sampling import MAX_LAYERS, Conditioning, sample
 from layered_core.vae import decode_frames
 
-from .comfy_model import WEIGHT_DTYPES, VAEPatcher, load_layered_model
+from .comfy_model import WEIGHT_DTYPES, ComfyTransformer, ManagedVAE, VAEPatcher, load_layered_model
 
 PREFIX = "QwenLayered"
 CATEGORY = "Qwen-Image-Layered"
@@ -175,9 +175,7 @@ class EncodeImage(io.ComfyNode):
         pil = resize_rgba(pil, bucket_size(*pil.size, int(resolution)))
         pixels = image_to_tensor(pil)  # (1, 4, H, W)
         if _is_ours(vae):
-            normalised = vae.encode(pixels)
-            mean, std = vae.vae.latent_stats(normalised.device)
-            samples = (normalised * std + mean)[:, :, None]
+            samples = vae.denormalize_latent(vae.encode(pixels))[:, :, None]
         else:  # core's VAE takes [B, H, W, C]; one image per call (a batch would be read as time)
             samples = vae.encode(pixels.permute(0, 2, 3, 1))
         resized = pixels.permute(0, 2, 3, 1)
@@ -226,7 +224,7 @@ class Decompose(io.ComfyNode):
         batch = reference.shape[0] * (2 if cfg > 1 else 1)
         shape = (batch, 16, layers + 1, reference.shape[-2], reference.shape[-1])
         mm.load_models_gpu([model], memory_required=base.memory_required(shape))
-        velocity = _ComfyTransformer(model)
+        velocity = ComfyTransformer(model)
 
         callback = _step_callback(model, steps)
 
@@ -287,9 +285,8 @@ class DecodeLayers(io.ComfyNode):
             raise ValueError(f"Decode Layers takes one decomposition at a time, got a batch of {latent.shape[0]}")
         frames = latent[0].transpose(0, 1)  # (N+1, 16, h, w), decoded independently
         if _is_ours(vae):
-            mean, std = vae.vae.latent_stats(frames.device)
             # our VAE decodes normalised latents; ComfyUI's LATENT holds them raw
-            images = decode_frames(lambda chunk: vae.decode((chunk - mean) / std), frames)
+            images = decode_frames(lambda chunk: vae.decode(vae.normalize_latent(chunk)), frames)
             images = images.permute(0, 2, 3, 1)
         else:
             decoded = vae.decode(frames[:, :, None])  # core's VAE: [N+1, 1, H, W, C]
@@ -462,49 +459,11 @@ class SplitLayer(io.ComfyNode):
         except ValueError:
             raise ValueError(f"path must be layer numbers like '3' or '2/1', got {path!r}") from None
         mm.load_models_gpu([model])
-        pipeline = LayeredPipeline(_ComfyTransformer(model), _ManagedVAE(vae), text_encoder)
+        pipeline = LayeredPipeline(ComfyTransformer(model), ManagedVAE(vae), text_encoder)
         options = DecomposeOptions(steps=steps, cfg_scale=cfg, seed=seed)
         callback = _step_callback(model, steps)
 
         return io.NodeOutput(pipeline.split(stack, index, layers, prompt=prompt, options=options, callback=callback))
-
-
-class _ComfyTransformer:
-    """A ComfyUI MODEL as the ``model(latents, condition, text, sigma, mask)`` the sampler calls."""
-
-    def __init__(self, patcher):
-        self.patcher = patcher
-        self.compute_dtype = patcher.model.get_dtype_inference()
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device(self.patcher.load_device)
-
-    def __call__(self, latents, condition, text, sigma, mask):
-        base = self.patcher.model
-        device, dtype = self.patcher.load_device, self.compute_dtype
-        out = base.diffusion_model(
-            latents.to(device, dtype),
-            sigma.to(device),
-            context=text.to(device, dtype),
-            attention_mask=None if mask is None else mask.to(device),
-            ref_latents=[condition[:, :, None].to(device, dtype)],
-            transformer_options=self.patcher.model_options.get("transformer_options", {}),
-        )
-        return out.float()
-
-
-class _ManagedVAE:
-    """This pack's VAE, loaded through ComfyUI before each use, with RGBAVAE's encode/decode."""
-
-    def __init__(self, patcher: VAEPatcher):
-        self.patcher = patcher
-
-    def encode(self, image):
-        return self.patcher.encode(image)
-
-    def decode(self, latent, tile=None):
-        return self.patcher.decode(latent)
 
 
 class ImageToLayers(io.ComfyNode):
@@ -544,7 +503,7 @@ class ImageToLayers(io.ComfyNode):
         if not _is_ours(vae):
             raise ValueError("Image to Layers needs this pack's RGBA-VAE (Load RGBA-VAE)")
         mm.load_models_gpu([model])
-        pipeline = LayeredPipeline(_ComfyTransformer(model), _ManagedVAE(vae), text_encoder)
+        pipeline = LayeredPipeline(ComfyTransformer(model), ManagedVAE(vae), text_encoder)
         options = DecomposeOptions(
             layers=layers,
             steps=steps,
