@@ -18,8 +18,9 @@ from comfy_api.latest import io, ui
 from layered_core.checkpoints import load_vae
 from layered_core.image import bucket_size, find_image_files, image_to_tensor, open_image_with_alpha, resize_rgba
 from layered_core.layers import rgba_from_tensor, rgba_to_pil, stack_from_tensor
+from layered_core.mmdit import LATENT_CHANNELS
 from layered_core.psd import save_psd
-from layered_core.sampling import MAX_LAYERS, Conditioning, sample
+from layered_core.sampling import MAX_LAYERS, Conditioning, forward_batch, sample
 from layered_core.vae import decode_frames
 
 from .comfy_model import WEIGHT_DTYPES, ComfyTransformer, ManagedVAE, VAEPatcher, load_layered_model
@@ -220,9 +221,8 @@ class Decompose(io.ComfyNode):
         reference = condition["samples"]
         reference = reference[:, :, 0] if reference.ndim == 5 else reference
         device = model.load_device
-        # cond and uncond run as one batch when CFG is on: the activations to make room for are twice as large
-        batch = reference.shape[0] * (2 if cfg > 1 else 1)
-        shape = (batch, 16, layers + 1, reference.shape[-2], reference.shape[-1])
+        batch = forward_batch(reference.shape[0], cfg)  # cond and uncond together when guided
+        shape = (batch, LATENT_CHANNELS, layers + 1, reference.shape[-2], reference.shape[-1])
         mm.load_models_gpu([model], memory_required=base.memory_required(shape))
         velocity = ComfyTransformer(model)
 
