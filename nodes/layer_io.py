@@ -15,22 +15,31 @@ from comfy_api.latest import io, ui
 
 from layered_core.export import save_png_zip
 from layered_core.image import find_image_files, image_to_tensor, open_image_with_alpha
-from layered_core.layers import composite, rgba_to_tensor
+from layered_core.layers import LayerStack, composite, rgba_to_tensor
 from layered_core.psd import save_psd
 
 from .common import CATEGORY, PREFIX, LayerStackType
 
 
-class SavePSD(io.ComfyNode):
+class _SaveStack(io.ComfyNode):
+    """Save Layered PSD and Save Layers (PNG zip): the same inputs, a new numbered file in the output folder
+    written by :meth:`write`, and the stack's composite as the preview; only the file format differs."""
+
+    SUFFIX = ""
+
+    @staticmethod
+    def write(stack: LayerStack, path: Path) -> None:
+        raise NotImplementedError
+
     @classmethod
-    def define_schema(cls):
+    def save_schema(cls, name: str, display_name: str, description: str, stack_tooltip: str) -> io.Schema:
         return io.Schema(
-            node_id=f"{PREFIX}SavePSD",
-            display_name="Save Layered PSD",
+            node_id=f"{PREFIX}{name}",
+            display_name=display_name,
             category=CATEGORY,
-            description="Writes the layer stack as a layered PSD into the output folder; never overwrites.",
+            description=description,
             inputs=[
-                LayerStackType.Input("stack", tooltip="the layer stack from Decode Layers"),
+                LayerStackType.Input("stack", tooltip=stack_tooltip),
                 io.String.Input("filename_prefix", default="layers/QwenLayered", tooltip="may name a subfolder"),
             ],
             outputs=[],
@@ -39,33 +48,37 @@ class SavePSD(io.ComfyNode):
 
     @classmethod
     def execute(cls, stack, filename_prefix) -> io.NodeOutput:
-        path = _unused_output_path(filename_prefix, ".psd", stack.width, stack.height)
-        save_psd(stack, path)
-        preview = rgba_to_tensor(composite(stack))
-        return io.NodeOutput(ui=ui.PreviewImage(preview, cls=cls))
-
-
-class SaveLayerPNGs(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id=f"{PREFIX}SaveLayerPNGs",
-            display_name="Save Layers (PNG zip)",
-            category=CATEGORY,
-            description="Writes every layer as a PNG in a ZIP with a manifest (names, offsets, order, tree) into "
-            "the output folder; never overwrites.",
-            inputs=[
-                LayerStackType.Input("stack", tooltip="the layer stack from Decode Layers or Split Layer"),
-                io.String.Input("filename_prefix", default="layers/QwenLayered", tooltip="may name a subfolder"),
-            ],
-            outputs=[],
-            is_output_node=True,
-        )
-
-    @classmethod
-    def execute(cls, stack, filename_prefix) -> io.NodeOutput:
-        save_png_zip(stack, _unused_output_path(filename_prefix, ".zip", stack.width, stack.height))
+        cls.write(stack, _unused_output_path(filename_prefix, cls.SUFFIX, stack.width, stack.height))
         return io.NodeOutput(ui=ui.PreviewImage(rgba_to_tensor(composite(stack)), cls=cls))
+
+
+class SavePSD(_SaveStack):
+    SUFFIX = ".psd"
+    write = staticmethod(save_psd)
+
+    @classmethod
+    def define_schema(cls):
+        return cls.save_schema(
+            "SavePSD",
+            "Save Layered PSD",
+            "Writes the layer stack as a layered PSD into the output folder; never overwrites.",
+            "the layer stack from Decode Layers",
+        )
+
+
+class SaveLayerPNGs(_SaveStack):
+    SUFFIX = ".zip"
+    write = staticmethod(save_png_zip)
+
+    @classmethod
+    def define_schema(cls):
+        return cls.save_schema(
+            "SaveLayerPNGs",
+            "Save Layers (PNG zip)",
+            "Writes every layer as a PNG in a ZIP with a manifest (names, offsets, order, tree) into the output "
+            "folder; never overwrites.",
+            "the layer stack from Decode Layers or Split Layer",
+        )
 
 
 def _unused_output_path(filename_prefix: str, suffix: str, width: int, height: int) -> Path:
