@@ -9,6 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from layered_core.layers import rgba_from_tensor, rgba_to_pil
+from layered_core.sampling import MAX_LAYERS
 
 from .comfy_model import VAEPatcher
 
@@ -29,8 +30,24 @@ def cfg_input():
     return io.Float.Input("cfg", default=4.0, min=1.0, max=20.0, step=0.1, tooltip="true-CFG scale; 1 turns it off")
 
 
+def cfg_normalize_input():
+    return io.Boolean.Input("cfg_normalize", default=True, tooltip="rescale guided velocity to the cond norm")
+
+
 def seed_input():
     return io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="noise seed")
+
+
+def layers_input(default: int = 4, tooltip: str = "layer count N"):
+    return io.Int.Input("layers", default=default, min=1, max=MAX_LAYERS, tooltip=tooltip)
+
+
+def resolution_input():
+    return io.Combo.Input("resolution", options=["640", "1024"], default="640", tooltip="bucket area side")
+
+
+def text_encoder_input(tooltip: str = "from Load Qwen2.5-VL (transformers folder)"):
+    return TextEncoderType.Input("text_encoder", tooltip=tooltip)
 
 
 def layer_outputs() -> list:

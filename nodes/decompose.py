@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from layered_core.image import bucket_size, image_to_tensor, resize_rgba
 from layered_core.layers import stack_from_tensor
 from layered_core.mmdit import LATENT_CHANNELS
-from layered_core.sampling import MAX_LAYERS, Conditioning, forward_batch, sample
+from layered_core.sampling import Conditioning, forward_batch, sample
 from layered_core.vae import decode_frames
 
 from .comfy_model import ComfyTransformer
@@ -21,8 +21,11 @@ from .common import (
     PREFIX,
     LayerStackType,
     cfg_input,
+    cfg_normalize_input,
     is_ours,
     layer_outputs,
+    layers_input,
+    resolution_input,
     seed_input,
     single_image,
     step_callback,
@@ -41,7 +44,7 @@ class EncodeImage(io.ComfyNode):
             inputs=[
                 io.Vae.Input("vae", tooltip="the RGBA-VAE (this pack's loader or core's VAELoader)"),
                 io.Image.Input("image", tooltip="RGB or RGBA; opaque input gets alpha 1"),
-                io.Combo.Input("resolution", options=["640", "1024"], default="640", tooltip="bucket area side"),
+                resolution_input(),
             ],
             outputs=[
                 io.Latent.Output(display_name="condition", tooltip="connect to Decompose or ReferenceLatent"),
@@ -85,10 +88,10 @@ class Decompose(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="describes the whole image"),
                 io.Conditioning.Input("negative", tooltip="the official app uses a single space"),
                 io.Latent.Input("condition", tooltip="the input image's latent from Encode Image for Layers"),
-                io.Int.Input("layers", default=4, min=1, max=MAX_LAYERS, tooltip="layer count N"),
+                layers_input(),
                 steps_input(),
                 cfg_input(),
-                io.Boolean.Input("cfg_normalize", default=True, tooltip="rescale guided velocity to the cond norm"),
+                cfg_normalize_input(),
                 seed_input(),
             ],
             outputs=[io.Latent.Output(tooltip="[B, 16, N+1, H/8, W/8]: frame 0 the composite, then the layers")],

@@ -7,22 +7,35 @@ import comfy.model_management as mm
 from comfy_api.latest import io
 
 from layered_core.pipeline import DecomposeOptions, LayeredPipeline
-from layered_core.sampling import MAX_LAYERS
 
 from .comfy_model import ComfyTransformer, ManagedVAE
 from .common import (
     CATEGORY,
     PREFIX,
     LayerStackType,
-    TextEncoderType,
     cfg_input,
+    cfg_normalize_input,
     is_ours,
     layer_outputs,
+    layers_input,
+    resolution_input,
     seed_input,
     single_image,
     step_callback,
     steps_input,
+    text_encoder_input,
 )
+
+
+def _require_pack_vae(vae, node: str) -> None:
+    if not is_ours(vae):
+        raise ValueError(f"{node} needs this pack's RGBA-VAE (Load RGBA-VAE)")
+
+
+def _pipeline(model, vae, text_encoder) -> LayeredPipeline:
+    """layered_core's pipeline on a ComfyUI MODEL (loaded to the GPU now) and this pack's VAE."""
+    mm.load_models_gpu([model])
+    return LayeredPipeline(ComfyTransformer(model), ManagedVAE(vae), text_encoder)
 
 
 class ImageToLayers(io.ComfyNode):
@@ -36,14 +49,14 @@ class ImageToLayers(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="the VLD-MMDiT"),
                 io.Vae.Input("vae", tooltip="this pack's RGBA-VAE"),
-                TextEncoderType.Input("text_encoder", tooltip="from Load Qwen2.5-VL (transformers folder)"),
+                text_encoder_input(),
                 io.Image.Input("image", tooltip="RGB or RGBA"),
                 io.String.Input("prompt", default="", multiline=True, tooltip="empty: English auto-caption"),
-                io.Int.Input("layers", default=4, min=1, max=MAX_LAYERS, tooltip="layer count N"),
+                layers_input(),
                 steps_input(),
                 cfg_input(),
-                io.Boolean.Input("cfg_normalize", default=True, tooltip="rescale guided velocity to the cond norm"),
-                io.Combo.Input("resolution", options=["640", "1024"], default="640", tooltip="bucket area side"),
+                cfg_normalize_input(),
+                resolution_input(),
                 seed_input(),
             ],
             outputs=[
@@ -57,10 +70,8 @@ class ImageToLayers(io.ComfyNode):
     def execute(
         cls, model, vae, text_encoder, image, prompt, layers, steps, cfg, cfg_normalize, resolution, seed
     ) -> io.NodeOutput:
-        if not is_ours(vae):
-            raise ValueError("Image to Layers needs this pack's RGBA-VAE (Load RGBA-VAE)")
-        mm.load_models_gpu([model])
-        pipeline = LayeredPipeline(ComfyTransformer(model), ManagedVAE(vae), text_encoder)
+        _require_pack_vae(vae, "Image to Layers")
+        pipeline = _pipeline(model, vae, text_encoder)
         options = DecomposeOptions(
             layers=layers,
             steps=steps,
@@ -90,9 +101,9 @@ class SplitLayer(io.ComfyNode):
                 LayerStackType.Input("stack", tooltip="the layer stack from Decode Layers or another split"),
                 io.Model.Input("model", tooltip="the VLD-MMDiT"),
                 io.Vae.Input("vae", tooltip="this pack's RGBA-VAE"),
-                TextEncoderType.Input("text_encoder", tooltip="for the prompt (or the auto-caption)"),
+                text_encoder_input("for the prompt (or the auto-caption)"),
                 io.String.Input("path", default="1", tooltip="1-based layer number, bottom = 1; '2/1' for a sub-layer"),
-                io.Int.Input("layers", default=2, min=1, max=MAX_LAYERS, tooltip="sub-layer count"),
+                layers_input(2, "sub-layer count"),
                 io.String.Input("prompt", default="", multiline=True, tooltip="empty: auto-caption of the layer"),
                 steps_input(),
                 cfg_input(),
@@ -103,14 +114,12 @@ class SplitLayer(io.ComfyNode):
 
     @classmethod
     def execute(cls, stack, model, vae, text_encoder, path, layers, prompt, steps, cfg, seed) -> io.NodeOutput:
-        if not is_ours(vae):
-            raise ValueError("Split Layer needs this pack's RGBA-VAE (Load RGBA-VAE)")
+        _require_pack_vae(vae, "Split Layer")
         try:
             index = tuple(int(part) - 1 for part in str(path).replace(" ", "").split("/"))
         except ValueError:
             raise ValueError(f"path must be layer numbers like '3' or '2/1', got {path!r}") from None
-        mm.load_models_gpu([model])
-        pipeline = LayeredPipeline(ComfyTransformer(model), ManagedVAE(vae), text_encoder)
+        pipeline = _pipeline(model, vae, text_encoder)
         options = DecomposeOptions(steps=steps, cfg_scale=cfg, seed=seed)
         callback = step_callback(model, steps)
 

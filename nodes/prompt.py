@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, PREFIX, TextEncoderType, single_image
+from .common import CATEGORY, PREFIX, single_image, text_encoder_input
 
 
 class TextEncode(io.ComfyNode):
@@ -16,7 +16,7 @@ class TextEncode(io.ComfyNode):
             category=CATEGORY,
             description="The reference chat template, its 34 template tokens dropped: CONDITIONING for Decompose.",
             inputs=[
-                TextEncoderType.Input("text_encoder", tooltip="from Load Qwen2.5-VL (transformers folder)"),
+                text_encoder_input(),
                 io.String.Input("prompt", multiline=True, default="", tooltip="describe the whole image"),
             ],
             outputs=[io.Conditioning.Output()],
@@ -38,7 +38,7 @@ class Caption(io.ComfyNode):
             category=CATEGORY,
             description="The reference auto-caption of an image (greedy), as a STRING prompt.",
             inputs=[
-                TextEncoderType.Input("text_encoder", tooltip="from Load Qwen2.5-VL (transformers folder)"),
+                text_encoder_input(),
                 io.Image.Input("image", tooltip="caption the bucket-resized image, as the reference does"),
                 io.Combo.Input("language", options=["en", "zh"], default="en", tooltip="annotator instruction"),
                 io.Int.Input("max_new_tokens", default=512, min=1, max=2048, tooltip="caption length limit"),
