@@ -94,7 +94,11 @@ class Decompose(io.ComfyNode):
                 cfg_normalize_input(),
                 seed_input(),
             ],
-            outputs=[io.Latent.Output(tooltip="[B, 16, N+1, H/8, W/8]: frame 0 the composite, then the layers")],
+            outputs=[
+                io.Latent.Output(
+                    tooltip=f"[B, {LATENT_CHANNELS}, N+1, H/8, W/8]: frame 0 the composite, then the layers"
+                )
+            ],
         )
 
     @classmethod
@@ -138,7 +142,9 @@ class DecodeLayers(io.ComfyNode):
             "as LoadImage), the model's composite, and a layer stack for export.",
             inputs=[
                 io.Vae.Input("vae", tooltip="the RGBA-VAE (this pack's loader or core's VAELoader)"),
-                io.Latent.Input("samples", tooltip="[B, 16, N+1, h, w] from Decompose or a core sampler"),
+                io.Latent.Input(
+                    "samples", tooltip=f"[B, {LATENT_CHANNELS}, N+1, h, w] from Decompose or a core sampler"
+                ),
             ],
             outputs=[
                 *layer_outputs(),
@@ -151,10 +157,12 @@ class DecodeLayers(io.ComfyNode):
     def execute(cls, vae, samples) -> io.NodeOutput:
         latent = samples["samples"]
         if latent.ndim != 5 or latent.shape[2] < 2:
-            raise ValueError(f"expected a layered latent [B, 16, N+1, h, w] with N >= 1, got {tuple(latent.shape)}")
+            raise ValueError(
+                f"expected a layered latent [B, {LATENT_CHANNELS}, N+1, h, w] with N >= 1, got {tuple(latent.shape)}"
+            )
         if latent.shape[0] != 1:
             raise ValueError(f"Decode Layers takes one decomposition at a time, got a batch of {latent.shape[0]}")
-        frames = latent[0].transpose(0, 1)  # (N+1, 16, h, w), decoded independently
+        frames = latent[0].transpose(0, 1)  # (N+1, LATENT_CHANNELS, h, w), decoded independently
         if is_ours(vae):
             # our VAE decodes normalised latents; ComfyUI's LATENT holds them raw
             images = decode_frames(lambda chunk: vae.decode(vae.normalize_latent(chunk)), frames)
