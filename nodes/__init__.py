@@ -1,8 +1,34 @@
-"""ComfyUI nodes of the pack (V3 API). The only package here that imports ComfyUI."""
+"""ComfyUI nodes of the pack (V3 API). The only package here that imports ComfyUI.
+
+By family: ``loaders`` (the transformer, the RGBA-VAE, Qwen2.5-VL), ``prompt`` (Encode Prompt, Auto-caption),
+``decompose`` (Encode Image, Decompose, Decode Layers: step by step), ``pipeline`` (Image to Layers, Split
+Layer: the whole pipeline in one node), ``layer_io`` (Save PSD, Save PNG zip, Load Image Folder); ``common``
+holds what they share, ``comfy_model`` the models inside ComfyUI's model management.
+"""
 
 from comfy_api.latest import ComfyExtension, io
 
-from .nodes import NODES
+from .decompose import DecodeLayers, Decompose, EncodeImage
+from .layer_io import LoadImageFolder, SaveLayerPNGs, SavePSD
+from .loaders import LoadMMDiT, LoadRGBAVAE, LoadTextEncoder
+from .pipeline import ImageToLayers, SplitLayer
+from .prompt import Caption, TextEncode
+
+NODES = [
+    LoadImageFolder,
+    ImageToLayers,
+    SplitLayer,
+    SaveLayerPNGs,
+    LoadMMDiT,
+    LoadRGBAVAE,
+    LoadTextEncoder,
+    TextEncode,
+    Caption,
+    EncodeImage,
+    Decompose,
+    DecodeLayers,
+    SavePSD,
+]
 
 
 class LayeredExtension(ComfyExtension):

@@ -5,6 +5,11 @@ The transformer becomes the ``diffusion_model`` of core's ``QwenImage`` model cl
 wrapped in a ``ModelPatcher``: ``load_models_gpu``, core's KSampler, ReferenceLatent and
 EmptyQwenImageLayeredLatentImage all work on it. It answers core's calling convention, so the same
 MODEL works in core's samplers and in this pack's.
+
+The other way round, :class:`ComfyTransformer` is a ComfyUI MODEL as the transformer layered_core's sampler
+and pipeline call, :class:`VAEPatcher` the RGBA-VAE under ComfyUI's model management (with the raw/normalised
+latent conversion between ComfyUI's LATENT and the pack's latents), and :class:`ManagedVAE` that VAE as the
+pipeline's.
 """
 
 from __future__ import annotations
@@ -27,12 +32,16 @@ from layered_core.checkpoints import (
     infer_mmdit_config,
     open_checkpoint,
 )
-from layered_core.mmdit import MMDiTConfig, VLDMMDiT
+from layered_core.memory import activation_bytes
+from layered_core.mmdit import MMDiTConfig, VLDMMDiT, image_token_count
 from layered_core.vae import RGBAVAE
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
+# prompt tokens a memory estimate assumes when it is not told the prompt's length: more than this pack's
+# encoder gives (512) and than a long prompt through core's CLIPTextEncode usually does
+DEFAULT_TEXT_TOKENS = 1024
 
 
 class ComfyLayeredDiT(VLDMMDiT):
@@ -66,14 +75,21 @@ class LayeredQwenImage(comfy.model_base.QwenImage):
         super().__init__(model_config, device=device, unet_model=ComfyLayeredDiT)
 
     def memory_required(self, input_shape, cond_shapes={}):  # noqa: B006 (core's signature)
-        """Peak activation bytes of one forward: per token the float32 residual streams, the bf16 layer
-        inputs, q/k/v and the 4x MLP hidden state, with a 1.5x margin for allocator slack."""
-        config = self.diffusion_model.config
+        """Peak activation bytes of one forward (:func:`activation_bytes`). ``input_shape`` is the noisy latent
+        [B, 16, N+1, h, w] (B counts cond and uncond when core batches them); the text length is the longest
+        ``c_crossattn`` in ``cond_shapes`` where core's sampler passes them, else :data:`DEFAULT_TEXT_TOKENS`."""
         shape = list(input_shape)
-        batch, frames = shape[0], (shape[2] if len(shape) == 5 else 1)
-        tokens = (frames + 1) * (shape[-2] // 2) * (shape[-1] // 2) + 1024  # noisy frames, condition, text
-        per_token = config.hidden_size * (2 * 4 + 2 * (1 + 3 + 1 + 2 * config.mlp_ratio))
-        return int(batch * tokens * per_token * 1.5)
+        layers = shape[2] - 1 if len(shape) == 5 else 0  # a 4-D latent: one frame
+        image_tokens = image_token_count(layers, shape[-2], shape[-1], self.diffusion_model.config.patch_size)
+        return activation_bytes(self.diffusion_model, image_tokens, _text_tokens(cond_shapes), shape[0])
+
+
+def _text_tokens(cond_shapes) -> int:
+    """The longest prompt in core's ``cond_shapes`` ({name: [shape, ...]}, the text [B, L, D] under
+    ``c_crossattn``); :data:`DEFAULT_TEXT_TOKENS` where it is not there (core's ``estimate_memory`` passes
+    only the reference latents' shapes, ``load_models_gpu`` callers none)."""
+    lengths = [int(shape[1]) for shape in (cond_shapes or {}).get("c_crossattn", []) if len(shape) >= 2]
+    return max(lengths, default=DEFAULT_TEXT_TOKENS)
 
 
 def load_state_dict(path: str) -> tuple[dict, dict, MMDiTConfig]:
@@ -137,3 +153,49 @@ class VAEPatcher:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         self._load(latent.shape[0], latent.shape[-2], latent.shape[-1])
         return self.vae.decode(latent.to(mm.vae_device()))
+
+    def normalize_latent(self, raw: torch.Tensor) -> torch.Tensor:
+        """ComfyUI's raw LATENT as the normalised latent :meth:`decode` takes (:meth:`RGBAVAE.normalize_latent`)."""
+        return self.vae.normalize_latent(raw)
+
+    def denormalize_latent(self, normalised: torch.Tensor) -> torch.Tensor:
+        """A normalised latent, as :meth:`encode` gives it, raw as ComfyUI's LATENT holds it."""
+        return self.vae.denormalize_latent(normalised)
+
+
+class ManagedVAE:
+    """This pack's VAE, loaded through ComfyUI before each use, with RGBAVAE's encode/decode."""
+
+    def __init__(self, patcher: VAEPatcher):
+        self.patcher = patcher
+
+    def encode(self, image):
+        return self.patcher.encode(image)
+
+    def decode(self, latent, tile=None):
+        return self.patcher.decode(latent)
+
+
+class ComfyTransformer:
+    """A ComfyUI MODEL as the ``model(latents, condition, text, sigma, mask)`` the sampler calls."""
+
+    def __init__(self, patcher):
+        self.patcher = patcher
+        self.compute_dtype = patcher.model.get_dtype_inference()
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.patcher.load_device)
+
+    def __call__(self, latents, condition, text, sigma, mask):
+        base = self.patcher.model
+        device, dtype = self.patcher.load_device, self.compute_dtype
+        out = base.diffusion_model(
+            latents.to(device, dtype),
+            sigma.to(device),
+            context=text.to(device, dtype),
+            attention_mask=None if mask is None else mask.to(device),
+            ref_latents=[condition[:, :, None].to(device, dtype)],
+            transformer_options=self.patcher.model_options.get("transformer_options", {}),
+        )
+        return out.float()

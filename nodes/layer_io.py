@@ -1,0 +1,198 @@
+"""Layer stacks in and out of ComfyUI's folders: Save Layered PSD and Save Layers (PNG zip) into the output
+folder, Load Image Folder (batch) from the input folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io, ui
+
+from layered_core.export import save_png_zip
+from layered_core.image import find_image_files, image_to_tensor, open_image_with_alpha
+from layered_core.layers import LayerStack, composite, rgba_to_tensor
+from layered_core.psd import save_psd
+
+from .common import CATEGORY, PREFIX, LayerStackType
+
+
+class _SaveStack(io.ComfyNode):
+    """Save Layered PSD and Save Layers (PNG zip): the same inputs, a new numbered file in the output folder
+    written by :meth:`write`, and the stack's composite as the preview; only the file format differs."""
+
+    SUFFIX = ""
+
+    @staticmethod
+    def write(stack: LayerStack, path: Path) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def save_schema(cls, name: str, display_name: str, description: str, stack_tooltip: str) -> io.Schema:
+        return io.Schema(
+            node_id=f"{PREFIX}{name}",
+            display_name=display_name,
+            category=CATEGORY,
+            description=description,
+            inputs=[
+                LayerStackType.Input("stack", tooltip=stack_tooltip),
+                io.String.Input("filename_prefix", default="layers/QwenLayered", tooltip="may name a subfolder"),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, stack, filename_prefix) -> io.NodeOutput:
+        cls.write(stack, _unused_output_path(filename_prefix, cls.SUFFIX, stack.width, stack.height))
+        return io.NodeOutput(ui=ui.PreviewImage(rgba_to_tensor(composite(stack)), cls=cls))
+
+
+class SavePSD(_SaveStack):
+    SUFFIX = ".psd"
+    write = staticmethod(save_psd)
+
+    @classmethod
+    def define_schema(cls):
+        return cls.save_schema(
+            "SavePSD",
+            "Save Layered PSD",
+            "Writes the layer stack as a layered PSD into the output folder; never overwrites.",
+            "the layer stack from Decode Layers",
+        )
+
+
+class SaveLayerPNGs(_SaveStack):
+    SUFFIX = ".zip"
+    write = staticmethod(save_png_zip)
+
+    @classmethod
+    def define_schema(cls):
+        return cls.save_schema(
+            "SaveLayerPNGs",
+            "Save Layers (PNG zip)",
+            "Writes every layer as a PNG in a ZIP with a manifest (names, offsets, order, tree) into the output "
+            "folder; never overwrites.",
+            "the layer stack from Decode Layers or Split Layer",
+        )
+
+
+def _unused_output_path(filename_prefix: str, suffix: str, width: int, height: int) -> Path:
+    """A new file in ComfyUI's output folder: core's naming (prefix_00001_), a path outside it refused
+    (core checks that), and an existing file never overwritten. The number follows the files of the same
+    suffix only, so the PSD and the ZIP of one image share it."""
+    output_dir = folder_paths.get_output_directory()
+    folder, filename, _, _, _ = folder_paths.get_save_image_path(filename_prefix, output_dir, width, height)
+    numbered = re.compile(rf"{re.escape(filename)}_(\d{{5,}})_{re.escape(suffix)}")
+    used = [int(match[1]) for name in os.listdir(folder) if (match := numbered.fullmatch(name))]
+    counter = max(used, default=0) + 1
+    while (path := Path(folder) / f"{filename}_{counter:05}_{suffix}").exists():
+        counter += 1
+    return path
+
+
+def _input_folder(folder: str) -> tuple[Path, Path]:
+    """(input directory, ``folder`` in it), both resolved; a folder that resolves outside the input
+    directory (``..``, an absolute path, a symlink leading out) is refused."""
+    root = Path(folder_paths.get_input_directory()).resolve()
+    path = (root / folder).resolve()
+    if Path(folder).is_absolute() or not path.is_relative_to(root):
+        raise ValueError(
+            f"folder {folder!r} is outside ComfyUI's input directory {root}; refused (give a folder inside it)"
+        )
+    return root, path
+
+
+def _folder_images(folder: str, pattern: str, limit: int) -> list[Path]:
+    """The image files of ``folder`` in the input directory matching ``pattern``, sorted by name, the
+    first ``limit`` (0 = all); an escape, a missing folder or no match at all is an error naming both."""
+    root, path = _input_folder(folder)
+    if not path.is_dir():
+        raise ValueError(f"folder {folder!r} (pattern {pattern!r}): no such folder in the input directory {root}")
+    files = find_image_files(path, pattern)
+    files = files[:limit] if limit > 0 else files
+    if not files:
+        raise ValueError(f"folder {folder!r} has no image files matching the pattern {pattern!r}")
+    for file in files:
+        if not file.resolve().is_relative_to(root):
+            raise ValueError(f"{file.name} in folder {folder!r} links outside the input directory {root}; refused")
+    return files
+
+
+class LoadImageFolder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=f"{PREFIX}LoadImageFolder",
+            display_name="Load Image Folder (batch)",
+            category=CATEGORY,
+            description="Loads every image of a folder in ComfyUI's input directory as a list, sorted by name, "
+            "so the nodes after it run once per image; other files are skipped. Reruns when the folder changes.",
+            inputs=[
+                io.String.Input(
+                    "folder",
+                    default="batch",
+                    tooltip="a folder inside ComfyUI's input directory ('batch' = input/batch)",
+                ),
+                io.String.Input(
+                    "pattern", default="*", optional=True, tooltip="glob on the file names in either case, e.g. '*.png'"
+                ),
+                io.Int.Input(
+                    "limit",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    optional=True,
+                    tooltip="the first N images by name; 0 = all",
+                ),
+            ],
+            outputs=[
+                io.Image.Output(
+                    display_name="images",
+                    tooltip="one [1, H, W, C] per file, EXIF orientation applied; C = 4 when the file has alpha",
+                    is_output_list=True,
+                ),
+                io.String.Output(
+                    display_name="names",
+                    tooltip="each file's name without its suffix, for filename prefixes",
+                    is_output_list=True,
+                ),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, folder, pattern="*"):
+        if folder is None or pattern is None:  # linked: checked when it runs
+            return True
+        try:
+            _folder_images(folder, pattern, 0)
+        except (ValueError, OSError) as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, folder, pattern="*", limit=0):
+        if folder is None or pattern is None or limit is None:  # linked: not known before it runs
+            return float("nan")
+        try:
+            files = _folder_images(folder, pattern, limit)
+        except (ValueError, OSError) as e:
+            return str(e)  # the run fails and caches nothing
+        listing = [(file.name, file.stat().st_mtime_ns, file.stat().st_size) for file in files]
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+    @classmethod
+    def execute(cls, folder, pattern="*", limit=0) -> io.NodeOutput:
+        files = _folder_images(folder, pattern, limit)
+        progress = comfy.utils.ProgressBar(len(files))
+        images = []
+        for file in files:
+            rgba, transparent = open_image_with_alpha(file)
+            pixels = image_to_tensor(rgba).permute(0, 2, 3, 1)  # [1, H, W, 4]
+            images.append(pixels if transparent else pixels[..., :3].contiguous())
+            progress.update(1)
+        return io.NodeOutput(images, [file.stem for file in files])
