@@ -122,3 +122,16 @@ def plan_residency(
         f"{other_bytes / GiB:.2f} GiB, activations {activations / GiB:.2f} GiB, CUDA workspace reserve "
         f"{reserve / GiB:.2f} GiB); raise the budget, or lower the resolution or the layer count"
     )
+
+
+# Peak bytes of the VAE decoder per output pixel and frame, per byte of the weights' dtype, above the measured
+# peaks (benchmarks/RESULTS.md: the decoder in bf16 at 640 and 1024 px).
+VAE_DECODE_BYTES_PER_PIXEL = 650
+
+
+def vae_activation_bytes(vae: nn.Module, frames: int, latent_height: int, latent_width: int) -> int:
+    """A conservative peak of the RGBA-VAE's activations for ``frames`` latents of ``latent_height`` x
+    ``latent_width``, in bytes: it grows with the output pixels and the weights' dtype."""
+    ratio = vae.config.spatial_ratio
+    itemsize = next(vae.parameters()).element_size()
+    return frames * latent_height * latent_width * ratio * ratio * VAE_DECODE_BYTES_PER_PIXEL * itemsize

@@ -23,16 +23,8 @@ import comfy.supported_models
 import comfy.utils
 import torch
 
-from layered_core.checkpoints import (
-    LAYERED_MARKER,
-    TRANSFORMER_PREFIXES,
-    CheckpointError,
-    describe_keys,
-    find_prefix,
-    infer_mmdit_config,
-    open_checkpoint,
-)
-from layered_core.memory import activation_bytes
+from layered_core.checkpoints import infer_mmdit_config, open_transformer
+from layered_core.memory import activation_bytes, vae_activation_bytes
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT, image_token_count
 from layered_core.vae import RGBAVAE
 
@@ -94,13 +86,9 @@ def _text_tokens(cond_shapes) -> int:
 
 def load_state_dict(path: str) -> tuple[dict, dict, MMDiTConfig]:
     """Tensors (memory-mapped, prefix stripped), safetensors metadata and the shape of a layered transformer."""
-    source = open_checkpoint(path, component="transformer")
-    keys = source.keys()
-    prefix = find_prefix(keys, TRANSFORMER_PREFIXES, "transformer_blocks.0.")
-    if f"{prefix}{LAYERED_MARKER}" not in source:
-        raise CheckpointError(source.location, f"this is {describe_keys(keys)}, not the Qwen-Image-Layered transformer")
+    source, prefix = open_transformer(path)
     config = infer_mmdit_config(source, prefix)
-    state = {k[len(prefix) :]: source.get(k) for k in keys if k.startswith(prefix)}
+    state = {k[len(prefix) :]: source.get(k) for k in source.keys() if k.startswith(prefix)}
     return state, dict(source.metadata), config
 
 
@@ -140,10 +128,7 @@ class VAEPatcher:
         )
 
     def _load(self, frames: int, height: int, width: int) -> None:
-        # decoder peak measured on an H100 in bf16: 2.4 GiB for 5 frames of 640x640 px and 13.0 GiB for 11
-        # of 1024x1024, i.e. about 1300 bytes per output pixel and frame; scaled for the weights' dtype
-        itemsize = next(self.vae.parameters()).element_size()
-        needed = frames * height * width * 64 * 650 * itemsize
+        needed = vae_activation_bytes(self.vae, frames, height, width)
         mm.load_models_gpu([self.patcher], memory_required=needed)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from layered_core.layers import rgba_from_tensor, rgba_to_pil
+from layered_core.layers import rgba_from_bhwc, rgba_to_pil
 from layered_core.sampling import MAX_LAYERS
 
 from .comfy_model import VAEPatcher
@@ -66,7 +66,7 @@ def single_image(image: torch.Tensor, node: str):
     """One IMAGE as a straight-RGBA PIL image; a batch is refused rather than cut to its first image."""
     if image.shape[0] != 1:
         raise ValueError(f"{node} takes one image at a time, got a batch of {image.shape[0]}")
-    return rgba_to_pil(rgba_from_tensor(image))
+    return rgba_to_pil(rgba_from_bhwc(image))
 
 
 def is_ours(vae) -> bool:

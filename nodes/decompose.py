@@ -9,10 +9,10 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from layered_core.image import bucket_size, image_to_tensor, resize_rgba
-from layered_core.layers import stack_from_tensor
+from layered_core.image import bucket_size, image_to_bchw, resize_rgba
+from layered_core.layers import stack_from_bhwc
 from layered_core.mmdit import LATENT_CHANNELS
-from layered_core.sampling import Conditioning, forward_batch, sample
+from layered_core.sampling import PromptEmbeddings, forward_batch, sample
 from layered_core.vae import decode_frames
 
 from .comfy_model import ComfyTransformer
@@ -56,7 +56,7 @@ class EncodeImage(io.ComfyNode):
     def execute(cls, vae, image, resolution) -> io.NodeOutput:
         pil = single_image(image, "Encode Image for Layers")
         pil = resize_rgba(pil, bucket_size(*pil.size, int(resolution)))
-        pixels = image_to_tensor(pil)  # (1, 4, H, W)
+        pixels = image_to_bchw(pil)  # (1, 4, H, W)
         if is_ours(vae):
             samples = vae.denormalize_latent(vae.encode(pixels))[:, :, None]
         else:  # core's VAE takes [B, H, W, C]; one image per call (a batch would be read as time)
@@ -65,13 +65,13 @@ class EncodeImage(io.ComfyNode):
         return io.NodeOutput({"samples": samples.float().cpu()}, resized)
 
 
-def _conditioning(conditioning) -> Conditioning:
+def _conditioning(conditioning) -> PromptEmbeddings:
     """CONDITIONING (from core's CLIPTextEncode or this pack) as prompt embeddings with their mask."""
     if not conditioning:
         raise ValueError("empty CONDITIONING")
     embeddings, extra = conditioning[0][0], conditioning[0][1]
     mask = extra.get("attention_mask")
-    return Conditioning(embeddings, None if mask is None else mask.bool())
+    return PromptEmbeddings(embeddings, None if mask is None else mask.bool())
 
 
 class Decompose(io.ComfyNode):
@@ -121,7 +121,7 @@ class Decompose(io.ComfyNode):
             normalised,
             _conditioning(positive).to(device),
             _conditioning(negative).to(device),
-            layers=layers,
+            layer_count=layers,
             steps=steps,
             cfg_scale=cfg,
             cfg_normalize=cfg_normalize,
@@ -174,6 +174,6 @@ class DecodeLayers(io.ComfyNode):
         layers, composite = images[1:], images[:1]
         if layers.shape[-1] == 3:
             layers = torch.cat([layers, torch.ones_like(layers[..., :1])], dim=-1)
-        stack = stack_from_tensor(layers)
+        stack = stack_from_bhwc(layers)
         boxes = [list(layer.alpha_box() or (0, 0, 0, 0)) for layer in stack.layers]
         return io.NodeOutput(layers, 1.0 - layers[..., 3], composite, json.dumps(boxes), stack)

@@ -14,8 +14,8 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from layered_core.export import save_png_zip
-from layered_core.image import find_image_files, image_to_tensor, open_image_with_alpha
-from layered_core.layers import LayerStack, composite, rgba_to_tensor
+from layered_core.image import find_image_files, image_to_bchw, open_image_with_alpha
+from layered_core.layers import LayerStack, composite, rgba_to_bhwc
 from layered_core.psd import save_psd
 
 from .common import CATEGORY, PREFIX, LayerStackType
@@ -49,7 +49,7 @@ class _SaveStack(io.ComfyNode):
     @classmethod
     def execute(cls, stack, filename_prefix) -> io.NodeOutput:
         cls.write(stack, _unused_output_path(filename_prefix, cls.SUFFIX, stack.width, stack.height))
-        return io.NodeOutput(ui=ui.PreviewImage(rgba_to_tensor(composite(stack)), cls=cls))
+        return io.NodeOutput(ui=ui.PreviewImage(rgba_to_bhwc(composite(stack)), cls=cls))
 
 
 class SavePSD(_SaveStack):
@@ -192,7 +192,7 @@ class LoadImageFolder(io.ComfyNode):
         images = []
         for file in files:
             rgba, transparent = open_image_with_alpha(file)
-            pixels = image_to_tensor(rgba).permute(0, 2, 3, 1)  # [1, H, W, 4]
+            pixels = image_to_bchw(rgba).permute(0, 2, 3, 1)  # [1, H, W, 4]
             images.append(pixels if transparent else pixels[..., :3].contiguous())
             progress.update(1)
         return io.NodeOutput(images, [file.stem for file in files])

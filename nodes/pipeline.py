@@ -73,7 +73,7 @@ class ImageToLayers(io.ComfyNode):
         _require_pack_vae(vae, "Image to Layers")
         pipeline = _pipeline(model, vae, text_encoder)
         options = DecomposeOptions(
-            layers=layers,
+            layer_count=layers,
             steps=steps,
             cfg_scale=cfg,
             cfg_normalize=cfg_normalize,
@@ -83,7 +83,7 @@ class ImageToLayers(io.ComfyNode):
         callback = step_callback(model, steps)
 
         result = pipeline(single_image(image, "Image to Layers"), prompt, options, callback=callback)
-        images = result.layers.permute(0, 2, 3, 1)
+        images = result.layer_images.permute(0, 2, 3, 1)
         composite = result.composite.permute(1, 2, 0)[None]
         return io.NodeOutput(images, 1.0 - images[..., 3], composite, result.stack(), result.prompt)
 

@@ -7,13 +7,16 @@ import torch
 
 from layered_core.memory import (
     ACTIVATION_BYTES_PER_ELEMENT,
+    VAE_DECODE_BYTES_PER_PIXEL,
     WORKSPACE_RESERVE,
     GiB,
     activation_bytes,
     plan_residency,
     tensor_bytes,
+    vae_activation_bytes,
 )
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT
+from layered_core.vae import RGBAVAE, VAEConfig
 
 from .test_offload import fp8_model, tiny_model
 
@@ -71,3 +74,9 @@ def test_activation_estimate_covers_the_fp8_dequantised_weight(tmp_path):
     assert activation_bytes(fp8, **tokens) == activation_bytes(plain, **tokens) + 10 * 64 * 384  # img_mod, the largest
     with pytest.raises(ValueError, match="batch must be a positive integer"):
         activation_bytes(plain, 100, 10, 0)
+
+
+def test_vae_estimate_grows_with_pixels_frames_and_weight_size():
+    vae = RGBAVAE(VAEConfig.tiny())
+    assert vae_activation_bytes(vae, 2, 4, 6) == 2 * (4 * 8) * (6 * 8) * VAE_DECODE_BYTES_PER_PIXEL * 4  # float32
+    assert vae_activation_bytes(vae.to(torch.bfloat16), 2, 4, 6) == vae_activation_bytes(vae.float(), 2, 4, 6) // 2
