@@ -4,28 +4,23 @@ installed, quack) and the joint attention under each available kernel (cuDNN and
 FlashAttention-4 with our tile and its own, where installed). Prints TFLOP/s per kernel and
 what 60 blocks of them add up to per step, beside the whole step's measured time.
 
-    python benchmarks/bench_kernels.py                         # 640 px, 4 layers, 256 text tokens, batch 2
-    python benchmarks/bench_kernels.py --resolution 1024 --layers 8
+    python -m benchmarks.bench_kernels                         # 640 px, 4 layers, 256 text tokens, batch 2
+    python -m benchmarks.bench_kernels --resolution 1024 --layers 8
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from bench_mmdit import add_shape_arguments  # noqa: E402
-
-from layered_core import attention as attn  # noqa: E402
-from layered_core import kernels  # noqa: E402
-from layered_core.ops import quantize_rows_fp8  # noqa: E402
+from benchmarks.workloads import add_shape_arguments
+from layered_core import attention as attn
+from layered_core import kernels
+from layered_core.ops import quantize_rows_fp8
 
 
 def bench(fn, ms: int = 200) -> float:

@@ -1,10 +1,10 @@
 """Block weight streaming of the full-size VLD-MMDiT on a GPU: seconds per sampling step with the blocks
 streamed under a VRAM budget, against all of them resident. Prints a table.
 
-    python benchmarks/bench_offload.py                          # all resident, then the 24 and 16 GiB plans
-    python benchmarks/bench_offload.py --vram-gb 24 --hold-back --full-step-seconds batch2=0.99 ...
-    python benchmarks/bench_offload.py --vram-gb 16 --hold-back --pipeline   # a whole decomposition
-    python benchmarks/bench_offload.py --tiny                   # CPU smoke test of this script
+    python -m benchmarks.bench_offload                          # all resident, then the 24 and 16 GiB plans
+    python -m benchmarks.bench_offload --vram-gb 24 --hold-back --full-step-seconds batch2=0.99 ...
+    python -m benchmarks.bench_offload --vram-gb 16 --hold-back --pipeline   # a whole decomposition
+    python -m benchmarks.bench_offload --tiny                   # CPU smoke test of this script
 
 Random bf16 weights (generated on the GPU, kept on the host), 640 px, 4 layers, 256 text tokens. A step
 is cond + uncond, timed three ways: ``batch2`` (equal prompt lengths: one forward of batch 2),
@@ -19,30 +19,25 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
-sys.path.insert(0, str(Path(__file__).parent))
-
-from bench_mmdit import add_shape_arguments, timed  # noqa: E402
-
-from layered_core.checkpoints import quantize_fp8  # noqa: E402
-from layered_core.mmdit import MMDiTConfig, VLDMMDiT  # noqa: E402
-from layered_core.offload import (  # noqa: E402
+from benchmarks.measure import timed
+from benchmarks.workloads import QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION, add_shape_arguments
+from layered_core.checkpoints import quantize_fp8
+from layered_core.mmdit import MMDiTConfig, VLDMMDiT
+from layered_core.offload import (
     WORKSPACE_RESERVE,
     GiB,
     VRAMBudget,
     activation_bytes,
     stream_blocks,
 )
-from layered_core.ops import FP8Linear  # noqa: E402
+from layered_core.ops import FP8Linear
 
 MODES = ("batch2", "2x batch1", "batch2 masked")
 UNCOND_TOKENS = 8  # the negative prompt " " with the template's closing tokens is a few tokens long
@@ -352,7 +347,6 @@ def run_pipeline(args, device, reserved_base: int) -> None:
 
 def full_text_encoder(generate_on: str):
     """A Qwen2.5-VL-7B-shaped model on the host with random weights (built without transformers' init)."""
-    from bench_pipeline import QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     try:

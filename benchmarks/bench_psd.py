@@ -8,7 +8,7 @@ Three kinds of stack, from easy to hard for RLE and for compositing:
   it, like raw decoder output that nobody cropped;
 - noise: uniformly random RGBA on every layer, nothing to compress and nothing to skip (the worst case).
 
-Run: ``python benchmarks/bench_psd.py [--size 2048] [--layers 8] [--repeats 5] [--baseline]``.
+Run: ``python -m benchmarks.bench_psd [--size 2048] [--layers 8] [--repeats 5] [--baseline]``.
 ``--baseline`` also times psd-tools' own high-level path (PixelLayer.frompil + PSDImage.save, which
 re-composites the preview itself) on the design stack, once.
 """
@@ -19,19 +19,16 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from layered_core.export import save_png_zip  # noqa: E402
-from layered_core.layers import Layer, LayerStack, composite, render_layer  # noqa: E402
-from layered_core.psd import save_psd  # noqa: E402
-from layered_core.synthetic import synthetic_design  # noqa: E402
+from layered_core.export import save_png_zip
+from layered_core.layers import Layer, LayerStack, composite, render_layer
+from layered_core.psd import save_psd
+from layered_core.synthetic import synthetic_design
 
 
 def design_stack(size: int, layers: int) -> LayerStack:

@@ -3,23 +3,19 @@
 Random weights: speed and memory do not depend on the values. On CUDA the model runs in bfloat16; without
 CUDA, or with ``--small``, it runs in float32 at a quarter of the image size (2 layers) so it ends quickly.
 
-    python benchmarks/bench_vae.py            # GPU: about 11 s end to end on an H100
-    python benchmarks/bench_vae.py --small    # CPU smoke run, under a minute on 2 cores
+    python -m benchmarks.bench_vae            # GPU: about 11 s end to end on an H100
+    python -m benchmarks.bench_vae --small    # CPU smoke run, under a minute on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from layered_core.vae import DEFAULT_OVERLAP, DEFAULT_TILE, RGBAVAE, VAEConfig  # noqa: E402
+from layered_core.vae import DEFAULT_OVERLAP, DEFAULT_TILE, RGBAVAE, VAEConfig
 
 
 def measure(fn, device: torch.device, repeats: int) -> tuple[float, float | None]:
