@@ -123,16 +123,9 @@ def reference_model(state: dict, config: MMDiTConfig):
     from diffusers import QwenImageTransformer2DModel
     from diffusers.models.transformers.transformer_qwenimage import QwenEmbedLayer3DRope
 
+    kwargs = {key: value for key, value in config.to_diffusers().items() if key != "_class_name"}
     with torch.device("meta"):
-        ref = QwenImageTransformer2DModel(
-            num_layers=config.num_layers,
-            attention_head_dim=config.head_dim,
-            num_attention_heads=config.num_heads,
-            joint_attention_dim=config.text_dim,
-            axes_dims_rope=config.axes_dims,
-            use_additional_t_cond=True,
-            use_layer3d_rope=True,
-        )
+        ref = QwenImageTransformer2DModel(**kwargs)
     # Its RoPE tables are plain attributes computed at construction: rebuild them off the meta device.
     ref.pos_embed = QwenEmbedLayer3DRope(theta=10000, axes_dim=list(config.axes_dims), scale_rope=True)
     ref.load_state_dict(state, strict=True, assign=True)
