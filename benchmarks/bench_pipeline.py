@@ -19,28 +19,12 @@ import torch
 from PIL import Image
 
 from benchmarks.measure import sync
-from benchmarks.workloads import QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION, random_model
+from benchmarks.workloads import full_text_encoder, random_model
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT
 from layered_core.pipeline import DecomposeOptions, LayeredPipeline
 from layered_core.text import PromptEncoder
-from layered_core.tiny_models import tiny_text_encoder_set, tiny_tokenizer
+from layered_core.tiny_models import tiny_text_encoder_set
 from layered_core.vae import RGBAVAE, VAEConfig
-
-
-def full_text_encoder(device, dtype) -> PromptEncoder:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    config = Qwen2_5_VLConfig(text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION)
-    # Built directly on the GPU in the target dtype: transformers' own init, and the rotary buffers right.
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    model = model.eval().requires_grad_(False)
-    return PromptEncoder(model, tiny_tokenizer())
 
 
 def main() -> None:

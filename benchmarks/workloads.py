@@ -1,6 +1,6 @@
 """What the benchmarks run: the problem size and its arguments, random weights, the full-size VLD-MMDiT with them,
-the inputs of one sampling step and its FLOP count, diffusers' reference transformer on the same tensors, and
-Qwen2.5-VL-7B's shape."""
+the inputs of one sampling step and its FLOP count, diffusers' reference transformer on the same tensors, and a
+Qwen2.5-VL-7B-shaped text encoder."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import NamedTuple
 
 import torch
 
+from layered_core.checkpoints import quantize_fp8
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT, pack_latents, unpack_latents
+from layered_core.ops import FP8Linear
 
 
 @dataclass(frozen=True)
@@ -66,31 +68,53 @@ def flops_per_forward(config: MMDiTConfig, shape: Shape) -> float:
     return config.num_layers * (linear + attn) + head
 
 
-def random_weights_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights at PyTorch's default Linear scale, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the embedding
-    N(0, 1) as nn.Embedding draws it; norm weights near 1 so they are exercised; small biases."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+def random_weights_(module: torch.nn.Module, seed: int = 0, generate_on=None) -> None:
+    """Random weights at PyTorch's default Linear scale, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (convolutions alike); an
+    embedding N(0, 1) as nn.Embedding draws it, token embeddings N(0, 0.02) as language models initialise them; norm
+    weights near 1 so they are exercised; small biases; an FP8Linear's weight quantised with a per-tensor scale.
+
+    One generator of ``seed`` draws them on ``generate_on`` (default: the module's device), and they are copied into
+    the module's tensors: a model on the host fills faster from the GPU."""
+    generate_on = generate_on or next(module.parameters()).device
+    gen = torch.Generator(device=generate_on).manual_seed(seed)
+    modules = dict(module.named_modules())
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "embedding" in name:
-                value = torch.randn(p.shape, generator=gen, device=device)
-            elif p.ndim == 2:
-                value = (torch.rand(p.shape, generator=gen, device=device) * 2 - 1) / p.shape[1] ** 0.5
+        for name, p in module.named_parameters():
+            if p.ndim >= 2 and "embed_tokens" in name:
+                value = 0.02 * torch.randn(p.shape, generator=gen, device=generate_on)
+            elif p.ndim == 2 and "embedding" in name:
+                value = torch.randn(p.shape, generator=gen, device=generate_on)
+            elif p.ndim >= 2:
+                fan_in = p.numel() // p.shape[0]
+                value = (torch.rand(p.shape, generator=gen, device=generate_on) * 2 - 1) / fan_in**0.5
             elif name.endswith(".weight"):
-                value = 1.0 + 0.1 * torch.randn(p.shape, generator=gen, device=device)
+                value = 1.0 + 0.1 * torch.randn(p.shape, generator=gen, device=generate_on)
             else:
-                value = 0.02 * torch.randn(p.shape, generator=gen, device=device)
+                value = 0.02 * torch.randn(p.shape, generator=gen, device=generate_on)
+            owner = modules[name.rpartition(".")[0]]
+            if isinstance(owner, FP8Linear) and name.endswith(".weight"):
+                value, scale = quantize_fp8(value)
+                owner.weight_scale.copy_(scale)
             p.copy_(value.to(p.dtype))
 
 
-def random_model(config: MMDiTConfig, dtype: torch.dtype, device) -> VLDMMDiT:
-    """The transformer built on the meta device, then materialised on ``device`` with random weights, computing
-    in ``dtype``."""
+def random_model(
+    config: MMDiTConfig, dtype: torch.dtype, device, generate_on=None, fp8_blocks: bool = False
+) -> VLDMMDiT:
+    """The transformer built on the meta device, then materialised on ``device`` with random weights (drawn on
+    ``generate_on``, default ``device``), computing in ``dtype``. With ``fp8_blocks`` the blocks' linears are
+    FP8Linear: float8 weights with per-tensor scales."""
     with torch.device("meta"):
         model = VLDMMDiT(config, dtype=dtype)
+    if fp8_blocks:
+        for block in model.transformer_blocks:
+            for name, linear in list(block.named_modules()):
+                if isinstance(linear, torch.nn.Linear):
+                    parent, _, child = name.rpartition(".")
+                    fp8_linear = FP8Linear(linear.in_features, linear.out_features, dtype=dtype, device="meta")
+                    setattr(block.get_submodule(parent), child, fp8_linear)
     model = model.to_empty(device=device).eval().requires_grad_(False)
-    random_weights_(model)
+    random_weights_(model, generate_on=generate_on)
     model.compute_dtype = dtype
     return model
 
@@ -214,3 +238,35 @@ QWEN25_VL_7B_VISION = dict(
     fullatt_block_indexes=[7, 15, 23, 31],
     hidden_act="silu",
 )
+
+
+def full_text_encoder(device, dtype: torch.dtype = torch.bfloat16, generate_on=None):
+    """A Qwen2.5-VL-7B-shaped text encoder built on ``device`` in ``dtype`` with ``random_weights_`` (drawn on
+    ``generate_on``), as a PromptEncoder with the tiny offline tokenizer: the real one cannot be had offline.
+
+    Built without transformers' weight init (``random_weights_`` replaces it); not on the meta device, so that
+    the rotary buffers computed at construction are right."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from layered_core.text import PromptEncoder
+    from layered_core.tiny_models import tiny_tokenizer
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:  # pay for transformers' init
+            import contextlib
+
+            no_init_weights = contextlib.nullcontext
+    config = Qwen2_5_VLConfig(text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with no_init_weights(), torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    random_weights_(model, generate_on=generate_on)
+    return PromptEncoder(model.eval().requires_grad_(False), tiny_tokenizer())
