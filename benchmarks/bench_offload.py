@@ -24,10 +24,17 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from PIL import Image
 
-from benchmarks.measure import sync, timed
-from benchmarks.workloads import Shape, add_shape_arguments, full_text_encoder, random_model, step_inputs
+from benchmarks.measure import sync, timed, timed_decomposition
+from benchmarks.workloads import (
+    Shape,
+    add_shape_arguments,
+    full_text_encoder,
+    noise_image,
+    prompt_of_length,
+    random_model,
+    step_inputs,
+)
 from layered_core.mmdit import MMDiTConfig
 from layered_core.offload import (
     WORKSPACE_RESERVE,
@@ -252,12 +259,8 @@ def run_pipeline(args, device, reserved_base: int) -> None:
     print(f"placed in {time.perf_counter() - t0:.1f} s: {placement.describe()}", flush=True)
     pipeline = LayeredPipeline(transformer, vae, text_encoder, vram_budget=placement)
 
-    words = "a poster with a red title, a photo of a cat on a sofa, soft shadows and a white frame"
-    prompt = words
-    while len(text_encoder.tokenizer(prompt).input_ids) < args.text_tokens:
-        prompt += " " + words
-    prompt = text_encoder.tokenizer.decode(text_encoder.tokenizer(prompt).input_ids[: args.text_tokens])
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8), "RGB")
+    prompt = prompt_of_length(text_encoder.tokenizer, args.text_tokens)
+    image = noise_image(1024, 1024)
 
     step_ends = []
 
@@ -265,13 +268,8 @@ def run_pipeline(args, device, reserved_base: int) -> None:
         sync()
         step_ends.append(time.perf_counter())
 
-    warm = pipeline(image, prompt, DecomposeOptions(layers=args.layers, steps=1, resolution=args.resolution))
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
     options = DecomposeOptions(layers=args.layers, steps=args.steps, resolution=args.resolution)
-    result = pipeline(image, prompt, options, callback=on_step)
-    total = time.perf_counter() - start
+    warm, result, total = timed_decomposition(pipeline, image, prompt, options, callback=on_step)
     steps = np.diff(step_ends)
     peak = (torch.cuda.max_memory_reserved() - reserved_base) / GiB if device == "cuda" else float("nan")
     rss, hwm = host_memory()

@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 
-from benchmarks.measure import sync
-from benchmarks.workloads import full_text_encoder, random_model
+from benchmarks.measure import peak_gib, sync, timed_decomposition
+from benchmarks.workloads import full_text_encoder, noise_image, prompt_of_length, random_model
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT
 from layered_core.pipeline import DecomposeOptions, LayeredPipeline
 from layered_core.text import PromptEncoder
@@ -52,26 +50,12 @@ def main() -> None:
     sync()
     print(f"models built in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    words = "a poster with a red title, a photo of a cat on a sofa, soft shadows and a white frame"
-    prompt = words
-    while len(text_encoder.tokenizer(prompt).input_ids) < args.prompt_tokens:
-        prompt += " " + words
-    ids = text_encoder.tokenizer(prompt).input_ids[: args.prompt_tokens]
-    prompt = text_encoder.tokenizer.decode(ids)
-
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8), "RGB")
+    prompt = prompt_of_length(text_encoder.tokenizer, args.prompt_tokens)
+    image = noise_image(1280, 720)
     pipeline = LayeredPipeline(transformer, vae, text_encoder)
     options = DecomposeOptions(layers=args.layers, steps=args.steps, resolution=args.resolution)
-
-    # first call compiles nothing, but warms cuDNN/cuBLAS heuristics and the allocator: time it apart
-    warm = pipeline(image, prompt, DecomposeOptions(layers=args.layers, steps=1, resolution=args.resolution))
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    result = pipeline(image, prompt, options)
-    total = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    warm, result, total = timed_decomposition(pipeline, image, prompt, options)
+    peak = peak_gib() if device == "cuda" else float("nan")
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     height, width = result.layers.shape[-2:]

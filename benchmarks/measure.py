@@ -1,10 +1,11 @@
-"""How the benchmarks measure: wall seconds synchronised with the GPU, peak GPU memory, CUDA kernel time by
-group from torch.profiler, and the relative L2 error between two outputs."""
+"""How the benchmarks measure: wall seconds synchronised with the GPU (of a call, or of a whole decomposition),
+peak GPU memory, CUDA kernel time by group from torch.profiler, and the relative L2 error between two outputs."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -37,6 +38,16 @@ def timed(fn: Callable[[], object], warmup: int, iters: int) -> list[float]:
         sync()
         times.append(time.perf_counter() - start)
     return times
+
+
+def timed_decomposition(pipeline, image, prompt: str, options, callback=None) -> tuple[object, object, float]:
+    """A LayeredPipeline's decomposition under ``options``, after a warm-up of one step (cuDNN and cuBLAS
+    heuristics, the allocator), the peak memory counted from its start: (warm-up's result, result, wall seconds)."""
+    warm = pipeline(image, prompt, replace(options, steps=1))
+    reset_peak()
+    start = time.perf_counter()
+    result = pipeline(image, prompt, options, callback=callback)
+    return warm, result, time.perf_counter() - start
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,6 +1,6 @@
 """What the benchmarks run: the problem size and its arguments, random weights, the full-size VLD-MMDiT with them,
-the inputs of one sampling step and its FLOP count, diffusers' reference transformer on the same tensors, and a
-Qwen2.5-VL-7B-shaped text encoder."""
+the inputs of one sampling step and its FLOP count, diffusers' reference transformer on the same tensors, a
+Qwen2.5-VL-7B-shaped text encoder, and the prompt and image of a whole decomposition."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
+from PIL import Image
 
 from layered_core.checkpoints import quantize_fp8
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT, pack_latents, unpack_latents
@@ -270,3 +272,19 @@ def full_text_encoder(device, dtype: torch.dtype = torch.bfloat16, generate_on=N
         torch.set_default_dtype(default)
     random_weights_(model, generate_on=generate_on)
     return PromptEncoder(model.eval().requires_grad_(False), tiny_tokenizer())
+
+
+PROMPT_WORDS = "a poster with a red title, a photo of a cat on a sofa, soft shadows and a white frame"
+
+
+def prompt_of_length(tokenizer, tokens: int) -> str:
+    """``PROMPT_WORDS`` repeated, cut to ``tokens`` tokens of ``tokenizer``."""
+    prompt = PROMPT_WORDS
+    while len(tokenizer(prompt).input_ids) < tokens:
+        prompt += " " + PROMPT_WORDS
+    return tokenizer.decode(tokenizer(prompt).input_ids[:tokens])
+
+
+def noise_image(width: int, height: int) -> Image.Image:
+    """Uniform RGB noise (seed 0): the input of a whole decomposition, whose speed does not depend on it."""
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
