@@ -99,6 +99,17 @@ class QuietServer:
         return lambda *args, **kwargs: None
 
 
+class SeededNode:
+    """A harness-only ComfyUI node: one seed input, its output made from the seed by ``make``."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    FUNCTION = "make"
+    CATEGORY = "bench"
+
+
 def graph(steps: int, layers: int, resolution: int) -> dict:
     """API-format prompt: load, encode, decompose, decode, save PNGs."""
     transformer, vae = Path(TRANSFORMER_FILE).name, Path(VAE_FILE).name
@@ -209,31 +220,19 @@ def run(args, base: Path) -> None:
 
     text_dim = 48 if args.tiny else 3584
 
-    class BenchRandomConditioning:
+    class BenchRandomConditioning(SeededNode):
         """Random prompt embeddings (256 tokens): stands in for the text encoder in this harness only."""
 
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {"seed": ("INT", {"default": 0})}}
-
         RETURN_TYPES = ("CONDITIONING",)
-        FUNCTION = "make"
-        CATEGORY = "bench"
 
         def make(self, seed):
             generator = torch.Generator().manual_seed(seed)
             return ([[torch.randn(1, 256, text_dim, generator=generator), {}]],)
 
-    class BenchNoiseImage:
+    class BenchNoiseImage(SeededNode):
         """A 1280x720 noise IMAGE (core's LoadImage needs PyAV, which this harness may lack)."""
 
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {"seed": ("INT", {"default": 0})}}
-
         RETURN_TYPES = ("IMAGE",)
-        FUNCTION = "make"
-        CATEGORY = "bench"
 
         def make(self, seed):
             return (torch.rand(1, 720, 1280, 3, generator=torch.Generator().manual_seed(seed)),)
