@@ -19,8 +19,8 @@ from benchmarks.measure import peak_gib, relative_l2, reset_peak, sync, timed
 from benchmarks.workloads import (
     Shape,
     add_shape_arguments,
+    announced_random_model,
     float32_reference_output,
-    random_model,
     reference_forward,
     reference_model,
     step_inputs,
@@ -42,11 +42,7 @@ def main() -> None:
     config = MMDiTConfig.tiny() if args.tiny else MMDiTConfig.full()
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    t0 = time.perf_counter()
-    model = random_model(config, dtype, device)
-    sync()
-    params = sum(p.numel() for p in model.parameters())
-    print(f"built {params / 1e9:.2f} B parameters in {time.perf_counter() - t0:.1f} s", flush=True)
+    model = announced_random_model(config, dtype, device)
 
     latents, condition, text, sigma, flops, _ = step_inputs(config, Shape.of(args), dtype, device)
 

@@ -27,8 +27,8 @@ from benchmarks.measure import cuda_profile, kernel_groups, peak_gib, relative_l
 from benchmarks.workloads import (
     Shape,
     add_shape_arguments,
+    announced_random_model,
     float32_reference_output,
-    random_model,
     reference_forward,
     reference_model,
     step_inputs,
@@ -98,12 +98,7 @@ def main() -> None:
 
     config = MMDiTConfig.full()
     dtype, device = torch.bfloat16, "cuda"
-    t0 = time.perf_counter()
-    model = random_model(config, dtype, device)
-    sync()
-    print(
-        f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters in {time.perf_counter() - t0:.1f} s"
-    )
+    model = announced_random_model(config, dtype, device)
 
     latents, condition, text, sigma, flops, tokens = step_inputs(config, Shape.of(args), dtype, device)
     floor = 2 * flops / (args.gemm_tflops * 1e12)

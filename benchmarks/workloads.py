@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.measure import sync
 from layered_core.checkpoints import quantize_fp8
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT, pack_latents, unpack_latents
 from layered_core.ops import FP8Linear
@@ -118,6 +119,16 @@ def random_model(
     model = model.to_empty(device=device).eval().requires_grad_(False)
     random_weights_(model, generate_on=generate_on)
     model.compute_dtype = dtype
+    return model
+
+
+def announced_random_model(config: MMDiTConfig, dtype: torch.dtype, device) -> VLDMMDiT:
+    """``random_model``, printing its parameter count and how long the build took."""
+    start = time.perf_counter()
+    model = random_model(config, dtype, device)
+    sync()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"built {params / 1e9:.2f} B parameters in {time.perf_counter() - start:.1f} s", flush=True)
     return model
 
 
