@@ -8,8 +8,8 @@ with every output's relative L2 error against a float32 reference. Prints a tabl
 
 How each runs a step, as its own sampler does: ours and ComfyUI core run cond and uncond as one batch-2
 forward; diffusers' QwenImageLayeredPipeline runs them as two batch-1 forwards. The peers share our
-weight tensors (assigned, not copied). The floor is the step's FLOP at --gemm-tflops (the bf16 matrix
-product rate measured on the H100: 755 TFLOP/s).
+weight tensors (assigned, not copied). The floor is the step's FLOP at --gemm-tflops (by default the bf16
+matrix product rate measured on the H100, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Random weights: speed and memory do not depend on the values. On CUDA the model runs in bfloat16; without
 CUDA, or with ``--small``, it runs in float32 at a quarter of the image size (2 layers) so it ends quickly.
 
-    python -m benchmarks.bench_vae            # GPU: about 11 s end to end on an H100
-    python -m benchmarks.bench_vae --small    # CPU smoke run, under a minute on 2 cores
+    python -m benchmarks.bench_vae            # GPU
+    python -m benchmarks.bench_vae --small    # CPU smoke run
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ def step_inputs(config: MMDiTConfig, shape: Shape, dtype: torch.dtype, device, b
     condition = torch.randn(batch, 16, side, side, generator=gen, device=device)
     text = torch.randn(batch, shape.text_tokens, config.text_dim, generator=gen, device=device).to(dtype)
     # 0.75 is exact in bf16: diffusers casts the timestep to the model dtype, and a sigma like 0.7 would
-    # become 0.6992 there (a 0.1 relative L2 change of the output on its own).
+    # become 0.6992 there, which on its own moves the output (benchmarks/RESULTS.md says how far).
     sigma = torch.full((batch,), 0.75, device=device)
     return StepInputs(latents, condition, text, sigma, flops_per_forward(config, shape), shape.tokens)
 
