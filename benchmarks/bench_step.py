@@ -58,7 +58,7 @@ VARIANTS = (
 def comfy_core_model(state: dict, config: MMDiTConfig, comfyui: Path):
     """ComfyUI core's QwenImageTransformer2DModel (as its model detection configures it for the layered
     file) around the given tensors."""
-    sys.path.insert(0, str(comfyui))
+    sys.path.insert(0, str(comfyui))  # ComfyUI is a checkout, not an installed package
     import comfy.ldm.qwen_image.model as core
     import comfy.ops
 

@@ -179,7 +179,7 @@ def main() -> None:
 
 def run(args, base: Path) -> None:
     comfyui = Path(args.comfyui).resolve()
-    sys.path.insert(0, str(comfyui))
+    sys.path.insert(0, str(comfyui))  # ComfyUI's modules, from its checkout, as its main.py finds them
     os.chdir(comfyui)
     sys.argv = ["main.py", "--base-directory", str(base), "--disable-api-nodes", *args.comfy_args]
     import comfy.options
