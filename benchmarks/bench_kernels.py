@@ -4,28 +4,25 @@ installed, quack) and the joint attention under each available kernel (cuDNN and
 FlashAttention-4 with our tile and its own, where installed). Prints TFLOP/s per kernel and
 what 60 blocks of them add up to per step, beside the whole step's measured time.
 
-    python benchmarks/bench_kernels.py                         # 640 px, 4 layers, 256 text tokens, batch 2
-    python benchmarks/bench_kernels.py --resolution 1024 --layers 8
+    python -m benchmarks.bench_kernels                         # 640 px, 4 layers, 256 text tokens, batch 2
+    python -m benchmarks.bench_kernels --resolution 1024 --layers 8
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from bench_mmdit import add_shape_arguments  # noqa: E402
-
-from layered_core import attention as attn  # noqa: E402
-from layered_core import kernels  # noqa: E402
-from layered_core.ops import quantize_rows_fp8  # noqa: E402
+from benchmarks.measure import sync
+from benchmarks.workloads import Shape, add_shape_arguments
+from layered_core import attention as attn
+from layered_core import kernels
+from layered_core.mmdit import MMDiTConfig
+from layered_core.ops import quantize_rows_fp8
 
 
 def bench(fn, ms: int = 200) -> float:
@@ -68,11 +65,11 @@ def main() -> None:
     parser.add_argument("--only", choices=("matmul", "attention"), help="time one kind of kernel only")
     args = parser.parse_args()
 
-    dim, heads, head_dim, blocks = 3072, 24, 128, 60
-    grid = (args.resolution // 16) ** 2
-    image_rows = args.batch * (args.layers + 2) * grid
-    text_rows = args.batch * args.text_tokens
-    seq = (args.layers + 2) * grid + args.text_tokens
+    config, shape = MMDiTConfig.full(), Shape.of(args)
+    dim, heads, head_dim, blocks = config.hidden_size, config.num_heads, config.head_dim, config.num_layers
+    image_rows = args.batch * shape.image_tokens
+    text_rows = args.batch * shape.text_tokens
+    seq = shape.tokens
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; batch {args.batch}, {seq} tokens per sample")
 
@@ -127,7 +124,7 @@ def time_matmuls(args, image_rows: int, text_rows: int, dim: int, blocks: int, g
             f" {flop / slow / 1e9:>5.0f} {fast:>8.3f} {flop / fast / 1e9:>5.0f} {quant:>8.3f}"
         )
     print(
-        "per step (60 blocks; the fused q+k+v, the mlp up without GELU and the GELU GEMM the model does not run "
+        f"per step ({blocks} blocks; the fused q+k+v, the mlp up without GELU and the GELU GEMM the model does not run "
         "not counted): "
         + ", ".join(f"{key} {blocks * ms:.0f} ms" for key, ms in totals.items())
         + " (quant: eager rowwise quantisation, which compiled blocks fuse into the producer)"
@@ -167,7 +164,7 @@ def time_attention(args, seq: int, heads: int, head_dim: int, blocks: int, gen) 
                 attn.flash4_tile = lambda q: None
             start = time.perf_counter()
             out = attn.attention(q, k, v).float()
-            torch.cuda.synchronize()
+            sync()
             first = time.perf_counter() - start
             ms = bench(lambda: attn.attention(q, k, v))
             print(

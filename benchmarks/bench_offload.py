@@ -1,10 +1,10 @@
 """Block weight streaming of the full-size VLD-MMDiT on a GPU: seconds per sampling step with the blocks
 streamed under a VRAM budget, against all of them resident. Prints a table.
 
-    python benchmarks/bench_offload.py                          # all resident, then the 24 and 16 GiB plans
-    python benchmarks/bench_offload.py --vram-gb 24 --hold-back --full-step-seconds batch2=0.99 ...
-    python benchmarks/bench_offload.py --vram-gb 16 --hold-back --pipeline   # a whole decomposition
-    python benchmarks/bench_offload.py --tiny                   # CPU smoke test of this script
+    python -m benchmarks.bench_offload                          # all resident, then the 24 and 16 GiB plans
+    python -m benchmarks.bench_offload --vram-gb 24 --hold-back --full-step-seconds batch2=0.99 ...
+    python -m benchmarks.bench_offload --vram-gb 16 --hold-back --pipeline   # a whole decomposition
+    python -m benchmarks.bench_offload --tiny                   # CPU smoke test of this script
 
 Random bf16 weights (generated on the GPU, kept on the host), 640 px, 4 layers, 256 text tokens. A step
 is cond + uncond, timed three ways: ``batch2`` (equal prompt lengths: one forward of batch 2),
@@ -19,38 +19,33 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
-sys.path.insert(0, str(Path(__file__).parent))
-
-from bench_mmdit import add_shape_arguments, timed  # noqa: E402
-
-from layered_core.checkpoints import quantize_fp8  # noqa: E402
-from layered_core.mmdit import MMDiTConfig, VLDMMDiT  # noqa: E402
-from layered_core.offload import (  # noqa: E402
+from benchmarks.measure import sync, timed, timed_decomposition
+from benchmarks.workloads import (
+    Shape,
+    add_shape_arguments,
+    full_text_encoder,
+    noise_image,
+    prompt_of_length,
+    random_model,
+    step_inputs,
+)
+from layered_core.mmdit import MMDiTConfig
+from layered_core.offload import (
     WORKSPACE_RESERVE,
     GiB,
     VRAMBudget,
     activation_bytes,
     stream_blocks,
 )
-from layered_core.ops import FP8Linear  # noqa: E402
 
 MODES = ("batch2", "2x batch1", "batch2 masked")
 UNCOND_TOKENS = 8  # the negative prompt " " with the template's closing tokens is a few tokens long
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def host_memory() -> tuple[float, float]:
@@ -77,67 +72,25 @@ def hold_back(budget: int) -> torch.Tensor | None:
     return filler
 
 
-def fill_random_(module: torch.nn.Module, generate_on: str, seed: int = 0) -> None:
-    """Random weights at PyTorch's default Linear scale, U(+-1/sqrt(fan_in)), drawn on ``generate_on`` and
-    copied into the module's (host) tensors; N(0, 1) embedding rows (N(0, 0.02) token embeddings), norm
-    weights near 1, small biases; float8 weights get a per-tensor scale."""
-    modules = dict(module.named_modules())
-    with torch.no_grad():
-        for index, (name, p) in enumerate(module.named_parameters()):
-            gen = torch.Generator(device=generate_on).manual_seed(seed + index)
-            shape = p.shape
-            if p.ndim >= 2 and "embed_tokens" in name:
-                value = 0.02 * torch.randn(shape, generator=gen, device=generate_on)
-            elif p.ndim == 2 and "embedding" in name:
-                value = torch.randn(shape, generator=gen, device=generate_on)
-            elif p.ndim >= 2:
-                fan_in = p.numel() // shape[0]
-                value = (torch.rand(shape, generator=gen, device=generate_on) * 2 - 1) / fan_in**0.5
-            elif name.endswith(".weight"):
-                value = 1.0 + 0.1 * torch.randn(shape, generator=gen, device=generate_on)
-            else:
-                value = 0.02 * torch.randn(shape, generator=gen, device=generate_on)
-            owner = modules[name.rpartition(".")[0]]
-            if isinstance(owner, FP8Linear) and name.endswith(".weight"):
-                value, scale = quantize_fp8(value)
-                owner.weight_scale.copy_(scale)
-            p.copy_(value.to(p.dtype))
+def transformer_config(args) -> MMDiTConfig:
+    """The full-size transformer, or with --tiny the tiny one with 4 blocks."""
+    return replace(MMDiTConfig.tiny(), num_layers=4) if args.tiny else MMDiTConfig.full()
 
 
-def build_transformer(config: MMDiTConfig, fp8: bool, generate_on: str) -> VLDMMDiT:
-    """The model on the host with random weights (bf16, or its block linears in float8 with scales)."""
-    with torch.device("meta"):
-        model = VLDMMDiT(config, dtype=torch.bfloat16)
-        if fp8:
-            for block in model.transformer_blocks:
-                for name, linear in list(block.named_modules()):
-                    if isinstance(linear, torch.nn.Linear):
-                        parent, _, child = name.rpartition(".")
-                        fp8_linear = FP8Linear(
-                            linear.in_features, linear.out_features, dtype=torch.bfloat16, device="meta"
-                        )
-                        setattr(block.get_submodule(parent), child, fp8_linear)
-    model = model.to_empty(device="cpu").eval().requires_grad_(False)
-    for name, buffer in model.named_buffers():
-        if name.endswith("weight_scale"):
-            buffer.fill_(1.0)
-    fill_random_(model, generate_on)
-    model.compute_dtype = torch.bfloat16
-    return model
+def host_transformer(config: MMDiTConfig, fp8: bool, generate_on: str):
+    """The model on the host with random bf16 weights drawn on ``generate_on`` (with ``fp8``, its blocks' linears
+    in float8 with scales), to be streamed."""
+    return random_model(config, torch.bfloat16, "cpu", generate_on=generate_on, fp8_blocks=fp8)
 
 
-def step_inputs(config, args, device):
+def mode_inputs(config: MMDiTConfig, shape: Shape, device) -> dict[str, list[tuple]]:
     """Inputs of one step for each mode: a list of forwards, each (latents, condition, text, sigma, mask)."""
-    side = args.resolution // 8
-    gen = torch.Generator(device=device).manual_seed(1)
-    latents = torch.randn(1, 16, args.layers + 1, side, side, generator=gen, device=device)
-    condition = torch.randn(1, 16, side, side, generator=gen, device=device)
-    text = torch.randn(1, args.text_tokens, config.text_dim, generator=gen, device=device, dtype=torch.bfloat16)
-    uncond = torch.randn(1, UNCOND_TOKENS, config.text_dim, generator=gen, device=device, dtype=torch.bfloat16)
-    sigma = torch.tensor([0.75], device=device)
+    latents, condition, text, sigma, _, _ = step_inputs(config, shape, torch.bfloat16, device, batch=1)
+    gen = torch.Generator(device=device).manual_seed(2)
+    uncond = torch.randn(1, UNCOND_TOKENS, config.text_dim, generator=gen, device=device).to(torch.bfloat16)
     two = (torch.cat([latents, latents]), torch.cat([condition, condition]), sigma.repeat(2))
-    padded = torch.nn.functional.pad(uncond, (0, 0, 0, args.text_tokens - UNCOND_TOKENS))
-    mask = torch.ones(2, args.text_tokens, dtype=torch.bool, device=device)
+    padded = torch.nn.functional.pad(uncond, (0, 0, 0, shape.text_tokens - UNCOND_TOKENS))
+    mask = torch.ones(2, shape.text_tokens, dtype=torch.bool, device=device)
     mask[1, UNCOND_TOKENS:] = False
     return {
         "batch2": [(two[0], two[1], torch.cat([text, text]), two[2], None)],
@@ -193,9 +146,9 @@ def parse_full_seconds(values: list[str]) -> dict[str, float]:
 
 
 def run_forwards(args, device, filler_bytes: int, reserved_base: int) -> None:
-    config = replace(MMDiTConfig.tiny(), num_layers=4) if args.tiny else MMDiTConfig.full()
+    config = transformer_config(args)
     t0 = time.perf_counter()
-    model = build_transformer(config, args.fp8, generate_on=device)
+    model = host_transformer(config, args.fp8, device)
     print(f"model built on the host in {time.perf_counter() - t0:.1f} s", flush=True)
     t0 = time.perf_counter()
     streamer = stream_blocks(model, device, resident_blocks=0, slots=args.slots, load=False)
@@ -205,8 +158,9 @@ def run_forwards(args, device, filler_bytes: int, reserved_base: int) -> None:
     print(f"H2D of one block: {nbytes / 1e9:.3f} GB in {copy_seconds * 1e3:.1f} ms = {gbps:.1f} GB/s")
     print(f"(host buffers page-locked: {pinned}; with cudaHostRegister, which is_pinned() does not see)", flush=True)
 
-    inputs = step_inputs(config, args, device)
-    image_tokens = (args.layers + 2) * (args.resolution // 16) ** 2
+    shape = Shape.of(args)
+    inputs = mode_inputs(config, shape, device)
+    image_tokens = shape.image_tokens
     blocks = len(streamer.block_bytes)
     configurations = []  # (label, budget or None, resident blocks)
     full_fits = True
@@ -285,20 +239,19 @@ def run_pipeline(args, device, reserved_base: int) -> None:
     """One whole decomposition with full-size random models under the budget."""
     from layered_core.pipeline import DecomposeOptions, LayeredPipeline
     from layered_core.text import PromptEncoder
-    from layered_core.tiny_models import tiny_text_encoder_set, tiny_tokenizer
+    from layered_core.tiny_models import tiny_text_encoder_set
     from layered_core.vae import RGBAVAE, VAEConfig
 
     t0 = time.perf_counter()
+    transformer = host_transformer(transformer_config(args), args.fp8, device)
     if args.tiny:
-        transformer = build_transformer(replace(MMDiTConfig.tiny(), num_layers=4), args.fp8, generate_on=device)
         vae = RGBAVAE(VAEConfig.tiny()).eval().requires_grad_(False)
         model, tokenizer, _ = tiny_text_encoder_set(MMDiTConfig.tiny().text_dim)
         text_encoder = PromptEncoder(model, tokenizer)
         budget = 4 * GiB
     else:
-        transformer = build_transformer(MMDiTConfig.full(), args.fp8, generate_on=device)
         vae = RGBAVAE(VAEConfig.full(), dtype=torch.bfloat16).eval().requires_grad_(False)
-        text_encoder = PromptEncoder(full_text_encoder(device), tiny_tokenizer())
+        text_encoder = full_text_encoder("cpu", generate_on=device)
         budget = int(args.vram_gb[0] * GiB)
     print(f"models built on the host in {time.perf_counter() - t0:.1f} s", flush=True)
     t0 = time.perf_counter()
@@ -306,12 +259,8 @@ def run_pipeline(args, device, reserved_base: int) -> None:
     print(f"placed in {time.perf_counter() - t0:.1f} s: {placement.describe()}", flush=True)
     pipeline = LayeredPipeline(transformer, vae, text_encoder, vram_budget=placement)
 
-    words = "a poster with a red title, a photo of a cat on a sofa, soft shadows and a white frame"
-    prompt = words
-    while len(text_encoder.tokenizer(prompt).input_ids) < args.text_tokens:
-        prompt += " " + words
-    prompt = text_encoder.tokenizer.decode(text_encoder.tokenizer(prompt).input_ids[: args.text_tokens])
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8), "RGB")
+    prompt = prompt_of_length(text_encoder.tokenizer, args.text_tokens)
+    image = noise_image(1024, 1024)
 
     step_ends = []
 
@@ -319,13 +268,8 @@ def run_pipeline(args, device, reserved_base: int) -> None:
         sync()
         step_ends.append(time.perf_counter())
 
-    warm = pipeline(image, prompt, DecomposeOptions(layers=args.layers, steps=1, resolution=args.resolution))
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
     options = DecomposeOptions(layers=args.layers, steps=args.steps, resolution=args.resolution)
-    result = pipeline(image, prompt, options, callback=on_step)
-    total = time.perf_counter() - start
+    warm, result, total = timed_decomposition(pipeline, image, prompt, options, callback=on_step)
     steps = np.diff(step_ends)
     peak = (torch.cuda.max_memory_reserved() - reserved_base) / GiB if device == "cuda" else float("nan")
     rss, hwm = host_memory()
@@ -348,32 +292,6 @@ def run_pipeline(args, device, reserved_base: int) -> None:
     streamer = placement.streamer
     print(f"sampling ran with {streamer.resident_blocks} blocks resident, {streamer.streamed_blocks} streamed")
     print(f"layers finite: {bool(torch.isfinite(result.layers).all())}")
-
-
-def full_text_encoder(generate_on: str):
-    """A Qwen2.5-VL-7B-shaped model on the host with random weights (built without transformers' init)."""
-    from bench_pipeline import QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:  # pay for transformers' init
-            import contextlib
-
-            no_init_weights = contextlib.nullcontext
-    config = Qwen2_5_VLConfig(text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with no_init_weights():
-            model = Qwen2_5_VLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    fill_random_(model, generate_on)
-    return model.eval().requires_grad_(False)
 
 
 def main() -> None:

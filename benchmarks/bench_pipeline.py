@@ -1,8 +1,8 @@
 """One whole decomposition with full-size random models on a GPU: wall time split into image encoding,
 text encoding, sampling and decoding. Prints a table.
 
-    python benchmarks/bench_pipeline.py                     # 640 px, 4 layers, 50 steps
-    python benchmarks/bench_pipeline.py --tiny --steps 2    # CPU smoke test of this script
+    python -m benchmarks.bench_pipeline                     # 640 px, 4 layers, 50 steps
+    python -m benchmarks.bench_pipeline --tiny --steps 2    # CPU smoke test of this script
 
 The text encoder is Qwen2.5-VL-7B's shape with random weights; the real tokenizer cannot be had
 offline, so prompts are tokenised by the tiny offline tokenizer (a longer token sequence than Qwen's
@@ -12,67 +12,17 @@ for the same words: the prompt is cut to --prompt-tokens tokens to stay represen
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from bench_mmdit import random_model, sync  # noqa: E402
-
-from layered_core.mmdit import MMDiTConfig, VLDMMDiT  # noqa: E402
-from layered_core.pipeline import DecomposeOptions, LayeredPipeline  # noqa: E402
-from layered_core.text import PromptEncoder  # noqa: E402
-from layered_core.tiny_models import tiny_text_encoder_set, tiny_tokenizer  # noqa: E402
-from layered_core.vae import RGBAVAE, VAEConfig  # noqa: E402
-
-# Qwen2.5-VL-7B-Instruct's shape (config.json of the release).
-QWEN25_VL_7B_TEXT = dict(
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    vocab_size=152064,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=128000,
-    tie_word_embeddings=False,
-    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-    rope_theta=1000000.0,
-)
-QWEN25_VL_7B_VISION = dict(
-    depth=32,
-    hidden_size=1280,
-    intermediate_size=3420,
-    num_heads=16,
-    out_hidden_size=3584,
-    patch_size=14,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    window_size=112,
-    fullatt_block_indexes=[7, 15, 23, 31],
-    hidden_act="silu",
-)
-
-
-def full_text_encoder(device, dtype) -> PromptEncoder:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    config = Qwen2_5_VLConfig(text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION)
-    # Built directly on the GPU in the target dtype: transformers' own init, and the rotary buffers right.
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    model = model.eval().requires_grad_(False)
-    return PromptEncoder(model, tiny_tokenizer())
+from benchmarks.measure import peak_gib, sync, timed_decomposition
+from benchmarks.workloads import full_text_encoder, noise_image, prompt_of_length, random_model
+from layered_core.mmdit import MMDiTConfig, VLDMMDiT
+from layered_core.pipeline import DecomposeOptions, LayeredPipeline
+from layered_core.text import PromptEncoder
+from layered_core.tiny_models import tiny_text_encoder_set
+from layered_core.vae import RGBAVAE, VAEConfig
 
 
 def main() -> None:
@@ -100,26 +50,12 @@ def main() -> None:
     sync()
     print(f"models built in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    words = "a poster with a red title, a photo of a cat on a sofa, soft shadows and a white frame"
-    prompt = words
-    while len(text_encoder.tokenizer(prompt).input_ids) < args.prompt_tokens:
-        prompt += " " + words
-    ids = text_encoder.tokenizer(prompt).input_ids[: args.prompt_tokens]
-    prompt = text_encoder.tokenizer.decode(ids)
-
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8), "RGB")
+    prompt = prompt_of_length(text_encoder.tokenizer, args.prompt_tokens)
+    image = noise_image(1280, 720)
     pipeline = LayeredPipeline(transformer, vae, text_encoder)
     options = DecomposeOptions(layers=args.layers, steps=args.steps, resolution=args.resolution)
-
-    # first call compiles nothing, but warms cuDNN/cuBLAS heuristics and the allocator: time it apart
-    warm = pipeline(image, prompt, DecomposeOptions(layers=args.layers, steps=1, resolution=args.resolution))
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    result = pipeline(image, prompt, options)
-    total = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    warm, result, total = timed_decomposition(pipeline, image, prompt, options)
+    peak = peak_gib() if device == "cuda" else float("nan")
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     height, width = result.layers.shape[-2:]

@@ -8,7 +8,7 @@ Three kinds of stack, from easy to hard for RLE and for compositing:
   it, like raw decoder output that nobody cropped;
 - noise: uniformly random RGBA on every layer, nothing to compress and nothing to skip (the worst case).
 
-Run: ``python benchmarks/bench_psd.py [--size 2048] [--layers 8] [--repeats 5] [--baseline]``.
+Run: ``python -m benchmarks.bench_psd [--size 2048] [--layers 8] [--repeats 5] [--baseline]``.
 ``--baseline`` also times psd-tools' own high-level path (PixelLayer.frompil + PSDImage.save, which
 re-composites the preview itself) on the design stack, once.
 """
@@ -19,19 +19,17 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from layered_core.export import save_png_zip  # noqa: E402
-from layered_core.layers import Layer, LayerStack, composite, render_layer  # noqa: E402
-from layered_core.psd import save_psd  # noqa: E402
-from layered_core.synthetic import synthetic_design  # noqa: E402
+from benchmarks.measure import timed
+from layered_core.export import save_png_zip
+from layered_core.layers import Layer, LayerStack, composite, render_layer
+from layered_core.psd import save_psd
+from layered_core.synthetic import synthetic_design
 
 
 def design_stack(size: int, layers: int) -> LayerStack:
@@ -58,15 +56,6 @@ def noise_stack(size: int, layers: int) -> LayerStack:
         size,
         tuple(Layer(rng.integers(0, 256, (size, size, 4), dtype=np.uint8), f"noise {i}") for i in range(layers)),
     )
-
-
-def timed(function, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return times
 
 
 def baseline_psd_tools(stack: LayerStack, path: Path) -> None:
@@ -112,9 +101,11 @@ def main() -> None:
             stack = build(args.size, args.layers)
             psd_path, zip_path = Path(directory, f"{name}.psd"), Path(directory, f"{name}.zip")
             save_psd(stack, psd_path)  # warm-up: first-touch page faults, imports
-            composite_times = timed(lambda stack=stack: composite(stack), args.repeats)
-            psd_times = timed(lambda stack=stack, path=psd_path: save_psd(stack, path), args.repeats)
-            zip_times = timed(lambda stack=stack, path=zip_path: save_png_zip(stack, path), max(1, args.repeats // 2))
+            composite_times = timed(lambda stack=stack: composite(stack), 0, args.repeats)
+            psd_times = timed(lambda stack=stack, path=psd_path: save_psd(stack, path), 0, args.repeats)
+            zip_times = timed(
+                lambda stack=stack, path=zip_path: save_png_zip(stack, path), 0, max(1, args.repeats // 2)
+            )
             print(
                 f"{name:<12} {statistics.median(composite_times):>12.3f} "
                 f"{statistics.median(psd_times):>18.3f} / {min(psd_times):.3f} "

@@ -2,14 +2,14 @@
 settings against diffusers and ComfyUI core on the same random bf16 weights, against the FLOP floor,
 with every output's relative L2 error against a float32 reference. Prints a table.
 
-    python benchmarks/bench_step.py                          # 640 px, 4 layers, 256 text tokens
-    python benchmarks/bench_step.py --resolution 1024 --layers 8 --variants compiled --no-peers
-    COMFYUI_PATH=~/ComfyUI python benchmarks/bench_step.py   # core's model needs a ComfyUI checkout
+    python -m benchmarks.bench_step                          # 640 px, 4 layers, 256 text tokens
+    python -m benchmarks.bench_step --resolution 1024 --layers 8 --variants compiled --no-peers
+    COMFYUI_PATH=~/ComfyUI python -m benchmarks.bench_step   # core's model needs a ComfyUI checkout
 
 How each runs a step, as its own sampler does: ours and ComfyUI core run cond and uncond as one batch-2
 forward; diffusers' QwenImageLayeredPipeline runs them as two batch-1 forwards. The peers share our
-weight tensors (assigned, not copied). The floor is the step's FLOP at --gemm-tflops (the bf16 matrix
-product rate measured on the H100: 755 TFLOP/s).
+weight tensors (assigned, not copied). The floor is the step's FLOP at --gemm-tflops (by default the bf16
+matrix product rate measured on the H100, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -23,26 +23,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from bench_mmdit import (  # noqa: E402
+from benchmarks.measure import cuda_profile, kernel_groups, peak_gib, relative_l2, reset_peak, sync, timed
+from benchmarks.workloads import (
+    Shape,
     add_shape_arguments,
-    float32_reference,
-    kernel_groups,
-    peak_gib,
-    random_model,
+    announced_random_model,
+    float32_reference_output,
     reference_forward,
     reference_model,
-    reset_peak,
     step_inputs,
-    sync,
-    timed,
 )
-
-from layered_core import attention as attention_module  # noqa: E402
-from layered_core import kernels  # noqa: E402
-from layered_core.attention import attention_backend, flash4_installed, set_attention_backend  # noqa: E402
-from layered_core.mmdit import GeluProjection, MMDiTConfig  # noqa: E402
+from layered_core import attention as attention_module
+from layered_core import kernels
+from layered_core.attention import attention_backend, flash4_installed, set_attention_backend
+from layered_core.mmdit import GeluProjection, MMDiTConfig
 
 VARIANTS = (
     "eager",
@@ -64,7 +58,7 @@ VARIANTS = (
 def comfy_core_model(state: dict, config: MMDiTConfig, comfyui: Path):
     """ComfyUI core's QwenImageTransformer2DModel (as its model detection configures it for the layered
     file) around the given tensors."""
-    sys.path.insert(0, str(comfyui))
+    sys.path.insert(0, str(comfyui))  # ComfyUI is a checkout, not an installed package
     import comfy.ldm.qwen_image.model as core
     import comfy.ops
 
@@ -83,10 +77,6 @@ def comfy_core_model(state: dict, config: MMDiTConfig, comfyui: Path):
         )
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
-
-
-def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def main() -> None:
@@ -108,14 +98,9 @@ def main() -> None:
 
     config = MMDiTConfig.full()
     dtype, device = torch.bfloat16, "cuda"
-    t0 = time.perf_counter()
-    model = random_model(config, dtype, device)
-    sync()
-    print(
-        f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters in {time.perf_counter() - t0:.1f} s"
-    )
+    model = announced_random_model(config, dtype, device)
 
-    latents, condition, text, sigma, flops, tokens = step_inputs(config, args, dtype, device)
+    latents, condition, text, sigma, flops, tokens = step_inputs(config, Shape.of(args), dtype, device)
     floor = 2 * flops / (args.gemm_tflops * 1e12)
 
     rows: list[tuple[str, float, float, str]] = []  # name, s/step, peak GiB, note
@@ -139,7 +124,7 @@ def main() -> None:
         if not args.no_peers:
             run_peers(model, config, latents, condition, text, sigma, measure, Path(args.comfyui))
         if not args.no_float32:
-            truth = float32_output(model, config, latents, condition, text, sigma)
+            truth = float32_reference_output(model, config, latents, condition, text, sigma)
         # fp8 last: quantising frees the bf16 weights the others need
         for variant in sorted(variants, key=VARIANTS.index):
             if variant in ("eager", "eager-unfused"):
@@ -245,22 +230,10 @@ def run_peers(model, config, latents, condition, text, sigma, measure, comfyui: 
     measure("ComfyUI core v0.30", core_step, "one batch-2 forward; ")
 
 
-def float32_output(model, config, latents, condition, text, sigma) -> torch.Tensor:
-    """Sample 0 through diffusers' model computing in float32 (one block widened at a time)."""
-    t0 = time.perf_counter()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    ref32 = float32_reference(model.state_dict(), config)
-    out = reference_forward(ref32, latents[:1], condition[:1], text[:1], sigma[:1], torch.float32)
-    print(f"float32 reference forward: {time.perf_counter() - t0:.1f} s", flush=True)
-    return out.float()
-
-
 def profile(step) -> None:
     """CUDA time of one step by kernel group (matrix products, attention, everything else), and the time the GPU
     sat idle between kernels, with the longest idle spans and the kernels around them."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        step()
-        sync()
+    profiler = cuda_profile(step)
     groups, kernels = kernel_groups(profiler)
     total = sum(groups.values())
     print(

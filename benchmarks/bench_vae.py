@@ -3,46 +3,31 @@
 Random weights: speed and memory do not depend on the values. On CUDA the model runs in bfloat16; without
 CUDA, or with ``--small``, it runs in float32 at a quarter of the image size (2 layers) so it ends quickly.
 
-    python benchmarks/bench_vae.py            # GPU: about 11 s end to end on an H100
-    python benchmarks/bench_vae.py --small    # CPU smoke run, under a minute on 2 cores
+    python -m benchmarks.bench_vae            # GPU
+    python -m benchmarks.bench_vae --small    # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from layered_core.vae import DEFAULT_OVERLAP, DEFAULT_TILE, RGBAVAE, VAEConfig  # noqa: E402
+from benchmarks.measure import peak_gib, reset_peak, sync, timed
+from layered_core.vae import DEFAULT_OVERLAP, DEFAULT_TILE, RGBAVAE, VAEConfig
 
 
 def measure(fn, device: torch.device, repeats: int) -> tuple[float, float | None]:
-    """Median seconds of ``repeats`` runs after one warm-up, and peak GiB allocated (CUDA only)."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    """Median seconds of ``repeats`` runs after one warm-up, and peak GiB allocated from the first of them (CUDA
+    only)."""
     fn()
     sync()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return statistics.median(times), peak
+    reset_peak()
+    seconds = statistics.median(timed(fn, 0, repeats))
+    return seconds, peak_gib() if device.type == "cuda" else None
 
 
 def main() -> None:

@@ -2,8 +2,14 @@
 --vram-gb: this pack's nodes decompose a 640 px image into 4 layers through ComfyUI's own executor, and
 the script prints seconds per step, peak GPU memory and peak host RAM.
 
-    python benchmarks/comfy_gpu_run.py --comfyui ~/ComfyUI --base /tmp/cbase --vram-gb 24
-    python benchmarks/comfy_gpu_run.py --comfyui ~/ComfyUI --base /tmp/cbase --vram-gb 24 -- --lowvram
+    python -m benchmarks.comfy_gpu_run --comfyui ~/ComfyUI --base /tmp/cbase --vram-gb 24
+    python -m benchmarks.comfy_gpu_run --comfyui ~/ComfyUI --base /tmp/cbase --vram-gb 24 -- --lowvram
+    python -m benchmarks.comfy_gpu_run --comfyui ~/ComfyUI --base /tmp/cbase --tiny -- --cpu   # CPU smoke test
+
+Run from this repository's root with the python of ComfyUI's environment (e.g. ~/ComfyUI/.venv/bin/python):
+ComfyUI's own modules are imported from the --comfyui checkout. torch must not be imported before ComfyUI
+has parsed its flags, so the benchmarks library is imported only in the child process that writes the
+model files.
 
 Arguments after ``--`` go to ComfyUI (its command-line flags). On first use, random full-size weights
 are written under <base>/models with the real file names (41 GB transformer, bf16). Two harness-only
@@ -47,22 +53,16 @@ def write_models(models: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_mmdit import random_weights_
-
+    from benchmarks.workloads import random_model
     from layered_core.checkpoints import save_mmdit
-    from layered_core.mmdit import MMDiTConfig, VLDMMDiT
+    from layered_core.mmdit import MMDiTConfig
     from layered_core.vae import RGBAVAE, VAEConfig, checkpoint_state_dict
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     transformer = models / TRANSFORMER_FILE
     if not transformer.exists():
         start = time.perf_counter()
-        with torch.device("meta"):
-            model = VLDMMDiT(MMDiTConfig.full(), dtype=torch.bfloat16)
-        model = model.to_empty(device=device)
-        random_weights_(model)
+        model = random_model(MMDiTConfig.full(), torch.bfloat16, device)
         state = {k: v.cpu() for k, v in model.state_dict().items()}
         del model
         save_mmdit(state, transformer, layout="comfy", dtype=torch.bfloat16)
@@ -97,6 +97,17 @@ class QuietServer:
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
+
+
+class SeededNode:
+    """A harness-only ComfyUI node: one seed input, its output made from the seed by ``make``."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    FUNCTION = "make"
+    CATEGORY = "bench"
 
 
 def graph(steps: int, layers: int, resolution: int) -> dict:
@@ -148,7 +159,6 @@ def main() -> None:
         link.symlink_to(REPO, target_is_directory=True)
     if args.write_only:
         if args.tiny:
-            sys.path.insert(0, str(REPO))
             from layered_core.tiny_models import write_comfy_models
 
             write_comfy_models(models)
@@ -156,9 +166,8 @@ def main() -> None:
             write_models(models)
         return
     # in a child process: torch must not be imported here before ComfyUI's dynamic-VRAM allocator starts
-    subprocess.run(
-        [sys.executable, __file__, "--base", str(base), "--write-only", *(["--tiny"] * args.tiny)], check=True
-    )
+    write = [sys.executable, "-m", "benchmarks.comfy_gpu_run", "--base", str(base), "--write-only"]
+    subprocess.run(write + ["--tiny"] * args.tiny, cwd=REPO, check=True)
 
     holder = hold_gpu_memory(args.vram_gb) if args.vram_gb > 0 else None
     try:
@@ -170,7 +179,7 @@ def main() -> None:
 
 def run(args, base: Path) -> None:
     comfyui = Path(args.comfyui).resolve()
-    sys.path.insert(0, str(comfyui))
+    sys.path.insert(0, str(comfyui))  # ComfyUI's modules, from its checkout, as its main.py finds them
     os.chdir(comfyui)
     sys.argv = ["main.py", "--base-directory", str(base), "--disable-api-nodes", *args.comfy_args]
     import comfy.options
@@ -211,31 +220,19 @@ def run(args, base: Path) -> None:
 
     text_dim = 48 if args.tiny else 3584
 
-    class BenchRandomConditioning:
+    class BenchRandomConditioning(SeededNode):
         """Random prompt embeddings (256 tokens): stands in for the text encoder in this harness only."""
 
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {"seed": ("INT", {"default": 0})}}
-
         RETURN_TYPES = ("CONDITIONING",)
-        FUNCTION = "make"
-        CATEGORY = "bench"
 
         def make(self, seed):
             generator = torch.Generator().manual_seed(seed)
             return ([[torch.randn(1, 256, text_dim, generator=generator), {}]],)
 
-    class BenchNoiseImage:
+    class BenchNoiseImage(SeededNode):
         """A 1280x720 noise IMAGE (core's LoadImage needs PyAV, which this harness may lack)."""
 
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {"seed": ("INT", {"default": 0})}}
-
         RETURN_TYPES = ("IMAGE",)
-        FUNCTION = "make"
-        CATEGORY = "bench"
 
         def make(self, seed):
             return (torch.rand(1, 720, 1280, 3, generator=torch.Generator().manual_seed(seed)),)
