@@ -35,14 +35,14 @@ from benchmarks.workloads import (
     random_model,
     step_inputs,
 )
+from layered_core.memory import WORKSPACE_RESERVE, GiB, activation_bytes
 from layered_core.mmdit import MMDiTConfig
-from layered_core.offload import (
-    WORKSPACE_RESERVE,
-    GiB,
-    VRAMBudget,
-    activation_bytes,
-    stream_blocks,
-)
+from layered_core.offload import stream_blocks
+from layered_core.pipeline import DecomposeOptions, LayeredPipeline
+from layered_core.placement import VRAMBudget
+from layered_core.text import PromptEncoder
+from layered_core.tiny_models import tiny_text_encoder_set
+from layered_core.vae import RGBAVAE, VAEConfig
 
 MODES = ("batch2", "2x batch1", "batch2 masked")
 UNCOND_TOKENS = 8  # the negative prompt " " with the template's closing tokens is a few tokens long
@@ -237,11 +237,6 @@ def run_forwards(args, device, filler_bytes: int, reserved_base: int) -> None:
 
 def run_pipeline(args, device, reserved_base: int) -> None:
     """One whole decomposition with full-size random models under the budget."""
-    from layered_core.pipeline import DecomposeOptions, LayeredPipeline
-    from layered_core.text import PromptEncoder
-    from layered_core.tiny_models import tiny_text_encoder_set
-    from layered_core.vae import RGBAVAE, VAEConfig
-
     t0 = time.perf_counter()
     transformer = host_transformer(transformer_config(args), args.fp8, device)
     if args.tiny:
@@ -268,7 +263,7 @@ def run_pipeline(args, device, reserved_base: int) -> None:
         sync()
         step_ends.append(time.perf_counter())
 
-    options = DecomposeOptions(layers=args.layers, steps=args.steps, resolution=args.resolution)
+    options = DecomposeOptions(layer_count=args.layers, steps=args.steps, resolution=args.resolution)
     warm, result, total = timed_decomposition(pipeline, image, prompt, options, callback=on_step)
     steps = np.diff(step_ends)
     peak = (torch.cuda.max_memory_reserved() - reserved_base) / GiB if device == "cuda" else float("nan")
@@ -291,7 +286,7 @@ def run_pipeline(args, device, reserved_base: int) -> None:
     print(f"first call (1 step): {sum(warm.seconds.values()):.2f} s")
     streamer = placement.streamer
     print(f"sampling ran with {streamer.resident_blocks} blocks resident, {streamer.streamed_blocks} streamed")
-    print(f"layers finite: {bool(torch.isfinite(result.layers).all())}")
+    print(f"layers finite: {bool(torch.isfinite(result.layer_images).all())}")
 
 
 def main() -> None:

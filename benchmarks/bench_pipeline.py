@@ -53,12 +53,12 @@ def main() -> None:
     prompt = prompt_of_length(text_encoder.tokenizer, args.prompt_tokens)
     image = noise_image(1280, 720)
     pipeline = LayeredPipeline(transformer, vae, text_encoder)
-    options = DecomposeOptions(layers=args.layers, steps=args.steps, resolution=args.resolution)
+    options = DecomposeOptions(layer_count=args.layers, steps=args.steps, resolution=args.resolution)
     warm, result, total = timed_decomposition(pipeline, image, prompt, options)
     peak = peak_gib() if device == "cuda" else float("nan")
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    height, width = result.layers.shape[-2:]
+    height, width = result.layer_images.shape[-2:]
     print()
     print(
         f"decomposition, {'tiny' if args.tiny else 'full-size'} random models, {dtype}, {name}: input 1280x720 -> "
@@ -71,7 +71,7 @@ def main() -> None:
     print(f"{'total':<16} {total:>9.2f}")
     print(f"per step: {result.seconds['sampling'] / args.steps:.3f} s; peak GPU memory {peak:.1f} GiB")
     print(f"first call (1 step, warm-up): {sum(warm.seconds.values()):.2f} s")
-    print(f"layers finite: {bool(torch.isfinite(result.layers).all())}")
+    print(f"layers finite: {bool(torch.isfinite(result.layer_images).all())}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from layered_core import attention as attention_module
 from layered_core import kernels
 from layered_core.attention import attention_backend, flash4_installed, set_attention_backend
 from layered_core.mmdit import GeluProjection, MMDiTConfig
+from layered_core.ops import is_quantizable, quantize_linears_fp8, set_fp8_compute
 
 VARIANTS = (
     "eager",
@@ -157,9 +158,6 @@ def main() -> None:
                 attention_module.flash4_tile = chosen_tile
                 GeluProjection.epilogue = "auto"
             elif variant.startswith("fp8"):
-                from layered_core.checkpoints import is_quantizable, quantize_linears_fp8
-                from layered_core.ops import set_fp8_compute
-
                 if variant.startswith("fp8-keep-mod"):
                     # the AdaLN modulation linears (a third of the weights) stay bf16
                     quantize_linears_fp8(model, lambda name, w: is_quantizable(name, w) and "_mod." not in name)

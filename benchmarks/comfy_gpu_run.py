@@ -51,12 +51,11 @@ time.sleep(100000)
 def write_models(models: Path) -> None:
     """Random full-size weights under the real ComfyUI file names (skipped where the file exists)."""
     import torch
-    from safetensors.torch import save_file
 
     from benchmarks.workloads import random_model
-    from layered_core.checkpoints import save_mmdit
+    from layered_core.checkpoints import save_mmdit, save_vae
     from layered_core.mmdit import MMDiTConfig
-    from layered_core.vae import RGBAVAE, VAEConfig, checkpoint_state_dict
+    from layered_core.vae import RGBAVAE, VAEConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     transformer = models / TRANSFORMER_FILE
@@ -70,9 +69,7 @@ def write_models(models: Path) -> None:
         print(f"wrote {transformer} in {time.perf_counter() - start:.0f} s", flush=True)
     vae_path = models / VAE_FILE
     if not vae_path.exists():
-        vae = RGBAVAE(VAEConfig.full()) if hasattr(VAEConfig, "full") else RGBAVAE(VAEConfig())
-        vae_path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in checkpoint_state_dict(vae, "wan").items()}, str(vae_path))
+        save_vae(RGBAVAE(VAEConfig.full()), vae_path, layout="wan")
         print(f"wrote {vae_path}", flush=True)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

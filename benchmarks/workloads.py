@@ -14,9 +14,8 @@ import torch
 from PIL import Image
 
 from benchmarks.measure import sync
-from layered_core.checkpoints import quantize_fp8
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT, pack_latents, unpack_latents
-from layered_core.ops import FP8Linear
+from layered_core.ops import FP8Linear, quantize_fp8
 
 
 @dataclass(frozen=True)
