@@ -425,15 +425,24 @@ def composite(stack: LayerStack) -> np.ndarray:
     return render(stack.layers, (0, 0, stack.width, stack.height))
 
 
-def composite_planes(stack: LayerStack) -> np.ndarray:
-    """:func:`composite` as channel planes, uint8 (4, H, W) R, G, B, A: the layout PSD stores."""
-    out = np.empty((4, stack.height, stack.width), np.uint8)
+def composite_planes_over_white(stack: LayerStack) -> np.ndarray:
+    """The stack flattened as a PSD's merged image stores it: uint8 channel planes (4, H, W) R, G, B, A with
+    the colour matted over white, ``c * a + 255 * (1 - a)``.
+
+    Readers (Photoshop, psd-tools' ``topil``, thumbnailers) take a transparent merged image's colour as matted
+    over white and remove the matte, ``c = (x + a - 255) * 255 / a`` cut to an integer. The matted value is
+    rounded up from ``c * a``, so that what they recover is :func:`composite`'s colour or at most one
+    premultiplied level above it; opaque pixels store :func:`composite` itself, and nothing drawn is white.
+    """
+    planes = np.empty((4, stack.height, stack.width), np.uint8)
 
     def finish(top: int, strip: np.ndarray) -> None:
-        _unpremultiply_into(out[:, top : top + strip.shape[0]], strip)
+        _unpremultiply_into(planes[:, top : top + strip.shape[0]], strip)
 
     _composite_rows(stack.layers, (0, 0, stack.width, stack.height), finish)
-    return out
+    colour, alpha = planes[:3].astype(np.int32), planes[3:].astype(np.int32)
+    planes[:3] = (colour * alpha + 254) // 255 + 255 - alpha
+    return planes
 
 
 def composite_premultiplied(stack: LayerStack) -> np.ndarray:

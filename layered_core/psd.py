@@ -38,7 +38,7 @@ from psd_tools.psd.layer_and_mask import (
 
 from .atomic import atomic_write
 from .export import ExportError, check_input_image
-from .layers import Layer, LayerStack, composite_planes, crop_to_alpha
+from .layers import Layer, LayerStack, composite_planes_over_white, crop_to_alpha
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def save_psd(
     header = FileHeader(
         version=1, channels=4, height=stack.height, width=stack.width, depth=8, color_mode=ColorMode.RGB
     )
-    preview = composite_planes(stack)
+    preview = composite_planes_over_white(stack)
     image_data = ImageData(compression=Compression.RLE)
     image_data.set_data([plane.tobytes() for plane in preview], header)
     flattened = time.perf_counter()

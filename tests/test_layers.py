@@ -11,7 +11,7 @@ from layered_core.layers import (
     alpha_box,
     attach_split,
     composite,
-    composite_planes,
+    composite_planes_over_white,
     composite_premultiplied,
     crop_to_alpha,
     render_layer,
@@ -83,8 +83,10 @@ def test_offsets_and_layers_sticking_out_of_the_canvas():
     assert out[3:5, 0:3, 3].all() and out[3, 0].tolist() == [10, 20, 30, 255]  # column -1 is cut off
     assert out[:3].sum() == 0 and out[:, 3:].sum() == 0
     assert np.array_equal(render_layer(stack[0], 6, 5), out)
-    planes = composite_planes(stack)
-    assert np.array_equal(planes.transpose(1, 2, 0), out)
+    planes = composite_planes_over_white(stack).transpose(1, 2, 0)
+    assert np.array_equal(planes[..., 3], out[..., 3])
+    assert (planes[out[..., 3] == 0, :3] == 255).all()  # nothing drawn: white under alpha 0
+    assert np.array_equal(planes[out[..., 3] == 255], out[out[..., 3] == 255])  # opaque: the colour itself
 
 
 def test_colour_under_transparent_pixels_is_kept_by_render_layer():

@@ -203,3 +203,23 @@ def test_a_failed_save_leaves_nothing_half_written(tree, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_psd(tree, tmp_path / "new.psd")
     assert os.listdir(tmp_path) == ["out.psd"]
+
+
+def test_the_merged_image_readers_show_is_the_composite_where_it_is_semi_transparent(tmp_path):
+    """Readers remove a white matte from a transparent merged image (psd-tools' topil does, as Photoshop and
+    thumbnailers do): what they show must be our composite. Compared premultiplied, as it is seen: the colour
+    of a nearly transparent pixel holds few levels of information either way."""
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (40, 60, 4), dtype=np.uint8)
+    pixels[..., 3] = rng.integers(1, 255, (40, 60))  # semi-transparent everywhere
+    pixels[:10, :10, 3] = 255
+    soft = np.zeros((30, 30, 4), np.uint8)
+    soft[..., :3] = (250, 20, 90)
+    soft[..., 3] = np.linspace(0, 200, 30, dtype=np.uint8)[None, :]
+    stack = LayerStack(80, 60, (Layer(pixels, "noise"), Layer(soft, "soft edge", (45, 25))))
+    want = composite(stack).astype(np.float64)
+    shown = np.asarray(PSDImage.open(save_psd(stack, tmp_path / "soft.psd")).topil().convert("RGBA")).astype(float)
+    assert np.array_equal(shown[..., 3], want[..., 3])
+    alpha = want[..., 3:] / 255
+    assert want[..., 3].min() == 0 and 0 < want[..., 3].mean() < 255  # transparent and semi-transparent pixels
+    assert np.abs(shown[..., :3] * alpha - want[..., :3] * alpha).max() <= 1.0
