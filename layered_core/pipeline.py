@@ -232,7 +232,7 @@ class LayeredPipeline:
             with self._on_device(self._text_model(), text_encoder=True):
                 if _is_blank(prompt):
                     prompt = self.caption(prepared, options.caption_language)
-                    logger.info("auto-caption: %s", prompt)
+                    logger.debug("auto-caption: %s", prompt)
                 positive = self.encode_text([prompt], options.max_sequence_length)
                 negative = None
                 if options.cfg_scale > 1:

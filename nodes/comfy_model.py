@@ -23,10 +23,10 @@ import comfy.supported_models
 import comfy.utils
 import torch
 
-from layered_core.checkpoints import infer_mmdit_config, open_transformer
-from layered_core.memory import activation_bytes, vae_activation_bytes
-from layered_core.mmdit import MMDiTConfig, VLDMMDiT, image_token_count
-from layered_core.vae import RGBAVAE
+from ..layered_core.checkpoints import infer_mmdit_config, open_transformer
+from ..layered_core.memory import activation_bytes, vae_activation_bytes
+from ..layered_core.mmdit import MMDiTConfig, VLDMMDiT, image_token_count
+from ..layered_core.vae import RGBAVAE
 
 logger = logging.getLogger(__name__)
 

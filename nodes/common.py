@@ -8,15 +8,15 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from layered_core.layers import rgba_from_bhwc, rgba_to_pil
-from layered_core.sampling import MAX_LAYERS
-
+from ..layered_core.layers import rgba_from_bhwc, rgba_to_pil
+from ..layered_core.sampling import MAX_LAYERS
 from .comfy_model import VAEPatcher
 
 PREFIX = "QwenLayered"
 CATEGORY = "Qwen-Image-Layered"
 LayerStackType = io.Custom("QWEN_LAYER_STACK")
 TextEncoderType = io.Custom("QWEN_LAYERED_TEXT_ENCODER")
+STACK_TOOLTIP = "the layers as a tree (split layers hold their sub-layers): for Save PSD, Save PNG zip, Split Layer"
 
 
 # -- inputs several nodes declare alike ---------------------------------------------------------------------

@@ -9,16 +9,16 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from layered_core.image import bucket_size, image_to_bchw, resize_rgba
-from layered_core.layers import stack_from_bhwc
-from layered_core.mmdit import LATENT_CHANNELS
-from layered_core.sampling import PromptEmbeddings, forward_batch, sample
-from layered_core.vae import decode_frames
-
+from ..layered_core.image import bucket_size, image_to_bchw, resize_rgba
+from ..layered_core.layers import stack_from_bhwc
+from ..layered_core.mmdit import LATENT_CHANNELS
+from ..layered_core.sampling import PromptEmbeddings, forward_batch, sample
+from ..layered_core.vae import decode_frames
 from .comfy_model import ComfyTransformer
 from .common import (
     CATEGORY,
     PREFIX,
+    STACK_TOOLTIP,
     LayerStackType,
     cfg_input,
     cfg_normalize_input,
@@ -149,7 +149,7 @@ class DecodeLayers(io.ComfyNode):
             outputs=[
                 *layer_outputs(),
                 io.String.Output(display_name="boxes", tooltip="JSON: each layer's alpha box [x0, y0, x1, y1]"),
-                LayerStackType.Output(display_name="stack"),
+                LayerStackType.Output(display_name="stack", tooltip=STACK_TOOLTIP),
             ],
         )
 

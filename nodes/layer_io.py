@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -13,12 +14,13 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from layered_core.export import save_png_zip
-from layered_core.image import find_image_files, image_to_bchw, open_image_with_alpha
-from layered_core.layers import LayerStack, composite, rgba_to_bhwc
-from layered_core.psd import save_psd
-
+from ..layered_core.export import save_png_zip
+from ..layered_core.image import ImageError, find_image_files, image_to_bchw, open_image_with_alpha
+from ..layered_core.layers import LayerStack, composite, rgba_to_bhwc
+from ..layered_core.psd import save_psd
 from .common import CATEGORY, PREFIX, LayerStackType
+
+logger = logging.getLogger(__name__)
 
 
 class _SaveStack(io.ComfyNode):
@@ -189,10 +191,20 @@ class LoadImageFolder(io.ComfyNode):
     def execute(cls, folder, pattern="*", limit=0) -> io.NodeOutput:
         files = _folder_images(folder, pattern, limit)
         progress = comfy.utils.ProgressBar(len(files))
-        images = []
+        images, names, skipped = [], [], []
         for file in files:
-            rgba, transparent = open_image_with_alpha(file)
-            pixels = image_to_bchw(rgba).permute(0, 2, 3, 1)  # [1, H, W, 4]
-            images.append(pixels if transparent else pixels[..., :3].contiguous())
+            try:
+                rgba, transparent = open_image_with_alpha(file)
+            except ImageError as e:
+                # one unreadable file must not cost the whole batch: the others go on, and the user is told
+                logger.warning("Load Image Folder: skipped %s", e)
+                skipped.append(f"skipped {file.name}: {str(e).removeprefix(f'{file}: ')}")
+            else:
+                pixels = image_to_bchw(rgba).permute(0, 2, 3, 1)  # [1, H, W, 4]
+                images.append(pixels if transparent else pixels[..., :3].contiguous())
+                names.append(file.stem)
             progress.update(1)
-        return io.NodeOutput(images, [file.stem for file in files])
+        if not images:
+            raise ValueError(f"folder {folder!r}: no readable image among {len(files)} files: " + "; ".join(skipped))
+        summary = [f"{len(images)} of {len(files)} images loaded", *skipped]
+        return io.NodeOutput(images, names, ui=ui.PreviewText("\n".join(summary)))

@@ -11,9 +11,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from layered_core.checkpoints import load_vae
-from layered_core.text import load_text_encoder
-
+from ..layered_core.checkpoints import load_vae
+from ..layered_core.text import load_text_encoder
 from .comfy_model import WEIGHT_DTYPES, VAEPatcher, load_layered_model
 from .common import CATEGORY, PREFIX, TextEncoderType
 
@@ -79,7 +78,9 @@ class LoadMMDiT(io.ComfyNode):
                     tooltip="default keeps the file's precision; fp8_e4m3fn halves memory",
                 ),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[
+                io.Model.Output(tooltip="the VLD-MMDiT, for Decompose, Image to Layers, Split Layer or core's KSampler")
+            ],
         )
 
     @classmethod
@@ -102,7 +103,9 @@ class LoadRGBAVAE(io.ComfyNode):
                     tooltip="qwen_image_layered_vae.safetensors (the 3-channel Qwen-Image VAE is refused)",
                 )
             ],
-            outputs=[io.Vae.Output()],
+            outputs=[
+                io.Vae.Output(tooltip="the RGBA-VAE, for Encode Image, Decode Layers, Image to Layers, Split Layer")
+            ],
         )
 
     @classmethod
@@ -128,7 +131,12 @@ class LoadTextEncoder(io.ComfyNode):
                     tooltip="a folder with text_encoder/, tokenizer/ and processor/ (as in Qwen/Qwen-Image-Layered)",
                 )
             ],
-            outputs=[TextEncoderType.Output(display_name="text_encoder")],
+            outputs=[
+                TextEncoderType.Output(
+                    display_name="text_encoder",
+                    tooltip="Qwen2.5-VL, for Encode Prompt, Auto-caption and the pipeline nodes",
+                )
+            ],
         )
 
     @classmethod

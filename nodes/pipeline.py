@@ -4,14 +4,14 @@ and Split Layer (one layer of a stack decomposed again into sub-layers)."""
 from __future__ import annotations
 
 import comfy.model_management as mm
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
-from layered_core.pipeline import DecomposeOptions, LayeredPipeline
-
+from ..layered_core.pipeline import DecomposeOptions, LayeredPipeline
 from .comfy_model import ComfyTransformer, ManagedVAE
 from .common import (
     CATEGORY,
     PREFIX,
+    STACK_TOOLTIP,
     LayerStackType,
     cfg_input,
     cfg_normalize_input,
@@ -61,8 +61,11 @@ class ImageToLayers(io.ComfyNode):
             ],
             outputs=[
                 *layer_outputs(),
-                LayerStackType.Output(display_name="stack"),
-                io.String.Output(display_name="prompt", tooltip="the prompt used (the caption if it was empty)"),
+                LayerStackType.Output(display_name="stack", tooltip=STACK_TOOLTIP),
+                io.String.Output(
+                    display_name="prompt",
+                    tooltip="the prompt used (the caption if it was empty), also shown on the node",
+                ),
             ],
         )
 
@@ -85,7 +88,9 @@ class ImageToLayers(io.ComfyNode):
         result = pipeline(single_image(image, "Image to Layers"), prompt, options, callback=callback)
         images = result.layer_images.permute(0, 2, 3, 1)
         composite = result.composite.permute(1, 2, 0)[None]
-        return io.NodeOutput(images, 1.0 - images[..., 3], composite, result.stack(), result.prompt)
+        return io.NodeOutput(
+            images, 1.0 - images[..., 3], composite, result.stack(), result.prompt, ui=ui.PreviewText(result.prompt)
+        )
 
 
 class SplitLayer(io.ComfyNode):
@@ -109,7 +114,7 @@ class SplitLayer(io.ComfyNode):
                 cfg_input(),
                 seed_input(),
             ],
-            outputs=[LayerStackType.Output(display_name="stack")],
+            outputs=[LayerStackType.Output(display_name="stack", tooltip=STACK_TOOLTIP)],
         )
 
     @classmethod

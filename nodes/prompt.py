@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from .common import CATEGORY, PREFIX, single_image, text_encoder_input
 
@@ -19,7 +19,7 @@ class TextEncode(io.ComfyNode):
                 text_encoder_input(),
                 io.String.Input("prompt", multiline=True, default="", tooltip="describe the whole image"),
             ],
-            outputs=[io.Conditioning.Output()],
+            outputs=[io.Conditioning.Output(tooltip="the prompt embeddings, for Decompose's positive or negative")],
         )
 
     @classmethod
@@ -43,10 +43,15 @@ class Caption(io.ComfyNode):
                 io.Combo.Input("language", options=["en", "zh"], default="en", tooltip="annotator instruction"),
                 io.Int.Input("max_new_tokens", default=512, min=1, max=2048, tooltip="caption length limit"),
             ],
-            outputs=[io.String.Output(display_name="caption")],
+            outputs=[
+                io.String.Output(
+                    display_name="caption", tooltip="the caption text, also shown on the node; connect to Encode Prompt"
+                )
+            ],
         )
 
     @classmethod
     def execute(cls, text_encoder, image, language, max_new_tokens) -> io.NodeOutput:
         pil = single_image(image, "Auto-caption")
-        return io.NodeOutput(text_encoder.caption(pil, language=language, max_new_tokens=max_new_tokens))
+        caption = text_encoder.caption(pil, language=language, max_new_tokens=max_new_tokens)
+        return io.NodeOutput(caption, ui=ui.PreviewText(caption))

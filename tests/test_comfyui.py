@@ -210,6 +210,9 @@ def test_pack_loads_and_every_node_is_described(server):
         for section in ("required", "optional"):
             for name, spec in node["input"].get(section, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        tooltips = node.get("output_tooltips") or [None] * len(node["output"])
+        for name, tooltip in zip(node["output_name"], tooltips, strict=True):
+            assert tooltip, f"{node_id} output {name} has no tooltip"
 
 
 def _fast(workflow: dict) -> dict:
@@ -590,3 +593,82 @@ def test_lowvram_server_runs_the_workflow(tmp_path_factory, server):
         assert history["status"]["status_str"] == "success"
     finally:
         lowvram.stop()
+
+
+def test_a_bad_file_in_the_folder_is_skipped_and_named_on_the_node(server):
+    """One unreadable image costs only itself: the others load, the node says which file it skipped and
+    why (its text on the node), the log warns; a folder of nothing readable is an error naming the files."""
+    running, base = server
+    folder = base / "input" / "with_a_bad_file"
+    _batch_folder(folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing an image needs")
+    history = running.run(_folder_workflow("with_a_bad_file", "bad_file_check"))
+    assert _saved_images(history) == ["bad_file_check/cutout_00001_.png", "bad_file_check/photo_00001_.png"]
+    (shown,) = history["outputs"]["1"]["text"]
+    lines = shown.splitlines()
+    assert lines[0] == "2 of 3 images loaded" and len(lines) == 2
+    assert lines[1].startswith("skipped broken.png: not a readable image")
+    assert "Load Image Folder: skipped" in running.log.read_text() and "broken.png" in running.log.read_text()
+
+    only_bad = base / "input" / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "a.png").write_bytes(b"not a png")
+    (only_bad / "b.jpg").write_bytes(b"")
+    failed = running.run(_folder_workflow("only_bad", "only_bad_check"))
+    assert failed["status"]["status_str"] == "error"
+    (error,) = [m[1] for m in failed["status"]["messages"] if m[0] == "execution_error"]
+    assert "no readable image among 2 files" in error["exception_message"]
+    assert "a.png" in error["exception_message"] and "b.jpg" in error["exception_message"]
+
+
+def test_the_caption_is_shown_on_its_node_and_not_logged_at_info(server):
+    running, base = server
+    log_start = len(running.log.read_text())
+    workflow = {
+        "1": {"class_type": "QwenLayeredLoadTextEncoder", "inputs": {"folder": "Qwen2.5-VL-7B-Instruct-tiny"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "3": {
+            "class_type": "QwenLayeredCaption",
+            "inputs": {"text_encoder": ["1", 0], "image": ["2", 0], "language": "en", "max_new_tokens": 12},
+        },
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}},
+    }
+    history = running.run(workflow)
+    assert history["status"]["status_str"] == "success", history["status"]
+    (caption,) = history["outputs"]["3"]["text"]
+    assert caption and history["outputs"]["4"]["text"] == [caption]  # the node shows what it outputs
+    assert caption not in running.log.read_text()[log_start:]
+    # the browser side that shows it: the pack's web directory is served with its extension
+    extensions = running.get("/extensions")
+    assert any(path.endswith("/show_text.js") for path in extensions), extensions
+
+
+def test_the_pack_reaches_its_core_through_its_own_package(tmp_path):
+    """The pack puts nothing on sys.path: a module of the same name elsewhere, and a second copy of the pack,
+    load beside it without either taking the other's place."""
+    decoy = tmp_path / "elsewhere" / "layered_core"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("DECOY = True\n")
+    packs = tmp_path / "custom_nodes"
+    packs.mkdir()
+    for name in ("qwen_image_layered", "qwen_image_layered_copy"):
+        (packs / name).symlink_to(REPO, target_is_directory=True)
+    script = (
+        "import asyncio, sys\n"
+        "sys.argv = ['main.py', '--cpu']\n"
+        "import comfy.options\n"
+        "comfy.options.enable_args_parsing()\n"  # as main.py does: ComfyUI reads its flags when first imported
+        "import layered_core\n"  # the other module of that name, imported first
+        "import nodes\n"
+        f"for name in ('qwen_image_layered', 'qwen_image_layered_copy'):\n"
+        f"    assert asyncio.run(nodes.load_custom_node({str(packs)!r} + '/' + name)), name\n"
+        "assert 'QwenLayeredDecompose' in nodes.NODE_CLASS_MAPPINGS\n"
+        "assert sys.modules['layered_core'].DECOY\n"
+        "assert not any(p.startswith(" + repr(str(packs)) + ") or p == " + repr(str(REPO)) + " for p in sys.path)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{decoy.parent}:{COMFYUI}"}
+    result = subprocess.run(
+        [str(PYTHON), "-c", script], cwd=COMFYUI, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
