@@ -41,8 +41,9 @@ NODE_IDS = {
     "QwenLayeredSaveLayerPNGs",
     "QwenLayeredLoadImageFolder",
 }
-WORKFLOWS = sorted(path.name.removesuffix(".api.json") for path in (REPO / "workflows").glob("*.api.json"))
-BATCH = "batch"  # the input folder of workflows/batch_folder.api.json
+# each workflow: its API file workflows/api/<name>.json (for POST /prompt) and its editor twin workflows/<name>.json
+WORKFLOWS = sorted(path.stem for path in (REPO / "workflows" / "api").glob("*.json"))
+BATCH = "batch"  # the input folder of workflows/api/batch_folder.json
 # the images the fixture puts there, by name, and their size (width, height) once EXIF orientation is applied
 BATCH_SIZES = {"cutout": (128, 72), "photo": (80, 112)}
 LORA = "qwen_image_layered_test_lora.safetensors"  # in models/loras
@@ -268,7 +269,7 @@ def _check_psds(workflow: dict, base: Path, written: set[Path]) -> None:
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_workflow_runs(server, name):
     running, base = server
-    workflow = _fast(json.loads((REPO / "workflows" / f"{name}.api.json").read_text()))
+    workflow = _fast(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
     before = _psds(base)
     history = running.run(workflow)
     status = history["status"]
@@ -279,7 +280,7 @@ def test_workflow_runs(server, name):
 
 def test_rerun_with_another_seed_writes_a_new_file_and_keeps_the_old(server):
     running, base = server
-    workflow = _fast(json.loads((REPO / "workflows" / "image_to_layers.api.json").read_text()))
+    workflow = _fast(json.loads((REPO / "workflows" / "api" / "image_to_layers.json").read_text()))
     first = running.run(workflow)
     assert first["status"]["status_str"] == "success"
     count = len(list((base / "output").rglob("*.psd")))
@@ -382,7 +383,7 @@ def test_batch_reruns_only_when_the_folder_changes(server):
     folder = base / "input" / "cache_check"
     folder.mkdir()
     shutil.copy(base / "input" / BATCH / "cutout.png", folder / "cutout.png")
-    workflow = _fast(json.loads((REPO / "workflows" / "batch_folder.api.json").read_text()))
+    workflow = _fast(json.loads((REPO / "workflows" / "api" / "batch_folder.json").read_text()))
     workflow["4"]["inputs"]["folder"] = "cache_check"
     workflow["5"]["inputs"].update(layers=2, prompt="a test card")  # a prompt: no auto-caption, faster
     workflow["6"]["inputs"]["string_a"] = "cache_check"
@@ -427,7 +428,7 @@ def _lora_workflow(sampler: str, prefix: str, strength: float | None = None, mod
     """A shared workflow cut after its sampler, which core's SaveLatent writes under ``prefix``; with a
     ``strength``, core's LoraLoaderModelOnly applies LORA between the model loader and the sampler."""
     name, kept, sampler_node, model_input = LORA_SAMPLERS[sampler]
-    full = _fast(json.loads((REPO / "workflows" / f"{name}.api.json").read_text()))
+    full = _fast(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
     workflow = {node: full[node] for node in kept}
     if "6" in full:  # a fixed prompt instead of the auto-caption
         workflow["7"]["inputs"]["prompt"] = "a poster with a title and a photo"
@@ -492,7 +493,7 @@ def _slow(workflow: dict, steps: int) -> dict:
 
 
 def _seconds_for(running, steps: int) -> float:
-    workflow = _slow(json.loads((REPO / "workflows" / "image_to_layers.api.json").read_text()), steps)
+    workflow = _slow(json.loads((REPO / "workflows" / "api" / "image_to_layers.json").read_text()), steps)
     start = time.monotonic()
     assert running.run(workflow)["status"]["status_str"] == "success"
     return time.monotonic() - start
@@ -502,7 +503,7 @@ def test_cancel_stops_within_one_step(server):
     running, base = server
     # the loaders, encoding and caption are cached between these runs: the difference is 6 sampling steps
     step = (_seconds_for(running, 8) - _seconds_for(running, 2)) / 6
-    workflow = _slow(json.loads((REPO / "workflows" / "image_to_layers.api.json").read_text()), 200)
+    workflow = _slow(json.loads((REPO / "workflows" / "api" / "image_to_layers.json").read_text()), 200)
     prompt_id = running.post("/prompt", {"prompt": workflow})["prompt_id"]
     time.sleep(max(3.0, 5 * step))  # well into the sampling
     cancelled_at = time.monotonic()
@@ -528,7 +529,8 @@ def _comfy_cli() -> Path:
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_ui_workflow_is_its_api_twin(server, tmp_path, name):
-    """comfy-cli's UI -> API converter (what `comfy run` uses) turns each UI file into its API file."""
+    """comfy-cli's UI -> API converter (what `comfy run` uses) turns each editor file, workflows/<name>.json,
+    into its API file, workflows/api/<name>.json."""
     running, base = server
     _comfy_cli()
     info = tmp_path / "object_info.json"
@@ -537,13 +539,13 @@ def test_ui_workflow_is_its_api_twin(server, tmp_path, name):
         "import json, sys; from comfy_cli.workflow_to_api import convert_ui_to_api; "
         "print(json.dumps(convert_ui_to_api(json.load(open(sys.argv[1])), json.load(open(sys.argv[2])))))"
     )
-    ui = REPO / "workflows" / f"{name}.ui.json"
+    ui = REPO / "workflows" / f"{name}.json"
     result = subprocess.run(
         [str(PYTHON), "-c", script, str(ui), str(info)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     converted = json.loads(result.stdout)
-    expected = json.loads((REPO / "workflows" / f"{name}.api.json").read_text())
+    expected = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
     assert {k: (v["class_type"], v["inputs"]) for k, v in converted.items()} == {
         k: (v["class_type"], v["inputs"]) for k, v in expected.items()
     }
@@ -560,7 +562,7 @@ def test_comfy_cli_runs_a_workflow(server, tmp_path, name):
     spec = importlib.util.spec_from_file_location("ui_from_api", REPO / "workflows" / "ui_from_api.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    workflow = _fast(json.loads((REPO / "workflows" / f"{name}.api.json").read_text()))
+    workflow = _fast(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
     for node in workflow.values():
         if "seed" in node["inputs"]:
             node["inputs"]["seed"] = 77
@@ -586,7 +588,8 @@ def test_lowvram_server_runs_the_workflow(tmp_path_factory, server):
         (base / name).symlink_to(shared / name, target_is_directory=True)
     lowvram = Server(base, extra_args=("--lowvram",))
     try:
-        history = lowvram.run(_fast(json.loads((REPO / "workflows" / "image_to_layers.api.json").read_text())))
+        history = lowvram.run(_fast(json.loads((REPO / "workflows" / "api" / "image_to_layers.json").read_text())))
         assert history["status"]["status_str"] == "success"
     finally:
         lowvram.stop()
+

@@ -1,11 +1,12 @@
-"""Write the UI-format (litegraph) twin of an API-format workflow, laid out left to right.
+"""Write the editor-format (litegraph) twin of an API-format workflow, laid out left to right.
 
-    python workflows/ui_from_api.py object_info.json workflows/*.api.json
+    python workflows/ui_from_api.py object_info.json workflows/api/*.json
 
 ``object_info.json`` is a running ComfyUI's ``GET /object_info`` (with this pack loaded); it gives
-each node's input order, which decides the order of ``widgets_values``. Each ``X.api.json`` gets an
-``X.ui.json`` beside it. tests/test_comfyui.py checks that comfy-cli turns every UI file back into
-its API file and runs it.
+each node's input order, which decides the order of ``widgets_values``. Each ``workflows/api/X.json``
+gets its editor twin ``workflows/X.json``: the folder ComfyUI lists as this pack's templates holds only
+editor files. tests/test_comfyui.py checks that comfy-cli turns every editor file back into its API
+file and runs it.
 """
 
 from __future__ import annotations
@@ -107,11 +108,16 @@ def ui_from_api(api: dict, object_info: dict) -> dict:
     }
 
 
+def editor_path(api_path: Path) -> Path:
+    """workflows/api/X.json -> workflows/X.json"""
+    return api_path.parent.parent / api_path.name
+
+
 def main() -> None:
     object_info = json.loads(Path(sys.argv[1]).read_text())
     for name in sys.argv[2:]:
         source = Path(name)
-        target = source.with_name(source.name.replace(".api.json", ".ui.json"))
+        target = editor_path(source)
         target.write_text(json.dumps(ui_from_api(json.loads(source.read_text()), object_info), indent=1) + "\n")
         print(target)
 
