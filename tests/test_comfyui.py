@@ -5,6 +5,7 @@ ${COMFYUI_PATH:-$HOME/ComfyUI}."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -593,3 +594,30 @@ def test_lowvram_server_runs_the_workflow(tmp_path_factory, server):
     finally:
         lowvram.stop()
 
+
+PACK = "qwen_image_layered"  # the pack's folder name in custom_nodes, as the server fixture links it
+
+
+def _fetch(running, path: str) -> tuple[int, str, bytes]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{running.port}{path}", timeout=30) as response:
+        return response.status, response.headers.get("Content-Type", ""), response.read()
+
+
+def test_templates_are_the_editor_workflows_with_thumbnails(server):
+    """ComfyUI lists custom_nodes/<pack>/workflows/*.json as the pack's templates (app/custom_node_manager.py,
+    one folder level) and serves that folder under /api/workflow_templates/<pack>/. The Templates dialog opens
+    <name>.json in the editor and shows <name>.jpg as its card (the frontend's template store gives every
+    custom-node template mediaSubtype 'jpg'). So: exactly the editor files are listed (not the API twins in
+    workflows/api/), each opens as an editor graph, and each has a JPEG thumbnail, small and square."""
+    running, base = server
+    assert sorted(running.get("/workflow_templates")[PACK]) == WORKFLOWS
+    for name in WORKFLOWS:
+        status, kind, body = _fetch(running, f"/api/workflow_templates/{PACK}/{name}.json")
+        assert status == 200
+        graph = json.loads(body)
+        assert graph["nodes"] and isinstance(graph["links"], list), f"{name}.json is not an editor workflow"
+        status, kind, body = _fetch(running, f"/api/workflow_templates/{PACK}/{name}.jpg")
+        assert status == 200 and kind == "image/jpeg", (name, status, kind)
+        assert len(body) < 100_000, (name, len(body))
+        with Image.open(io.BytesIO(body)) as image:
+            assert image.format == "JPEG" and image.width == image.height >= 256, (name, image.format, image.size)
