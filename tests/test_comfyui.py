@@ -621,3 +621,49 @@ def test_templates_are_the_editor_workflows_with_thumbnails(server):
         assert len(body) < 100_000, (name, len(body))
         with Image.open(io.BytesIO(body)) as image:
             assert image.format == "JPEG" and image.width == image.height >= 256, (name, image.format, image.size)
+
+
+def _editor_widgets(schema: dict) -> list[tuple[str, object]]:
+    """The widgets the editor gives a node, in order, as (name, input spec), the way ComfyUI's frontend builds
+    them from /object_info: one per widget input (required, then optional); after an image_upload combo, the
+    upload button; after an input whose spec sets control_after_generate, or else an INT named seed or
+    noise_seed (useIntWidget's rule), the 'control_after_generate' combo, whose value an editor file stores
+    right after the seed's (fixed, increment, decrement or randomize; randomize when there is none)."""
+    widgets = []
+    inputs = list(schema["input"].get("required", {}).items()) + list(schema["input"].get("optional", {}).items())
+    for name, spec in inputs:
+        kind, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+        if not (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")):
+            continue
+        if options.get("forceInput"):
+            continue
+        widgets.append((name, spec))
+        if options.get("image_upload"):
+            widgets.append(("upload", None))
+        control = options.get("control_after_generate")
+        if control if control is not None else (kind == "INT" and name in ("seed", "noise_seed")):
+            widgets.append(("control_after_generate", None))
+    return widgets
+
+
+def _editor_workflows() -> dict[str, dict]:
+    return {name: json.loads((REPO / "workflows" / f"{name}.json").read_text()) for name in WORKFLOWS}
+
+
+def test_editor_workflows_pin_every_seed(server):
+    """Every seed widget in the editor files is followed by its control value "fixed": without one the editor
+    sets the control to randomize, so each run changes the seed and a rerun is never cached."""
+    running, base = server
+    info = running.get("/object_info")
+    seeds = 0
+    for name, graph in _editor_workflows().items():
+        for node in graph["nodes"]:
+            widgets = [widget for widget, _ in _editor_widgets(info[node["type"]])]
+            values = node["widgets_values"]
+            where = f"{name}.json node {node['id']} ({node['type']})"
+            assert len(values) == len(widgets), f"{where}: widgets_values {values} for the widgets {widgets}"
+            for index, widget in enumerate(widgets):
+                if widget == "control_after_generate":
+                    seeds += 1
+                    assert values[index] == "fixed", f"{where}: {widgets[index - 1]} control is {values[index]!r}"
+    assert seeds >= len(WORKFLOWS)  # every workflow samples, with at least one seed

@@ -7,6 +7,9 @@ each node's input order, which decides the order of ``widgets_values``. Each ``w
 gets its editor twin ``workflows/X.json``: the folder ComfyUI lists as this pack's templates holds only
 editor files. tests/test_comfyui.py checks that comfy-cli turns every editor file back into its API
 file and runs it.
+
+Seeds are pinned to ``fixed``: without a value the editor sets a seed widget's control to ``randomize``, and
+every run would then change the seed and miss the cache.
 """
 
 from __future__ import annotations
@@ -24,6 +27,17 @@ def _is_widget(spec) -> bool:
         return True
     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
     return kind in WIDGET_TYPES and not options.get("forceInput", False)
+
+
+def has_seed_control(name: str, spec) -> bool:
+    """Whether the editor adds a 'control after generate' widget after this input: as the frontend's
+    useIntWidget does, from the input's ``control_after_generate`` option, or else for an INT named ``seed``
+    or ``noise_seed``."""
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    flag = options.get("control_after_generate")
+    if flag is not None:
+        return bool(flag)
+    return spec[0] == "INT" and name in ("seed", "noise_seed")
 
 
 def _depths(api: dict) -> dict[str, int]:
@@ -58,7 +72,7 @@ def ui_from_api(api: dict, object_info: dict) -> dict:
                 widgets.append(None if linked else value)
                 if name == "image" and isinstance(spec[1], dict) and spec[1].get("image_upload"):
                     widgets.append("image")  # the upload button the frontend adds after LoadImage's combo
-                if "control_after_generate" in (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}):
+                if has_seed_control(name, spec):
                     widgets.append("fixed")
             if linked:
                 link_id = len(links) + 1
