@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE.parent))  # layered_core, beside this folder
 from layered_core.layers import composite, render, render_layer  # noqa: E402
 from layered_core.synthetic import synthetic_design  # noqa: E402
 
-SIZE = 320  # the dialog shows a square card, at most 256 px high
+SIZE = 320  # the dialog shows a square card, at most 256 px high, with a "Node graph" badge over its top left
 BACKGROUND = (32, 34, 38)
 INK = (225, 228, 232)
 FAINT = (150, 155, 165)
@@ -106,16 +106,16 @@ def image_to_layers(caption: str = "Decompose", layer_count: int = 4, seed: int 
     stack = _design(256, 256, layer_count, seed)
     canvas = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    canvas.paste(_tile(composite(stack), 128), (96, 14))
-    _label(draw, (48, 78), "input", fill=FAINT)
-    _arrow(draw, (160, 148), (160, 196))
-    _chip(draw, (160, 170), caption)
+    canvas.paste(_tile(composite(stack), 112), (104, 48))
+    _label(draw, (56, 104), "input", fill=FAINT)
+    _arrow(draw, (160, 164), (160, 200))
+    _chip(draw, (160, 178), caption)
     size = 70
-    centres = _layer_row(canvas, _layers_of(stack), 206, size, 8)
+    centres = _layer_row(canvas, _layers_of(stack), 208, size, 8)
     for index, x in enumerate(centres):
-        _label(draw, (x, 206 + size + 12), f"layer {index + 1}", size=11, fill=FAINT)
-    _label(draw, (272, 78), f"{layer_count} layers", fill=FAINT)
-    _label(draw, (272, 96), "-> PSD", fill=FAINT)
+        _label(draw, (x, 208 + size + 11), f"layer {index + 1}", size=11, fill=FAINT)
+    _label(draw, (266, 96), f"{layer_count} layers", fill=FAINT)
+    _label(draw, (266, 114), "-> PSD", fill=FAINT)
     return canvas
 
 
@@ -131,15 +131,15 @@ def split_layer(seed: int = 50) -> Image.Image:
     ]
     canvas = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    canvas.paste(_tile(composite(design), 90), (115, 8))
-    _label(draw, (64, 53), "input", fill=FAINT)
-    _arrow(draw, (160, 102), (160, 122))
-    size, top = 72, 126
+    canvas.paste(_tile(composite(design), 76), (122, 46))
+    _label(draw, (84, 84), "input", fill=FAINT)
+    _arrow(draw, (160, 125), (160, 143))
+    size, top = 66, 147
     centres = _layer_row(canvas, top_level, top, size, 14)
     for index, x in enumerate(centres):
         _label(draw, (x, top + size + 9), f"layer {index + 1}", size=11, fill=FAINT)
     # layer 2 -> its two sub-layers
-    sub_size, sub_top = 58, 236
+    sub_size, sub_top = 52, 246
     parent_x, parent_bottom = centres[1], top + size + 18
     subs = [render_layer(first, design.width, design.height), render_layer(second, design.width, design.height)]
     for index, rgba in enumerate(subs):
@@ -147,9 +147,9 @@ def split_layer(seed: int = 50) -> Image.Image:
         _arrow(draw, (parent_x, parent_bottom), (centre, sub_top - 3))
         canvas.paste(_tile(rgba, sub_size), (centre - sub_size // 2, sub_top))
         _label(draw, (centre, sub_top + sub_size + 9), f"2.{index + 1}", size=11)
-    _chip(draw, (52, 262), "Split Layer")
-    _label(draw, (272, 256), "saved as", size=11, fill=FAINT)
-    _label(draw, (272, 270), "a PSD group", size=11, fill=FAINT)
+    _chip(draw, (56, 268), "Split Layer")
+    _label(draw, (266, 262), "saved as", size=11, fill=FAINT)
+    _label(draw, (266, 276), "a PSD group", size=11, fill=FAINT)
     return canvas
 
 
@@ -157,19 +157,19 @@ def batch_folder(seed: int = 70) -> Image.Image:
     """A folder of images, each decomposed into its layers and saved under its own file name."""
     canvas = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    _label(draw, (12, 15), "input/batch/", fill=FAINT, anchor="lm")
-    _label(draw, (308, 15), "each -> batch/<name>.psd", size=11, fill=FAINT, anchor="rm")
-    row_height, source_size, size = 96, 64, 46
+    _label(draw, (12, 306), "input/batch/", fill=FAINT, anchor="lm")
+    _label(draw, (308, 306), "each -> batch/<name>.psd", size=11, fill=FAINT, anchor="rm")
+    row_height, source_size, size = 86, 60, 46
     for row in range(3):
         stack = _design(256, 192 if row == 1 else 256, 4, seed + 100 * row)
-        top = 32 + row * row_height
+        top = 44 + row * row_height
         source = Image.fromarray(composite(stack), "RGBA")
         source.thumbnail((source_size, source_size), Image.Resampling.LANCZOS)
         framed = _checker(*source.size)
         framed.paste(source, (0, 0), source)
         canvas.paste(framed, (12, top + (source_size - source.height) // 2))
-        _label(draw, (12 + source_size // 2, top + source_size + 10), f"image_{row + 1}.png", size=10, fill=FAINT)
-        _arrow(draw, (84, top + source_size // 2), (104, top + source_size // 2))
+        _label(draw, (12 + source_size // 2, top + source_size + 9), f"image_{row + 1}.png", size=10, fill=FAINT)
+        _arrow(draw, (82, top + source_size // 2), (104, top + source_size // 2))
         side = max(stack.size)
         for index, rgba in enumerate(_layers_of(stack)):
             square = np.zeros((side, side, 4), np.uint8)
