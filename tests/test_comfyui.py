@@ -667,3 +667,101 @@ def test_editor_workflows_pin_every_seed(server):
                     seeds += 1
                     assert values[index] == "fixed", f"{where}: {widgets[index - 1]} control is {values[index]!r}"
     assert seeds >= len(WORKFLOWS)  # every workflow samples, with at least one seed
+
+
+# The editor's geometry (litegraph in ComfyUI's frontend 1.48: LiteGraphGlobal, LGraphNode.computeSize and
+# _arrangeWidgets, LGraphBadge, the image preview widget). A node's title bar is drawn above its pos; its badge
+# (the pack's name, shown by default for custom nodes) above that, right-aligned.
+TITLE_HEIGHT = 30
+BADGE_HEIGHT = 20 + 2
+SLOT_HEIGHT = 20
+WIDGET_HEIGHT = 20
+TEXTAREA_MIN_HEIGHT = 50  # a multiline STRING: a DOM textarea, at least 50 px
+PREVIEW_MIN_HEIGHT = 220  # the image preview widget the editor adds when a node has images to show
+# Nodes of this pack that show a read-only text (a textarea) on the node after a run, added by its JS.
+TEXT_AFTER_RUN = {"QwenLayeredCaption", "QwenLayeredImageToLayers", "QwenLayeredLoadImageFolder"}
+
+
+def _title_font(px: int = 14):
+    """Inter, the editor's node font (LiteGraph.NODE_FONT), from the frontend package that this ComfyUI
+    serves."""
+    from PIL import ImageFont
+
+    fonts = sorted(
+        COMFYUI.glob(".venv/lib/python3*/site-packages/comfyui_frontend_package/static/fonts/inter-latin-normal.*")
+    )
+    if not fonts:
+        pytest.skip(f"no Inter font in {COMFYUI}'s comfyui_frontend_package: cannot measure the titles")
+    return ImageFont.truetype(str(fonts[0]), px)
+
+
+def _shows_image(schema: dict) -> bool:
+    """The editor draws images on an output node (what it saved), on a node with an image upload (the picked
+    image) and on a sampler (a seed widget: its latent previews while it runs, when previews are on)."""
+    widgets = [name for name, _ in _editor_widgets(schema)]
+    return bool(schema.get("output_node")) or "upload" in widgets or "control_after_generate" in widgets
+
+
+def _height_after_run(node: dict, schema: dict) -> float:
+    """The least height (below the title bar) the editor gives the node once a run has added its preview or
+    text: computeSize's 20 px per slot row, 20 + 4 per widget (a textarea: 50 + 4), 8 + 6 of margins; the
+    node grows to that when its stored size is smaller. An estimate of the frontend's own arithmetic: the
+    browser test measures the real nodes."""
+    slots = [
+        name
+        for section in ("required", "optional")
+        for name, spec in schema["input"].get(section, {}).items()
+        if name not in {widget for widget, _ in _editor_widgets(schema)}
+    ]
+    heights = []
+    for _, spec in _editor_widgets(schema):
+        multiline = spec is not None and spec[0] == "STRING" and len(spec) > 1 and spec[1].get("multiline")
+        heights.append(TEXTAREA_MIN_HEIGHT if multiline else WIDGET_HEIGHT)
+    if _shows_image(schema):
+        heights.append(PREVIEW_MIN_HEIGHT)
+    if node["type"] in TEXT_AFTER_RUN:
+        heights.append(TEXTAREA_MIN_HEIGHT)
+    rows = max(len(slots), len(schema["output"]), 1)
+    return rows * SLOT_HEIGHT + sum(h + 4 for h in heights) + (8 if heights else 0) + 6
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_editor_layout_has_no_overlaps_and_whole_titles(server, name):
+    """In each editor file no two nodes overlap, before or after a run: each node's rectangle runs from its
+    badge and title bar above pos down to the larger of its stored height and the height the editor grows it
+    to once its preview or text is shown. And every title fits its node's width: the editor cuts a title that
+    is wider than the node less 30 px each side; the width is measured with PIL in the editor's font, Inter
+    14 px, which is close to but not exactly the browser's text layout."""
+    running, base = server
+    info = running.get("/object_info")
+    font = _title_font()
+    graph = _editor_workflows()[name]
+    boxes = {}
+    for node in graph["nodes"]:
+        schema = info[node["type"]]
+        (x, y), (width, height) = node["pos"], node["size"]
+        title = node.get("title") or schema["display_name"]
+        assert font.getlength(title) + 2 * TITLE_HEIGHT <= width, f"{name}: {title!r} is cut at width {width}"
+        bottom = y + max(height, _height_after_run(node, schema))
+        boxes[f"{node['id']} {title}"] = (x, y - TITLE_HEIGHT - BADGE_HEIGHT, x + width, bottom)
+    for first, (ax0, ay0, ax1, ay1) in boxes.items():
+        for second, (bx0, by0, bx1, by1) in boxes.items():
+            if first < second:
+                overlap = min(ax1, bx1) > max(ax0, bx0) and min(ay1, by1) > max(ay0, by0)
+                assert not overlap, f"{name}: {first} {boxes[first]} overlaps {second} {boxes[second]}"
+
+
+def test_editor_workflows_are_what_ui_from_api_writes(server):
+    """Each editor file is what workflows/ui_from_api.py makes of its API file with this server's /object_info
+    (its layout, sizes and pinned seeds included): after changing an API file or a node's inputs, regenerate
+    them as workflows/README.md says."""
+    import importlib.util
+
+    running, base = server
+    spec = importlib.util.spec_from_file_location("ui_from_api", REPO / "workflows" / "ui_from_api.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    info = running.get("/object_info")
+    for name, graph in _editor_workflows().items():
+        api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+        assert module.ui_from_api(api, info) == graph, f"workflows/{name}.json is stale: run workflows/ui_from_api.py"
