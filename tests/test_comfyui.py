@@ -5,6 +5,7 @@ ${COMFYUI_PATH:-$HOME/ComfyUI}."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -41,8 +42,9 @@ NODE_IDS = {
     "QwenLayeredSaveLayerPNGs",
     "QwenLayeredLoadImageFolder",
 }
-WORKFLOWS = sorted(path.name.removesuffix(".api.json") for path in (REPO / "workflows").glob("*.api.json"))
-BATCH = "batch"  # the input folder of workflows/batch_folder.api.json
+# each workflow: its API file workflows/api/<name>.json (for POST /prompt) and its editor twin workflows/<name>.json
+WORKFLOWS = sorted(path.stem for path in (REPO / "workflows" / "api").glob("*.json"))
+BATCH = "batch"  # the input folder of workflows/api/batch_folder.json
 # the images the fixture puts there, by name, and their size (width, height) once EXIF orientation is applied
 BATCH_SIZES = {"cutout": (128, 72), "photo": (80, 112)}
 LORA = "qwen_image_layered_test_lora.safetensors"  # in models/loras
@@ -271,7 +273,7 @@ def _check_psds(workflow: dict, base: Path, written: set[Path]) -> None:
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_workflow_runs(server, name):
     running, base = server
-    workflow = _fast(json.loads((REPO / "workflows" / f"{name}.api.json").read_text()))
+    workflow = _fast(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
     before = _psds(base)
     history = running.run(workflow)
     status = history["status"]
@@ -282,7 +284,7 @@ def test_workflow_runs(server, name):
 
 def test_rerun_with_another_seed_writes_a_new_file_and_keeps_the_old(server):
     running, base = server
-    workflow = _fast(json.loads((REPO / "workflows" / "image_to_layers.api.json").read_text()))
+    workflow = _fast(json.loads((REPO / "workflows" / "api" / "image_to_layers.json").read_text()))
     first = running.run(workflow)
     assert first["status"]["status_str"] == "success"
     count = len(list((base / "output").rglob("*.psd")))
@@ -385,7 +387,7 @@ def test_batch_reruns_only_when_the_folder_changes(server):
     folder = base / "input" / "cache_check"
     folder.mkdir()
     shutil.copy(base / "input" / BATCH / "cutout.png", folder / "cutout.png")
-    workflow = _fast(json.loads((REPO / "workflows" / "batch_folder.api.json").read_text()))
+    workflow = _fast(json.loads((REPO / "workflows" / "api" / "batch_folder.json").read_text()))
     workflow["4"]["inputs"]["folder"] = "cache_check"
     workflow["5"]["inputs"].update(layers=2, prompt="a test card")  # a prompt: no auto-caption, faster
     workflow["6"]["inputs"]["string_a"] = "cache_check"
@@ -430,7 +432,7 @@ def _lora_workflow(sampler: str, prefix: str, strength: float | None = None, mod
     """A shared workflow cut after its sampler, which core's SaveLatent writes under ``prefix``; with a
     ``strength``, core's LoraLoaderModelOnly applies LORA between the model loader and the sampler."""
     name, kept, sampler_node, model_input = LORA_SAMPLERS[sampler]
-    full = _fast(json.loads((REPO / "workflows" / f"{name}.api.json").read_text()))
+    full = _fast(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
     workflow = {node: full[node] for node in kept}
     if "6" in full:  # a fixed prompt instead of the auto-caption
         workflow["7"]["inputs"]["prompt"] = "a poster with a title and a photo"
@@ -495,7 +497,7 @@ def _slow(workflow: dict, steps: int) -> dict:
 
 
 def _seconds_for(running, steps: int) -> float:
-    workflow = _slow(json.loads((REPO / "workflows" / "image_to_layers.api.json").read_text()), steps)
+    workflow = _slow(json.loads((REPO / "workflows" / "api" / "image_to_layers.json").read_text()), steps)
     start = time.monotonic()
     assert running.run(workflow)["status"]["status_str"] == "success"
     return time.monotonic() - start
@@ -505,7 +507,7 @@ def test_cancel_stops_within_one_step(server):
     running, base = server
     # the loaders, encoding and caption are cached between these runs: the difference is 6 sampling steps
     step = (_seconds_for(running, 8) - _seconds_for(running, 2)) / 6
-    workflow = _slow(json.loads((REPO / "workflows" / "image_to_layers.api.json").read_text()), 200)
+    workflow = _slow(json.loads((REPO / "workflows" / "api" / "image_to_layers.json").read_text()), 200)
     prompt_id = running.post("/prompt", {"prompt": workflow})["prompt_id"]
     time.sleep(max(3.0, 5 * step))  # well into the sampling
     cancelled_at = time.monotonic()
@@ -531,7 +533,8 @@ def _comfy_cli() -> Path:
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_ui_workflow_is_its_api_twin(server, tmp_path, name):
-    """comfy-cli's UI -> API converter (what `comfy run` uses) turns each UI file into its API file."""
+    """comfy-cli's UI -> API converter (what `comfy run` uses) turns each editor file, workflows/<name>.json,
+    into its API file, workflows/api/<name>.json."""
     running, base = server
     _comfy_cli()
     info = tmp_path / "object_info.json"
@@ -540,13 +543,13 @@ def test_ui_workflow_is_its_api_twin(server, tmp_path, name):
         "import json, sys; from comfy_cli.workflow_to_api import convert_ui_to_api; "
         "print(json.dumps(convert_ui_to_api(json.load(open(sys.argv[1])), json.load(open(sys.argv[2])))))"
     )
-    ui = REPO / "workflows" / f"{name}.ui.json"
+    ui = REPO / "workflows" / f"{name}.json"
     result = subprocess.run(
         [str(PYTHON), "-c", script, str(ui), str(info)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     converted = json.loads(result.stdout)
-    expected = json.loads((REPO / "workflows" / f"{name}.api.json").read_text())
+    expected = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
     assert {k: (v["class_type"], v["inputs"]) for k, v in converted.items()} == {
         k: (v["class_type"], v["inputs"]) for k, v in expected.items()
     }
@@ -563,7 +566,7 @@ def test_comfy_cli_runs_a_workflow(server, tmp_path, name):
     spec = importlib.util.spec_from_file_location("ui_from_api", REPO / "workflows" / "ui_from_api.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    workflow = _fast(json.loads((REPO / "workflows" / f"{name}.api.json").read_text()))
+    workflow = _fast(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
     for node in workflow.values():
         if "seed" in node["inputs"]:
             node["inputs"]["seed"] = 77
@@ -589,7 +592,7 @@ def test_lowvram_server_runs_the_workflow(tmp_path_factory, server):
         (base / name).symlink_to(shared / name, target_is_directory=True)
     lowvram = Server(base, extra_args=("--lowvram",))
     try:
-        history = lowvram.run(_fast(json.loads((REPO / "workflows" / "image_to_layers.api.json").read_text())))
+        history = lowvram.run(_fast(json.loads((REPO / "workflows" / "api" / "image_to_layers.json").read_text())))
         assert history["status"]["status_str"] == "success"
     finally:
         lowvram.stop()
@@ -672,3 +675,175 @@ def test_the_pack_reaches_its_core_through_its_own_package(tmp_path):
         [str(PYTHON), "-c", script], cwd=COMFYUI, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+PACK = "qwen_image_layered"  # the pack's folder name in custom_nodes, as the server fixture links it
+
+
+def _fetch(running, path: str) -> tuple[int, str, bytes]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{running.port}{path}", timeout=30) as response:
+        return response.status, response.headers.get("Content-Type", ""), response.read()
+
+
+def test_templates_are_the_editor_workflows_with_thumbnails(server):
+    """ComfyUI lists custom_nodes/<pack>/workflows/*.json as the pack's templates (app/custom_node_manager.py,
+    one folder level) and serves that folder under /api/workflow_templates/<pack>/. The Templates dialog opens
+    <name>.json in the editor and shows <name>.jpg as its card (the frontend's template store gives every
+    custom-node template mediaSubtype 'jpg'). So: exactly the editor files are listed (not the API twins in
+    workflows/api/), each opens as an editor graph, and each has a JPEG thumbnail, small and square."""
+    running, base = server
+    assert sorted(running.get("/workflow_templates")[PACK]) == WORKFLOWS
+    for name in WORKFLOWS:
+        status, kind, body = _fetch(running, f"/api/workflow_templates/{PACK}/{name}.json")
+        assert status == 200
+        graph = json.loads(body)
+        assert graph["nodes"] and isinstance(graph["links"], list), f"{name}.json is not an editor workflow"
+        status, kind, body = _fetch(running, f"/api/workflow_templates/{PACK}/{name}.jpg")
+        assert status == 200 and kind == "image/jpeg", (name, status, kind)
+        assert len(body) < 100_000, (name, len(body))
+        with Image.open(io.BytesIO(body)) as image:
+            assert image.format == "JPEG" and image.width == image.height >= 256, (name, image.format, image.size)
+
+
+def _editor_widgets(schema: dict) -> list[tuple[str, object]]:
+    """The widgets the editor gives a node, in order, as (name, input spec), the way ComfyUI's frontend builds
+    them from /object_info: one per widget input (required, then optional); after an image_upload combo, the
+    upload button; after an input whose spec sets control_after_generate, or else an INT named seed or
+    noise_seed (useIntWidget's rule), the 'control_after_generate' combo, whose value an editor file stores
+    right after the seed's (fixed, increment, decrement or randomize; randomize when there is none)."""
+    widgets = []
+    inputs = list(schema["input"].get("required", {}).items()) + list(schema["input"].get("optional", {}).items())
+    for name, spec in inputs:
+        kind, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+        if not (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")):
+            continue
+        if options.get("forceInput"):
+            continue
+        widgets.append((name, spec))
+        if options.get("image_upload"):
+            widgets.append(("upload", None))
+        control = options.get("control_after_generate")
+        if control if control is not None else (kind == "INT" and name in ("seed", "noise_seed")):
+            widgets.append(("control_after_generate", None))
+    return widgets
+
+
+def _editor_workflows() -> dict[str, dict]:
+    return {name: json.loads((REPO / "workflows" / f"{name}.json").read_text()) for name in WORKFLOWS}
+
+
+def test_editor_workflows_pin_every_seed(server):
+    """Every seed widget in the editor files is followed by its control value "fixed": without one the editor
+    sets the control to randomize, so each run changes the seed and a rerun is never cached."""
+    running, base = server
+    info = running.get("/object_info")
+    seeds = 0
+    for name, graph in _editor_workflows().items():
+        for node in graph["nodes"]:
+            widgets = [widget for widget, _ in _editor_widgets(info[node["type"]])]
+            values = node["widgets_values"]
+            where = f"{name}.json node {node['id']} ({node['type']})"
+            assert len(values) == len(widgets), f"{where}: widgets_values {values} for the widgets {widgets}"
+            for index, widget in enumerate(widgets):
+                if widget == "control_after_generate":
+                    seeds += 1
+                    assert values[index] == "fixed", f"{where}: {widgets[index - 1]} control is {values[index]!r}"
+    assert seeds >= len(WORKFLOWS)  # every workflow samples, with at least one seed
+
+
+# The editor's geometry (litegraph in ComfyUI's frontend 1.48: LiteGraphGlobal, LGraphNode.computeSize and
+# _arrangeWidgets, LGraphBadge, the image preview widget). A node's title bar is drawn above its pos; its badge
+# (the pack's name, shown by default for custom nodes) above that, right-aligned.
+TITLE_HEIGHT = 30
+BADGE_HEIGHT = 20 + 2
+SLOT_HEIGHT = 20
+WIDGET_HEIGHT = 20
+TEXTAREA_MIN_HEIGHT = 50  # a multiline STRING: a DOM textarea, at least 50 px
+PREVIEW_MIN_HEIGHT = 220  # the image preview widget the editor adds when a node has images to show
+# Nodes of this pack that show a read-only text (a textarea) on the node after a run, added by its JS.
+TEXT_AFTER_RUN = {"QwenLayeredCaption", "QwenLayeredImageToLayers", "QwenLayeredLoadImageFolder"}
+
+
+def _title_font(px: int = 14):
+    """Inter, the editor's node font (LiteGraph.NODE_FONT), from the frontend package that this ComfyUI
+    serves."""
+    from PIL import ImageFont
+
+    fonts = sorted(
+        COMFYUI.glob(".venv/lib/python3*/site-packages/comfyui_frontend_package/static/fonts/inter-latin-normal.*")
+    )
+    if not fonts:
+        pytest.skip(f"no Inter font in {COMFYUI}'s comfyui_frontend_package: cannot measure the titles")
+    return ImageFont.truetype(str(fonts[0]), px)
+
+
+def _shows_image(schema: dict) -> bool:
+    """The editor draws images on an output node (what it saved), on a node with an image upload (the picked
+    image) and on a sampler (a seed widget: its latent previews while it runs, when previews are on)."""
+    widgets = [name for name, _ in _editor_widgets(schema)]
+    return bool(schema.get("output_node")) or "upload" in widgets or "control_after_generate" in widgets
+
+
+def _height_after_run(node: dict, schema: dict) -> float:
+    """The least height (below the title bar) the editor gives the node once a run has added its preview or
+    text: computeSize's 20 px per slot row, 20 + 4 per widget (a textarea: 50 + 4), 8 + 6 of margins; the
+    node grows to that when its stored size is smaller. An estimate of the frontend's own arithmetic: the
+    browser test measures the real nodes."""
+    slots = [
+        name
+        for section in ("required", "optional")
+        for name, spec in schema["input"].get(section, {}).items()
+        if name not in {widget for widget, _ in _editor_widgets(schema)}
+    ]
+    heights = []
+    for _, spec in _editor_widgets(schema):
+        multiline = spec is not None and spec[0] == "STRING" and len(spec) > 1 and spec[1].get("multiline")
+        heights.append(TEXTAREA_MIN_HEIGHT if multiline else WIDGET_HEIGHT)
+    if _shows_image(schema):
+        heights.append(PREVIEW_MIN_HEIGHT)
+    if node["type"] in TEXT_AFTER_RUN:
+        heights.append(TEXTAREA_MIN_HEIGHT)
+    rows = max(len(slots), len(schema["output"]), 1)
+    return rows * SLOT_HEIGHT + sum(h + 4 for h in heights) + (8 if heights else 0) + 6
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_editor_layout_has_no_overlaps_and_whole_titles(server, name):
+    """In each editor file no two nodes overlap, before or after a run: each node's rectangle runs from its
+    badge and title bar above pos down to the larger of its stored height and the height the editor grows it
+    to once its preview or text is shown. And every title fits its node's width: the editor cuts a title that
+    is wider than the node less 30 px each side; the width is measured with PIL in the editor's font, Inter
+    14 px, which is close to but not exactly the browser's text layout."""
+    running, base = server
+    info = running.get("/object_info")
+    font = _title_font()
+    graph = _editor_workflows()[name]
+    boxes = {}
+    for node in graph["nodes"]:
+        schema = info[node["type"]]
+        (x, y), (width, height) = node["pos"], node["size"]
+        title = node.get("title") or schema["display_name"]
+        assert font.getlength(title) + 2 * TITLE_HEIGHT <= width, f"{name}: {title!r} is cut at width {width}"
+        bottom = y + max(height, _height_after_run(node, schema))
+        boxes[f"{node['id']} {title}"] = (x, y - TITLE_HEIGHT - BADGE_HEIGHT, x + width, bottom)
+    for first, (ax0, ay0, ax1, ay1) in boxes.items():
+        for second, (bx0, by0, bx1, by1) in boxes.items():
+            if first < second:
+                overlap = min(ax1, bx1) > max(ax0, bx0) and min(ay1, by1) > max(ay0, by0)
+                assert not overlap, f"{name}: {first} {boxes[first]} overlaps {second} {boxes[second]}"
+
+
+def test_editor_workflows_are_what_ui_from_api_writes(server):
+    """Each editor file is what workflows/ui_from_api.py makes of its API file with this server's /object_info
+    (its layout, sizes and pinned seeds included): after changing an API file or a node's inputs, regenerate
+    them as workflows/README.md says."""
+    import importlib.util
+
+    running, base = server
+    spec = importlib.util.spec_from_file_location("ui_from_api", REPO / "workflows" / "ui_from_api.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    info = running.get("/object_info")
+    for name, graph in _editor_workflows().items():
+        api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+        assert module.ui_from_api(api, info) == graph, f"workflows/{name}.json is stale: run workflows/ui_from_api.py"
