@@ -9,11 +9,9 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -24,9 +22,8 @@ from PIL import Image, ImageOps
 from layered_core.image import bucket_size
 from layered_core.tiny_models import COMFY_FILES
 
-REPO = Path(__file__).resolve().parent.parent
-COMFYUI = Path(os.environ.get("COMFYUI_PATH", Path.home() / "ComfyUI"))
-PYTHON = COMFYUI / ".venv" / "bin" / "python"
+from .comfy_server import BATCH, BATCH_SIZES, COMFYUI, PYTHON, REPO, Server, batch_folder, missing_comfyui, prepare_base
+
 NODE_IDS = {
     "QwenLayeredLoadMMDiT",
     "QwenLayeredLoadRGBAVAE",
@@ -44,9 +41,6 @@ NODE_IDS = {
 }
 # each workflow: its API file workflows/api/<name>.json (for POST /prompt) and its editor twin workflows/<name>.json
 WORKFLOWS = sorted(path.stem for path in (REPO / "workflows" / "api").glob("*.json"))
-BATCH = "batch"  # the input folder of workflows/api/batch_folder.json
-# the images the fixture puts there, by name, and their size (width, height) once EXIF orientation is applied
-BATCH_SIZES = {"cutout": (128, 72), "photo": (80, 112)}
 LORA = "qwen_image_layered_test_lora.safetensors"  # in models/loras
 MERGED = "qwen_image_layered_lora_merged.safetensors"  # in models/diffusion_models: the transformer + LORA
 # the tiny transformer's linears the LoRA changes: its key names in the file, and its alpha (None: no alpha
@@ -59,108 +53,19 @@ LORA_TARGETS = {
     "transformer_blocks.1.img_mlp.net.2": ("{}.lora_down.weight", "{}.lora_up.weight", 2.0),
 }
 
-if not (COMFYUI / "main.py").is_file() or not PYTHON.is_file():
-    pytest.skip(
-        f"no ComfyUI checkout with a .venv at {COMFYUI} (set COMFYUI_PATH to run the integration tests)",
-        allow_module_level=True,
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, base: Path, extra_args=()):
-        self.port = _free_port()
-        self.log = base / "comfyui.log"
-        # --cpu and --lowvram exclude each other; without a GPU ComfyUI runs on the CPU either way
-        device = [] if "--lowvram" in extra_args else ["--cpu"]
-        command = [str(PYTHON), "main.py", *device, "--listen", "127.0.0.1", "--port", str(self.port)]
-        command += ["--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
-        self.process = subprocess.Popen(
-            [*command, *extra_args], cwd=COMFYUI, stdout=self.log.open("w"), stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited: {self.log.read_text()[-3000:]}")
-            try:
-                self.get("/system_stats")
-                return
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.5)
-        raise RuntimeError(f"ComfyUI did not answer in 120 s: {self.log.read_text()[-3000:]}")
-
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30) as response:
-            return json.load(response)
-
-    def post(self, path: str, data: dict):
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", json.dumps(data).encode(), {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            body = response.read()
-        return json.loads(body) if body else None
-
-    def run(self, workflow: dict, timeout: float = 300) -> dict:
-        prompt_id = self.post("/prompt", {"prompt": workflow})["prompt_id"]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history:
-                return history[prompt_id]
-            time.sleep(0.5)
-        raise TimeoutError(f"workflow did not finish in {timeout} s")
-
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+if missing_comfyui():
+    pytest.skip(missing_comfyui(), allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "qwen_image_layered").symlink_to(REPO, target_is_directory=True)
-    result = subprocess.run(
-        [str(PYTHON), "-m", "layered_core", "tiny-models", str(base / "models")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    (base / "input").mkdir()
-    pixels = np.random.default_rng(0).integers(0, 256, (72, 128, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(base / "input" / "example.png")
-    _batch_folder(base / "input" / BATCH)
+    prepare_base(base)
     _write_lora(base / "models")
     running = Server(base)
     yield running, base
     running.stop()
     shutil.rmtree(base / "custom_nodes", ignore_errors=True)
-
-
-def _batch_folder(folder: Path) -> None:
-    """Two images of different sizes and modes (an RGBA PNG, an RGB JPEG stored on its side with an EXIF
-    orientation) and a file that is no image."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    cutout = rng.integers(0, 256, (72, 128, 4), dtype=np.uint8)
-    cutout[:, :32, 3] = 0  # a transparent strip, and soft alpha elsewhere
-    Image.fromarray(cutout, "RGBA").save(folder / "cutout.png")
-    photo = Image.fromarray(rng.integers(0, 256, (80, 112, 3), dtype=np.uint8), "RGB")
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display, so 112x80 shows as 80x112
-    photo.save(folder / "photo.jpg", quality=95, exif=exif)
-    (folder / "notes.txt").write_text("not an image\n")
 
 
 def _write_lora(models: Path) -> None:
@@ -603,7 +508,7 @@ def test_a_bad_file_in_the_folder_is_skipped_and_named_on_the_node(server):
     why (its text on the node), the log warns; a folder of nothing readable is an error naming the files."""
     running, base = server
     folder = base / "input" / "with_a_bad_file"
-    _batch_folder(folder)
+    batch_folder(folder)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing an image needs")
     history = running.run(_folder_workflow("with_a_bad_file", "bad_file_check"))
     assert _saved_images(history) == ["bad_file_check/cutout_00001_.png", "bad_file_check/photo_00001_.png"]

@@ -1,0 +1,134 @@
+"""A real ComfyUI server for the integration tests (tests/test_comfyui.py, tests/test_browser.py): started
+from ${COMFYUI_PATH:-$HOME/ComfyUI} with its own .venv, on a temporary base directory that holds this pack
+(symlinked into custom_nodes), tiny random models under the real file names, and the input files the shared
+workflows read."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+COMFYUI = Path(os.environ.get("COMFYUI_PATH", Path.home() / "ComfyUI"))
+PYTHON = COMFYUI / ".venv" / "bin" / "python"
+BATCH = "batch"  # the input folder of the batch workflow (workflows/batch_folder)
+# the images write_inputs puts there, by name, and their size (width, height) once EXIF orientation is applied
+BATCH_SIZES = {"cutout": (128, 72), "photo": (80, 112)}
+
+
+def missing_comfyui() -> str | None:
+    """Why no server can be started here, or None."""
+    if not (COMFYUI / "main.py").is_file() or not PYTHON.is_file():
+        return f"no ComfyUI checkout with a .venv at {COMFYUI} (set COMFYUI_PATH to run the integration tests)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_base(base: Path) -> None:
+    """A ComfyUI base directory: this pack in custom_nodes, the tiny models in models, the inputs in input."""
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "qwen_image_layered").symlink_to(REPO, target_is_directory=True)
+    result = subprocess.run(
+        [str(PYTHON), "-m", "layered_core", "tiny-models", str(base / "models")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    write_inputs(base / "input")
+
+
+def write_inputs(input_dir: Path) -> None:
+    """input/example.png (the single-image workflows' input) and the batch folder."""
+    input_dir.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (72, 128, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(input_dir / "example.png")
+    batch_folder(input_dir / BATCH)
+
+
+def batch_folder(folder: Path) -> None:
+    """Two images of different sizes and modes (an RGBA PNG, an RGB JPEG stored on its side with an EXIF
+    orientation) and a file that is no image."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    cutout = rng.integers(0, 256, (72, 128, 4), dtype=np.uint8)
+    cutout[:, :32, 3] = 0  # a transparent strip, and soft alpha elsewhere
+    Image.fromarray(cutout, "RGBA").save(folder / "cutout.png")
+    photo = Image.fromarray(rng.integers(0, 256, (80, 112, 3), dtype=np.uint8), "RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display, so 112x80 shows as 80x112
+    photo.save(folder / "photo.jpg", quality=95, exif=exif)
+    (folder / "notes.txt").write_text("not an image\n")
+
+
+class Server:
+    """ComfyUI on the CPU (or with --lowvram) on a free port of 127.0.0.1, its log in base/comfyui.log."""
+
+    def __init__(self, base: Path, extra_args=()):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = base / "comfyui.log"
+        # --cpu and --lowvram exclude each other; without a GPU ComfyUI runs on the CPU either way
+        device = [] if "--lowvram" in extra_args else ["--cpu"]
+        command = [str(PYTHON), "main.py", *device, "--listen", "127.0.0.1", "--port", str(self.port)]
+        command += ["--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+        self.process = subprocess.Popen(
+            [*command, *extra_args], cwd=COMFYUI, stdout=self.log.open("w"), stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: {self.log.read_text()[-3000:]}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        raise RuntimeError(f"ComfyUI did not answer in 120 s: {self.log.read_text()[-3000:]}")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as response:
+            return json.load(response)
+
+    def post(self, path: str, data: dict):
+        request = urllib.request.Request(
+            f"{self.url}{path}", json.dumps(data).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = response.read()
+        return json.loads(body) if body else None
+
+    def wait_for(self, prompt_id: str, timeout: float = 300) -> dict:
+        """The history entry of a queued prompt, once it has finished (with success or an error)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history:
+                return history[prompt_id]
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+    def run(self, workflow: dict, timeout: float = 300) -> dict:
+        return self.wait_for(self.post("/prompt", {"prompt": workflow})["prompt_id"], timeout)
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
