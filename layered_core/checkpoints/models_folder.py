@@ -30,6 +30,7 @@ VAE_FOLDERS = ("vae",)
 TEXT_ENCODER_FOLDERS = ("text_encoders", "clip")
 # The order a transformer's precision is preferred in; see the module docstring.
 PRECISION_PREFERENCE = ("bf16", "fp8", "fp16", "fp32")
+LAYOUT_NAMES = {"wan": "Wan", "diffusers": "diffusers"}
 
 
 def models_folder(path: str | os.PathLike) -> Path | None:
@@ -142,7 +143,7 @@ def _vae_candidate(path: Path) -> Candidate:
         return Candidate(path, str(e), usable=False)
     if shape["z_dim"] != LATENT_CHANNELS:
         return Candidate(path, f"{shape['z_dim']} latent channels, not {LATENT_CHANNELS}", usable=False)
-    return Candidate(path, f"{shape['layout']} layout", rank=(str(path),))
+    return Candidate(path, f"{LAYOUT_NAMES[shape['layout']]} layout", rank=(str(path),))
 
 
 def _text_encoder_candidates(folders: list[Path], need_processor: bool) -> list[Candidate]:
