@@ -7,9 +7,9 @@ its tensor table alone (headers only, no tensor is read): the Qwen-Image-Layered
 transformers folder of Qwen2.5-VL (``text_encoder/``, ``tokenizer/``, ``processor/``), as ``tiny-models`` writes
 it and this pack's loader node reads it; ComfyUI's single-file text encoders are not read by this package.
 
-When several files qualify, a transformer in bf16 is chosen over fp8 (then fp16, fp32): bf16 is what the model
-was released in and what the results are compared against; pass the fp8 file yourself to use it. Among equals
-the first name in sorted order wins. :class:`FoundModels` says what was chosen and what else is there.
+When several files qualify, a full-precision transformer (bf16, then fp32, fp16) is chosen over an fp8 one: bf16
+is what the model was released in and what the results are compared against; pass the fp8 file yourself to use
+it. Among equals the first name in sorted order wins. :class:`FoundModels` says what was chosen and what else is there.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ TRANSFORMER_FOLDERS = ("diffusion_models", "unet")
 VAE_FOLDERS = ("vae",)
 TEXT_ENCODER_FOLDERS = ("text_encoders", "clip")
 # The order a transformer's precision is preferred in; see the module docstring.
-PRECISION_PREFERENCE = ("bf16", "fp8", "fp16", "fp32")
+PRECISION_PREFERENCE = ("bf16", "fp32", "fp16", "fp8")
 LAYOUT_NAMES = {"wan": "Wan", "diffusers": "diffusers"}
 
 
