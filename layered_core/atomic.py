@@ -19,6 +19,11 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+def new_file_mode() -> int:
+    """The permissions a new file gets here: 0o666 less the umask."""
+    return 0o666 & ~_UMASK
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to inside the ``with`` block; when the block ends without
@@ -36,7 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(temporary)
         fd = os.open(temporary, os.O_RDWR)
         try:
-            os.fchmod(fd, 0o666 & ~_UMASK)
+            os.fchmod(fd, new_file_mode())
             os.fsync(fd)
         finally:
             os.close(fd)

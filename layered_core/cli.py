@@ -1,48 +1,85 @@
-"""Command line: ``python -m layered_core {decompose,inspect,selftest,tiny-models}``."""
+"""Command line: ``python -m layered_core {decompose,inspect,selftest,tiny-models}``, also the ``layered-core``
+script.
+
+A mistake a user can fix is one line naming the flag (or file) and what was expected, exit code 2, found before
+any model loads. An interruption (Ctrl-C), wherever it comes, ends with one line and exit code 130.
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
+import signal
 import sys
-from pathlib import Path
+import threading
 
-import torch
+# torch and the models' code take seconds to import, before main() runs, and an interrupt inside a C extension's
+# import can come out as an ImportError instead of a KeyboardInterrupt: one that comes now is held until the
+# imports are done, then ends the command like any other.
+_held_interrupts: list[int] = []
+_in_main_thread = threading.current_thread() is threading.main_thread()
+try:
+    if _in_main_thread:
+        _handler = signal.signal(signal.SIGINT, lambda signum, frame: _held_interrupts.append(signum))
+    import argparse
+    import contextlib
+    import json
+    import logging
+    import os
+    import time
+    from dataclasses import dataclass, field
+    from pathlib import Path
 
-from .batch import FORMATS, BatchSettings, find_images, run_batch, terminal_progress
-from .checkpoints import CheckpointError, describe_keys, infer_mmdit_config, open_checkpoint, quantized_layers
-from .checkpoints.transformer import layered_prefix
-from .pipeline import DecomposeOptions, LayeredPipeline
-from .sampling import MAX_LAYERS, check_layer_count
-from .selftest import main as selftest_main
-from .tiny_models import write_comfy_models
+    import torch
+
+    from .batch import (
+        FORMATS,
+        BatchSettings,
+        check_formats,
+        check_split_depth,
+        find_images,
+        images_in_subfolders,
+        run_batch,
+    )
+    from .checkpoints import CheckpointError, open_checkpoint, open_transformer
+    from .checkpoints.describe import describe
+    from .checkpoints.models_folder import find_models, models_folder
+    from .checkpoints.transformer import transformer_precision
+    from .checkpoints.vae import vae_prefix, vae_shape
+    from .image import IMAGE_SUFFIXES
+    from .pipeline import DecomposeOptions, LayeredPipeline
+    from .progress import ProgressLogHandler, TerminalProgress, duration
+    from .sampling import MAX_LAYERS, check_layer_count
+    from .selftest import main as selftest_main
+    from .text import find_text_encoder
+    from .tiny_models import write_comfy_models
+finally:
+    if _in_main_thread:
+        signal.signal(signal.SIGINT, _handler or signal.default_int_handler)
+if _held_interrupts:
+    sys.stderr.write("interrupted\n")
+    raise SystemExit(130)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def inspect_checkpoint(path: str) -> dict:
-    """What a checkpoint holds, without loading its tensors."""
-    source = open_checkpoint(path)
-    keys = source.keys()
-    info = {
-        "path": str(source.location),
-        "holds": describe_keys(keys),
-        "tensors": len(keys),
-        "bytes": sum(source.dtypes[k].itemsize * _numel(source.shapes[k]) for k in keys),
-        "dtypes": sorted({str(source.dtypes[k]).removeprefix("torch.") for k in keys}),
-    }
-    prefix = layered_prefix(source)
-    if prefix is not None:
-        info["prefix"] = prefix
-        info["fp8_layers"] = len(quantized_layers(source, prefix))
-        info["config"] = infer_mmdit_config(source, prefix).to_dict()
-    return info
+def _interrupted(text: str = "interrupted") -> None:
+    # on a terminal the status line (and the ^C echoed into it) is cleared first
+    clear = "\r\033[K" if sys.stderr.isatty() else ""
+    sys.stderr.write(f"{clear}{text}\n")
+    sys.stderr.flush()
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+class UsageError(ValueError):
+    """A command line that cannot work; the message names the flag and what it takes."""
+
+
+def program_name(argv0: str | None = None) -> str:
+    """The command as the user typed it: ``python -m layered_core``, or the script's name (``layered-core``)."""
+    name = Path(sys.argv[0] if argv0 is None else argv0).name
+    if name in ("__main__.py", "") or name.startswith("-"):
+        return f"{Path(sys.executable).name or 'python'} -m layered_core"
+    return name
 
 
 def _colour(text: str) -> tuple[int, int, int]:
@@ -57,29 +94,55 @@ def add_decompose_parser(sub) -> None:
     p = sub.add_parser("decompose", help="decompose images into RGBA layers (PSD / PNG zip per image)")
     p.add_argument("inputs", nargs="+", help="image files and folders of images")
     p.add_argument("--out", required=True, help="output folder; one subfolder per image")
-    p.add_argument("--model", help="diffusers folder of Qwen/Qwen-Image-Layered (all three models)")
+    p.add_argument("--recursive", action="store_true", help="take the images in the folders' subfolders too")
+    p.add_argument(
+        "--model",
+        help="a diffusers folder of Qwen/Qwen-Image-Layered, or a ComfyUI models folder (diffusion_models/, vae/, "
+        "text_encoders/): the models are found by what their files hold",
+    )
     p.add_argument("--transformer", help="transformer file or folder (overrides --model)")
     p.add_argument("--vae", help="VAE file or folder (overrides --model)")
-    p.add_argument("--text-encoder", help="folder with text_encoder/, tokenizer/, processor/ (overrides --model)")
     p.add_argument(
-        "--layers", type=int, default=d.layer_count, help=f"layer count, 1..{MAX_LAYERS} (default {d.layer_count})"
+        "--text-encoder",
+        help="folder with text_encoder/ and tokenizer/, and processor/ for auto-captions (overrides --model)",
     )
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--cfg", type=float, default=d.cfg_scale, help="true-CFG scale; 1 turns guidance off")
-    p.add_argument("--no-cfg-normalize", action="store_true")
-    p.add_argument("--prompt", default=None, help="describe the whole image; empty = auto-caption")
-    p.add_argument("--negative-prompt", default=d.negative_prompt)
-    p.add_argument("--caption-language", choices=("en", "zh"), default=d.caption_language)
-    p.add_argument("--resolution", type=int, choices=(640, 1024), default=d.resolution)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--layers", type=int, default=d.layer_count, help=f"layer count, 1..{MAX_LAYERS} (default %(default)s)"
+    )
+    p.add_argument("--steps", type=int, default=d.steps, help="sampling steps (default %(default)s)")
+    p.add_argument(
+        "--cfg", type=float, default=d.cfg_scale, help="true-CFG scale; 1 turns guidance off (default %(default)s)"
+    )
+    p.add_argument("--no-cfg-normalize", action="store_true", help="guide without rescaling to the cond's norm")
+    p.add_argument("--prompt", default=None, help="describe the whole image; empty = auto-caption (the default)")
+    p.add_argument("--negative-prompt", default=d.negative_prompt, help="(default %(default)r)")
+    p.add_argument("--caption-language", choices=("en", "zh"), default=d.caption_language, help="(default %(default)s)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        choices=(640, 1024),
+        default=d.resolution,
+        help="the bucket: width x height about this squared (default %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
     p.add_argument("--input-size", action="store_true", help="layers at the input's own size, not the bucket's")
     p.add_argument("--background", type=_colour, help="flatten transparent input onto this RRGGBB colour")
-    p.add_argument("--split-depth", type=int, default=0, help="split every layer recursively this deep")
-    p.add_argument("--split-layers", type=int, default=2, help="sub-layers per split")
-    p.add_argument("--format", default="psd,zip", help="comma-separated: psd, zip, png")
-    p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--fp8", choices=("keep", "dequantize"), default="keep", help="for fp8 transformer files")
+    p.add_argument(
+        "--split-depth",
+        type=int,
+        default=0,
+        help="split every layer recursively this deep, each split auto-captioned (default %(default)s: no split)",
+    )
+    p.add_argument("--split-layers", type=int, default=2, help="sub-layers per split (default %(default)s)")
+    p.add_argument("--format", default="psd,zip", help=f"comma-separated: {', '.join(FORMATS)} (default %(default)s)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto (default %(default)s)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="(default %(default)s)")
+    p.add_argument(
+        "--fp8",
+        choices=("keep", "dequantize"),
+        default="keep",
+        help="for fp8 transformer files (default %(default)s)",
+    )
     p.add_argument(
         "--vram-budget",
         type=float,
@@ -93,113 +156,293 @@ def add_decompose_parser(sub) -> None:
         help="torch.compile the transformer blocks: faster steps after some seconds of compilation on the first "
         "(benchmarks/RESULTS.md has the figures)",
     )
+    p.add_argument("-v", "--verbose", action="store_true", help="more detail, and a failed image's traceback")
+
+
+def resolve_device(text: str) -> str:
+    """The device ``--device`` names ("auto": cuda when there is a GPU), checked to exist in this torch build."""
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {text}: expected auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}, but this torch build sees no CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {text}, but this torch build has no MPS (Apple GPU) support; use --device cpu")
+    return text
+
+
+@dataclass
+class ModelFiles:
+    transformer: Path
+    vae: Path
+    text_encoder: Path
+    lines: list[str] = field(default_factory=list)  # what was chosen, for the user
+    precision: str = ""
+
+
+def _caption_reason(settings: BatchSettings) -> str:
+    if settings.prompt is None or not settings.prompt.strip():
+        return "--prompt is empty"
+    return "--split-depth captions every layer it splits"
+
+
+def find_model_files(args, settings: BatchSettings) -> ModelFiles:
+    """The three models the flags name, checked from their headers and configs (nothing loaded): explicit
+    flags first, then ``--model`` (a diffusers folder, or a ComfyUI models folder searched by content)."""
+    transformer, vae, text_encoder = args.transformer, args.vae, args.text_encoder
+    lines: list[str] = []
+    if args.model:
+        folder = models_folder(args.model)
+        if folder is not None:
+            missing = tuple(
+                k for k, v in (("transformer", transformer), ("vae", vae), ("text_encoder", text_encoder)) if v is None
+            )
+            need_processor = settings.needs_caption() and text_encoder is None
+            found = find_models(folder, missing, need_processor=need_processor)
+            transformer = transformer or found.transformer
+            vae = vae or found.vae
+            text_encoder = text_encoder or found.text_encoder
+            lines = found.summary()
+        elif not (Path(args.model) / "model_index.json").is_file():
+            raise UsageError(
+                f"--model {args.model}: neither a diffusers folder of Qwen/Qwen-Image-Layered (model_index.json) nor "
+                "a ComfyUI models folder (diffusion_models/, vae/, text_encoders/)"
+            )
+        else:
+            transformer, vae, text_encoder = transformer or args.model, vae or args.model, text_encoder or args.model
+    if transformer is None or vae is None:
+        raise UsageError(
+            "need a transformer and a VAE: pass --model (a diffusers or ComfyUI models folder), or "
+            "--transformer and --vae"
+        )
+    if text_encoder is None:
+        # every image needs it (prompt embeddings, and the caption when --prompt is empty)
+        raise UsageError(
+            "no text encoder: pass --model (the diffusers folder) or --text-encoder (a folder with "
+            "text_encoder/ and tokenizer/); ComfyUI's single-file text encoders are not read by this command"
+        )
+    transformer_flag = "--transformer" if args.transformer else "--model"
+    try:
+        source, prefix = open_transformer(transformer)
+        precision = transformer_precision(source, prefix)
+    except CheckpointError as e:
+        raise UsageError(f"{transformer_flag}: {e}") from None
+    vae_flag = "--vae" if args.vae else "--model"
+    try:
+        vae_source = open_checkpoint(vae, component="vae")
+        prefix = vae_prefix(vae_source)
+        if prefix is None:
+            raise CheckpointError(vae_source.location, "not a VAE: it has no encoder and decoder tensors")
+        vae_shape(vae_source, prefix)
+    except (CheckpointError, ValueError) as e:
+        raise UsageError(f"{vae_flag}: {e}") from None
+    text_flag = "--text-encoder" if args.text_encoder else "--model"
+    try:
+        parts = find_text_encoder(text_encoder)
+    except CheckpointError as e:
+        raise UsageError(f"{text_flag}: {e}") from None
+    if settings.needs_caption() and parts.processor is None:
+        reason = _caption_reason(settings)
+        fix = "copy processor/ from Qwen/Qwen-Image-Layered beside it"
+        if reason.startswith("--prompt"):
+            fix += ", or pass --prompt"
+        raise UsageError(
+            f"{text_flag} {text_encoder}: no processor/ (preprocessor_config.json) beside text_encoder/ and "
+            f"tokenizer/, and the auto-caption needs it ({reason}): {fix}"
+        )
+    resolved = (Path(p).expanduser().resolve() for p in (transformer, vae, text_encoder))
+    return ModelFiles(*resolved, lines=lines, precision=precision)
+
+
+def _no_images_message(args) -> str:
+    if not args.recursive:
+        below = images_in_subfolders(args.inputs)
+        if below:
+            return f"no images found in {', '.join(args.inputs)}; its subfolders hold {below}: pass --recursive"
+    suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+    return f"no images found in {', '.join(args.inputs)} (image files end in {suffixes})"
+
+
+@dataclass
+class Plan:
+    settings: BatchSettings
+    images: list[Path]
+    out: Path
+    device: str
+    models: ModelFiles
+
+
+def plan_decompose(args) -> Plan:
+    """Everything ``decompose`` needs, checked before any model loads; UsageError (or a CheckpointError naming
+    the file) for what cannot work."""
+    formats = check_formats((f.strip() for f in args.format.split(",") if f.strip()), "--format")
+    check_layer_count(args.layers, "--layers")
+    check_layer_count(args.split_layers, "--split-layers")
+    check_split_depth(args.split_depth, "--split-depth")
+    options = DecomposeOptions(
+        layer_count=args.layers,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        cfg_normalize=not args.no_cfg_normalize,
+        negative_prompt=args.negative_prompt,
+        resolution=args.resolution,
+        seed=args.seed,
+        caption_language=args.caption_language,
+        keep_input_size=args.input_size,
+        background=args.background,
+    )
+    settings = BatchSettings(options, args.prompt, formats, args.split_depth, args.split_layers)
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; --out takes a folder (one subfolder per image is made in it)")
+    images = find_images(args.inputs, recursive=args.recursive, exclude=out)
+    if not images:
+        raise UsageError(_no_images_message(args))
+    models = find_model_files(args, settings)
+    settings.models = {
+        "transformer": str(models.transformer),
+        "vae": str(models.vae),
+        "text_encoder": str(models.text_encoder),
+        "dtype": args.dtype,
+    }
+    if models.precision == "fp8":
+        settings.models["fp8"] = args.fp8
+    return Plan(settings, images, out, device, models)
+
+
+@contextlib.contextmanager
+def _log_through(progress, verbose: bool):
+    """The package's log records shown as the progress's lines for the command's duration (DEBUG with
+    ``verbose``, else warnings only)."""
+    package = logging.getLogger("layered_core")
+    handler = ProgressLogHandler(progress)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    saved = package.level, package.propagate
+    package.addHandler(handler)
+    package.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    package.propagate = False
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.level, package.propagate = saved
 
 
 def decompose_command(args) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        print(f"error: --format takes {', '.join(FORMATS)}; got {args.format!r}", file=sys.stderr)
-        return 2
+    progress = TerminalProgress(sys.stderr)
+    with _log_through(progress, args.verbose):
+        try:
+            return _decompose(args, progress)
+        except KeyboardInterrupt:
+            progress.close()
+            _interrupted("interrupted: finished images are kept; run the same command again to go on")
+            return EXIT_INTERRUPTED
+        finally:
+            progress.close()
+
+
+def _decompose(args, progress: TerminalProgress) -> int:
     try:
-        options = DecomposeOptions(
-            layer_count=args.layers,
-            steps=args.steps,
-            cfg_scale=args.cfg,
-            cfg_normalize=not args.no_cfg_normalize,
-            negative_prompt=args.negative_prompt,
-            resolution=args.resolution,
-            seed=args.seed,
-            caption_language=args.caption_language,
-            keep_input_size=args.input_size,
-            background=args.background,
-        )
-        check_layer_count(args.split_layers, "--split-layers")
-        images = find_images(args.inputs)
-    except (ValueError, FileNotFoundError) as e:
+        plan = plan_decompose(args)
+    except (ValueError, FileNotFoundError) as e:  # UsageError and CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not images:
-        print("error: no images found in the given inputs", file=sys.stderr)
-        return 2
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"error: --device {device}, but this torch build sees no CUDA GPU; use --device cpu", file=sys.stderr)
-        return 2
-    if not (args.text_encoder or args.model):
-        # every image needs it (prompt embeddings, and the caption when --prompt is empty): say so before
-        # spending minutes loading the other models
-        print(
-            "error: no text encoder: pass --model (the diffusers folder) or --text-encoder (a folder with "
-            "text_encoder/ and tokenizer/); ComfyUI's single-file text encoders are not read by this command",
-            file=sys.stderr,
-        )
-        return 2
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        return EXIT_USAGE
+    for line in plan.models.lines:
+        progress.note(line)
+    # transformers draws a bar per file it loads: our own progress says what is loading
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    progress.stage(f"loading models on {plan.device}")
+    started = time.monotonic()
     try:
         pipeline = LayeredPipeline.from_files(
-            args.model,
-            args.transformer,
-            args.vae,
-            args.text_encoder,
-            device=device,
-            dtype=dtype,
+            transformer=str(plan.models.transformer),
+            vae=str(plan.models.vae),
+            text_encoder=str(plan.models.text_encoder),
+            device=plan.device,
+            dtype=DTYPES[args.dtype],
             fp8=args.fp8,
             vram_budget_gb=args.vram_budget,
             compile=args.compile,
         )
     except (CheckpointError, ValueError, OSError) as e:
+        progress.close()
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except torch.OutOfMemoryError:
+        progress.close()
         print(
-            f"error: out of memory loading the models on {device}: use the fp8 transformer file (kept in fp8), "
+            f"error: out of memory loading the models on {plan.device}: use the fp8 transformer file (kept in fp8), "
             "--vram-budget GiB, or --device cpu",
             file=sys.stderr,
         )
-        return 2
-    settings = BatchSettings(options, args.prompt, formats, args.split_depth, args.split_layers)
-    try:
-        result = run_batch(pipeline, images, Path(args.out), settings, progress=terminal_progress)
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished images are kept; run the same command again to go on", file=sys.stderr)
-        return 130
+        return EXIT_USAGE
+    count = len(plan.images)
+    progress.note(f"models loaded in {duration(time.monotonic() - started)}; {count} image{'s' * (count != 1)}")
+    result = run_batch(pipeline, plan.images, plan.out, plan.settings, progress=progress)
+    progress.close()
     print(f"{len(result.done)} done, {len(result.skipped)} skipped (already done), {len(result.failed)} failed")
-    for path, reason in result.failed.items():
-        print(f"  failed: {path}: {reason}")
     return 1 if result.failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m layered_core", description="Qwen-Image-Layered in plain PyTorch.")
+def inspect_command(args) -> int:
+    failed = 0
+    for path in args.paths:
+        try:
+            print(json.dumps(describe(path), indent=2))
+        except (CheckpointError, OSError) as e:
+            failed += 1
+            print(f"error: {e}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def tiny_models_command(args) -> int:
+    for kind, path in write_comfy_models(args.models_dir, seed=args.seed).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog or program_name(), description="Qwen-Image-Layered in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_inspect = sub.add_parser("inspect", help="say what checkpoint files hold, without loading them")
-    p_inspect.add_argument("paths", nargs="+", help="safetensors files, shard indexes or diffusers folders")
+    p_inspect = sub.add_parser("inspect", help="say what checkpoint files and model folders hold, without loading")
+    p_inspect.add_argument(
+        "paths", nargs="+", help="safetensors files, shard indexes, diffusers, text encoder or ComfyUI models folders"
+    )
     sub.add_parser("selftest", help="tiny random models through every checkpoint layout and the models")
     add_decompose_parser(sub)
     p_tiny = sub.add_parser("tiny-models", help="write tiny random models under ComfyUI's real file names")
     p_tiny.add_argument("models_dir", help="a ComfyUI models/ folder (or any folder)")
-    p_tiny.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    p_tiny.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    return parser
 
-    if args.command == "tiny-models":
-        for kind, path in write_comfy_models(args.models_dir, seed=args.seed).items():
-            print(f"{kind}: {path}")
-        return 0
 
-    if args.command == "selftest":
-        return selftest_main()
-    if args.command == "decompose":
-        return decompose_command(args)
-    failed = 0
-    for path in args.paths:
+COMMANDS = {
+    "decompose": decompose_command,
+    "inspect": inspect_command,
+    "selftest": lambda args: selftest_main(),
+    "tiny-models": tiny_models_command,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
         try:
-            print(json.dumps(inspect_checkpoint(path), indent=2))
-        except CheckpointError as e:
-            failed += 1
-            print(f"error: {e}", file=sys.stderr)
-    return 1 if failed else 0
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help (0) and usage errors (2): returned, as every other outcome
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        _interrupted()
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

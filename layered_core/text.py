@@ -268,6 +268,32 @@ def _has_tokenizer(folder: Path) -> bool:
     return folder.is_dir() and any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
+@dataclass(frozen=True)
+class TextEncoderFolders:
+    """Where a text encoder's parts are: the model (config.json + safetensors), the tokenizer, and the image
+    processor that captions need (None when there is none)."""
+
+    model: Path
+    tokenizer: Path
+    processor: Path | None
+
+
+def find_text_encoder(path: str | os.PathLike) -> TextEncoderFolders:
+    """The folders of the text encoder at ``path`` (see :func:`load_text_encoder`), checked without loading
+    anything: the config is Qwen2.5-VL's, the weights are readable safetensors, a tokenizer is there.
+    Raises :class:`CheckpointError` naming the folder or file."""
+    path = Path(path)
+    model_dir, tokenizer_dir, processor_dir = _locate(path)
+    if tokenizer_dir is None:
+        raise CheckpointError(
+            path,
+            f"no tokenizer: expected {model_dir.parent / 'tokenizer'} (or the text encoder folder itself) to hold "
+            "tokenizer.json or vocab.json + merges.txt",
+        )
+    _check_text_encoder_folder(model_dir)
+    return TextEncoderFolders(model_dir, tokenizer_dir, processor_dir)
+
+
 def _locate(path: Path) -> tuple[Path, Path | None, Path | None]:
     """(text_encoder folder, tokenizer folder or None, processor folder or None) for a user's path."""
     if not path.exists():
@@ -366,14 +392,8 @@ def load_text_encoder(
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     path = Path(path)
-    model_dir, tokenizer_dir, processor_dir = _locate(path)
-    if tokenizer_dir is None:
-        raise CheckpointError(
-            path,
-            f"no tokenizer: expected {model_dir.parent / 'tokenizer'} (or the text encoder folder itself) to hold "
-            "tokenizer.json or vocab.json + merges.txt",
-        )
-    _check_text_encoder_folder(model_dir)
+    folders = find_text_encoder(path)
+    model_dir, tokenizer_dir, processor_dir = folders.model, folders.tokenizer, folders.processor
 
     tokenizer = _load_part("tokenizer", AutoTokenizer, tokenizer_dir)
     kwargs = {"use_safetensors": True, "dtype": dtype if dtype is not None else "auto"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import new_file_mode
 from .checkpoints import save_mmdit, save_vae
 from .mmdit import MMDiTConfig, VLDMMDiT
 from .text import CAPTION_INSTRUCTIONS, ENCODE_TEMPLATE, TEMPLATE_PREFIX_TOKENS
@@ -266,6 +268,9 @@ def write_text_encoder_set(folder: str | Path, model, tokenizer) -> Path:
     finally:
         if bars_were_on:
             transformers_logging.enable_progress_bar()
+    # safetensors' save_file makes its files private (0600); these get what any new file gets, like the rest
+    for path in (folder / "text_encoder").iterdir():
+        os.chmod(path, new_file_mode())
     tokenizer.save_pretrained(folder / "tokenizer")
     processor = folder / "processor"
     tokenizer.save_pretrained(processor)

@@ -22,6 +22,7 @@ from ..atomic import atomic_write_text
 from ..vae import QWEN_IMAGE_LATENTS_MEAN, QWEN_IMAGE_LATENTS_STD, RGBA_VAE_HINT, RGBAVAE, VAEConfig
 from .files import (
     CheckpointError,
+    TensorSource,
     describe_keys,
     find_prefix,
     key_set_problems,
@@ -299,16 +300,35 @@ def vae_from_state_dict(
     return model.eval()
 
 
+def vae_prefix(source: TensorSource) -> str | None:
+    """The tensor-name prefix ("" or one of :data:`VAE_PREFIXES`) if ``source`` holds an encoder and a decoder,
+    else None."""
+    keys = source.keys()
+    prefix = find_prefix(keys, VAE_PREFIXES, "decoder.")
+    halves = (f"{prefix}encoder.", f"{prefix}decoder.")
+    return prefix if all(any(k.startswith(half) for k in keys) for half in halves) else None
+
+
+def vae_shape(source: TensorSource, prefix: str = "") -> dict:
+    """The VAE's layout ("wan" or "diffusers") and shape (:class:`VAEConfig`'s shape fields) from the
+    checkpoint's tensor table alone: no tensor is read. ValueError when it is not a Wan-style RGBA-VAE (for the
+    3-channel Qwen-Image VAE, saying so)."""
+    # meta tensors: the shapes without the data, which is all the inference looks at
+    shapes = {
+        k[len(prefix) :]: torch.empty(source.shapes[k], device="meta") for k in source.keys() if k.startswith(prefix)
+    }
+    layout = "diffusers" if _is_diffusers_layout(shapes) else "wan"
+    return {"layout": layout, **_infer_shape(_wan_names(shapes))}
+
+
 def load_vae(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", operations=None
 ):
     """Load the RGBA-VAE from the ComfyUI single file (Wan names) or a diffusers folder."""
     source = open_checkpoint(path, component="vae")
     keys = source.keys()
-    prefix = find_prefix(keys, VAE_PREFIXES, "decoder.")
-    if not any(k.startswith(f"{prefix}decoder.") for k in keys) or not any(
-        k.startswith(f"{prefix}encoder.") for k in keys
-    ):
+    prefix = vae_prefix(source)
+    if prefix is None:
         raise CheckpointError(
             source.location, f"this file holds {describe_keys(keys)}, not a VAE; it needs {FULL_VAE_FILES}"
         )
