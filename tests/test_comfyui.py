@@ -687,10 +687,10 @@ def _title_font(px: int = 14):
     serves."""
     from PIL import ImageFont
 
-    fonts = sorted(
-        COMFYUI.glob(".venv/lib/python3*/site-packages/comfyui_frontend_package/static/fonts/inter-latin-normal.*")
-    )
-    if not fonts:
+    script = "import comfyui_frontend_package as p, os; print(os.path.dirname(p.__file__))"
+    found = subprocess.run([str(PYTHON), "-c", script], capture_output=True, text=True, timeout=60)
+    fonts = sorted(Path(found.stdout.strip()).glob("static/fonts/inter-latin-normal.*")) if found.stdout else []
+    if found.returncode != 0 or not fonts:
         pytest.skip(f"no Inter font in {COMFYUI}'s comfyui_frontend_package: cannot measure the titles")
     return ImageFont.truetype(str(fonts[0]), px)
 
