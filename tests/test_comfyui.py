@@ -678,8 +678,9 @@ SLOT_HEIGHT = 20
 WIDGET_HEIGHT = 20
 TEXTAREA_MIN_HEIGHT = 50  # a multiline STRING: a DOM textarea, at least 50 px
 PREVIEW_MIN_HEIGHT = 220  # the image preview widget the editor adds when a node has images to show
-# Nodes of this pack that show a read-only text (a textarea) on the node after a run, added by its JS.
-TEXT_AFTER_RUN = {"QwenLayeredCaption", "QwenLayeredImageToLayers", "QwenLayeredLoadImageFolder"}
+# Nodes that show a read-only text (a textarea) on the node after a run: this pack's, added by its JS, and
+# core's Get Image Size (its progress text).
+TEXT_AFTER_RUN = {"QwenLayeredCaption", "QwenLayeredImageToLayers", "QwenLayeredLoadImageFolder", "GetImageSize"}
 
 
 def _title_font(px: int = 14):
