@@ -665,8 +665,9 @@ SLOT_HEIGHT = 20
 WIDGET_HEIGHT = 20
 TEXTAREA_MIN_HEIGHT = 50  # a multiline STRING: a DOM textarea, at least 50 px
 PREVIEW_MIN_HEIGHT = 220  # the image preview widget the editor adds when a node has images to show
-# Nodes of this pack that show a read-only text (a textarea) on the node after a run, added by its JS.
-TEXT_AFTER_RUN = {"QwenLayeredCaption", "QwenLayeredImageToLayers", "QwenLayeredLoadImageFolder"}
+# Nodes that show a read-only text (a textarea) on the node after a run: this pack's, added by its JS, and
+# core's Get Image Size (its progress text).
+TEXT_AFTER_RUN = {"QwenLayeredCaption", "QwenLayeredImageToLayers", "QwenLayeredLoadImageFolder", "GetImageSize"}
 
 
 def _title_font(px: int = 14):
@@ -674,10 +675,10 @@ def _title_font(px: int = 14):
     serves."""
     from PIL import ImageFont
 
-    fonts = sorted(
-        COMFYUI.glob(".venv/lib/python3*/site-packages/comfyui_frontend_package/static/fonts/inter-latin-normal.*")
-    )
-    if not fonts:
+    script = "import comfyui_frontend_package as p, os; print(os.path.dirname(p.__file__))"
+    found = subprocess.run([str(PYTHON), "-c", script], capture_output=True, text=True, timeout=60)
+    fonts = sorted(Path(found.stdout.strip()).glob("static/fonts/inter-latin-normal.*")) if found.stdout else []
+    if found.returncode != 0 or not fonts:
         pytest.skip(f"no Inter font in {COMFYUI}'s comfyui_frontend_package: cannot measure the titles")
     return ImageFont.truetype(str(fonts[0]), px)
 
