@@ -233,6 +233,8 @@ def browser(tmp_path_factory):
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        # the page asks api.comfy.org for releases: no host but the local server resolves, so nothing leaves
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
         "--force-device-scale-factor=1",
         f"--window-size={WINDOW[0]},{WINDOW[1]}",
         f"--user-data-dir={tmp_path_factory.mktemp('chromium_profile')}",
