@@ -25,7 +25,7 @@ from .atomic import atomic_write
 from .export import save_png_zip
 from .image import ImageError, bucket_size, find_image_files, open_image, resize_rgba
 from .layers import LayerStack, render_layer, rgba_to_pil
-from .pipeline import DecomposeOptions, LayeredPipeline
+from .pipeline import DecomposeOptions, LayeredPipeline, is_blank_prompt
 from .progress import Progress, duration
 from .psd import save_psd
 from .resume import DONE_FILE, file_sha256, new_record, read_record, recorded_input, unfinished_reason, write_record
@@ -37,6 +37,14 @@ FORMATS = ("psd", "zip", "png")
 # Beyond this many times the input's width (or height), the model sees mostly interpolated pixels: say so.
 MAX_UPSCALE = 4
 UNSPLIT_FOLDER = "unsplit"
+# The files an image's folder holds, by format.
+PSD_NAME, ZIP_NAME = "layers.psd", "layers.zip"
+PNG_NAME = re.compile(r"layer_\d+\.png")
+
+
+def png_name(index: int) -> str:
+    """The file of the layer at 0-based ``index`` in the png format."""
+    return f"layer_{index + 1:02d}.png"
 
 
 def check_split_depth(depth, what: str = "split depth") -> int:
@@ -163,13 +171,13 @@ class BatchSettings:
 
     def needs_caption(self) -> bool:
         """Whether the text encoder must caption: for a blank prompt, and for every split (a layer gets its own)."""
-        return self.prompt is None or not self.prompt.strip() or self.split_depth > 0
+        return is_blank_prompt(self.prompt) or self.split_depth > 0
 
     def record(self) -> dict:
         """The settings that decide the output, named as the command line's flags; those that change nothing
         (the negative prompt without guidance, the split size without splits) are left out."""
         options = self.options
-        prompt = self.prompt if self.prompt and self.prompt.strip() else None
+        prompt = None if is_blank_prompt(self.prompt) else self.prompt
         settings = {
             "layers": options.layer_count,
             "steps": options.steps,
@@ -193,14 +201,14 @@ class BatchSettings:
 
 def output_names(formats: tuple[str, ...], layer_count: int) -> list[str]:
     """The files an image's folder holds for ``formats``."""
-    names = [name for fmt, name in (("psd", "layers.psd"), ("zip", "layers.zip")) if fmt in formats]
+    names = [name for fmt, name in (("psd", PSD_NAME), ("zip", ZIP_NAME)) if fmt in formats]
     if "png" in formats:
-        names += [f"layer_{index + 1:02d}.png" for index in range(layer_count)]
+        names += [png_name(index) for index in range(layer_count)]
     return names
 
 
 def _is_output(path: Path) -> bool:
-    return path.name in ("layers.psd", "layers.zip", UNSPLIT_FOLDER) or bool(re.fullmatch(r"layer_\d+\.png", path.name))
+    return path.name in (PSD_NAME, ZIP_NAME, UNSPLIT_FOLDER) or bool(PNG_NAME.fullmatch(path.name))
 
 
 @dataclass
@@ -257,13 +265,13 @@ def write_outputs(stack: LayerStack, folder: Path, formats: tuple[str, ...], inp
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     if "psd" in formats:
-        written.append(save_psd(stack, folder / "layers.psd", input_image=input_image).name)
+        written.append(save_psd(stack, folder / PSD_NAME, input_image=input_image).name)
     if "zip" in formats:
-        written.append(save_png_zip(stack, folder / "layers.zip", input_image=input_image).name)
+        written.append(save_png_zip(stack, folder / ZIP_NAME, input_image=input_image).name)
     if "png" in formats:
         for index, layer in enumerate(stack.layers):
             picture = rgba_to_pil(render_layer(layer, stack.width, stack.height))
-            target = folder / f"layer_{index + 1:02d}.png"
+            target = folder / png_name(index)
             written.append(atomic_write(target, lambda file, picture=picture: picture.save(file, "PNG")).name)
     return written
 
@@ -379,7 +387,7 @@ def _decompose_one(pipeline, image_path, images, out, settings, progress, result
     image = open_image(image_path)
     if warning := upscale_warning(image.size, settings.options.resolution):
         progress.warn(warning)
-    caption = settings.prompt is None or not settings.prompt.strip()
+    caption = is_blank_prompt(settings.prompt)
     progress.stage("encoding the image and captioning it" if caption else "encoding the image and the prompt")
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".{folder.name}.partial"

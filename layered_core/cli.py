@@ -45,7 +45,7 @@ try:
     from .checkpoints.transformer import transformer_precision
     from .checkpoints.vae import vae_prefix, vae_shape
     from .image import IMAGE_SUFFIXES
-    from .pipeline import DecomposeOptions, LayeredPipeline
+    from .pipeline import DecomposeOptions, LayeredPipeline, is_blank_prompt
     from .progress import ProgressLogHandler, TerminalProgress, duration
     from .sampling import MAX_LAYERS, check_layer_count
     from .selftest import main as selftest_main
@@ -189,7 +189,7 @@ class ModelFiles:
 
 
 def _caption_reason(settings: BatchSettings) -> str:
-    if settings.prompt is None or not settings.prompt.strip():
+    if is_blank_prompt(settings.prompt):
         return "--prompt is empty"
     return "--split-depth captions every layer it splits"
 

@@ -76,7 +76,8 @@ class Decomposition:
         return stack_from_bhwc(self.layer_images.permute(0, 2, 3, 1), names=names)
 
 
-def _is_blank(prompt: str | None) -> bool:
+def is_blank_prompt(prompt: str | None) -> bool:
+    """Whether ``prompt`` is empty, which asks for the auto-caption (as in the reference)."""
     return prompt is None or prompt.strip() == ""
 
 
@@ -230,7 +231,7 @@ class LayeredPipeline:
         else:
             # under a VRAM budget: one visit of the GPU for the caption and both prompts
             with self._on_device(self._text_model(), text_encoder=True):
-                if _is_blank(prompt):
+                if is_blank_prompt(prompt):
                     prompt = self.caption(prepared, options.caption_language)
                     logger.debug("auto-caption: %s", prompt)
                 positive = self.encode_text([prompt], options.max_sequence_length)
