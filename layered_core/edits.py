@@ -1,5 +1,5 @@
-"""Edits of a layer stack, the ones of the paper's figure 1: recolour, move, resize, remove, replace, reorder
-and merge.
+"""Edits of a layer stack, the ones of the paper's figure 1: recolour, move, resize, flip, remove, replace,
+hide and show, reorder and merge.
 
 Each edit returns a new :class:`~layered_core.layers.LayerStack`. The layers it does not touch are the same
 objects (with the same read-only arrays) as in the input, so they stay bit-identical by construction. An edit
@@ -74,30 +74,41 @@ def _hsl_to_rgb(hue: np.ndarray, saturation: np.ndarray, lightness: np.ndarray) 
     return np.stack(channels, axis=-1)
 
 
+def _check_finite(what: str, **values: float) -> None:
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{what}: {name} must be a finite number, got {value!r}")
+
+
 def recolor_pixels(
     pixels: np.ndarray,
     hue_shift: float = 0.0,
     saturation: float = 1.0,
     tint: tuple[int, int, int] | None = None,
     tint_strength: float = 1.0,
+    lightness: float = 0.0,
 ) -> np.ndarray:
     """New colours for RGBA ``pixels``; alpha is kept exactly.
 
     ``hue_shift`` rotates the HSL hue by that many degrees; ``saturation`` scales HSL saturation (0 gives
-    grey at the same lightness); then ``tint`` (an sRGB 0..255 colour) is mixed in with ``tint_strength``
-    (1 paints the layer that flat colour, its shape and soft edges kept by the untouched alpha).
+    grey at the same lightness); ``lightness`` (-1..1) is added to HSL lightness (1 gives white, -1
+    black); then ``tint`` (an sRGB 0..255 colour) is mixed in with ``tint_strength`` (1 paints the layer
+    that flat colour, its shape and soft edges kept by the untouched alpha).
     """
     pixels = as_rgba(pixels)
+    _check_finite("recolour", hue_shift=hue_shift, saturation=saturation, lightness=lightness)
     if saturation < 0:
         raise ValueError(f"recolour: saturation must be >= 0 (a scale factor), got {saturation}")
+    if not -1 <= lightness <= 1:
+        raise ValueError(f"recolour: lightness must be in -1..1 (added to HSL lightness), got {lightness}")
     if not 0 <= tint_strength <= 1:
         raise ValueError(f"recolour: tint_strength must be in 0..1, got {tint_strength}")
     if tint is not None and (len(tint) != 3 or not all(0 <= int(c) <= 255 for c in tint)):
         raise ValueError(f"recolour: tint must be three 0..255 sRGB values, got {tint!r}")
     rgb = pixels[..., :3].astype(np.float64) / 255
-    if hue_shift % 360 != 0 or saturation != 1:
-        hue, sat, lightness = _rgb_to_hsl(rgb)
-        rgb = _hsl_to_rgb((hue + hue_shift) % 360, np.clip(sat * saturation, 0, 1), lightness)
+    if hue_shift % 360 != 0 or saturation != 1 or lightness != 0:
+        hue, sat, light = _rgb_to_hsl(rgb)
+        rgb = _hsl_to_rgb((hue + hue_shift) % 360, np.clip(sat * saturation, 0, 1), np.clip(light + lightness, 0, 1))
     if tint is not None and tint_strength > 0:
         target = np.asarray(tint, np.float64) / 255
         rgb = rgb * (1 - tint_strength) + target * tint_strength
@@ -114,22 +125,28 @@ def recolor(
     saturation: float = 1.0,
     tint: tuple[int, int, int] | None = None,
     tint_strength: float = 1.0,
+    lightness: float = 0.0,
 ) -> LayerStack:
     """Recolour the layer at ``path`` (and its sub-layers); see :func:`recolor_pixels` for the parameters."""
-    if hue_shift % 360 == 0 and saturation == 1 and (tint is None or tint_strength == 0):
+    layer = stack.get(path)
+    # Checked here too, so that a do-nothing edit with a bad value is refused as well.
+    recolor_pixels(np.zeros((1, 1, 4), np.uint8), hue_shift, saturation, tint, tint_strength, lightness)
+    if hue_shift % 360 == 0 and saturation == 1 and lightness == 0 and (tint is None or tint_strength == 0):
         return stack  # nothing to do; skipping keeps the pixels exact rather than round-tripped through HSL
 
     def change(layer: Layer) -> Layer:
-        return layer.replace(pixels=recolor_pixels(layer.pixels, hue_shift, saturation, tint, tint_strength))
+        pixels = recolor_pixels(layer.pixels, hue_shift, saturation, tint, tint_strength, lightness)
+        return layer.replace(pixels=pixels)
 
-    return stack.with_layer(path, _map_subtree(stack.get(path), change))
+    return stack.with_layer(path, _map_subtree(layer, change))
 
 
-# Move and resize -----------------------------------------------------------------------------------------
+# Move, resize and flip -----------------------------------------------------------------------------------------
 
 
 def move(stack: LayerStack, path: LayerPath, dx: int, dy: int) -> LayerStack:
     """Move the layer at ``path`` (and its sub-layers) by whole pixels; its pixels are unchanged."""
+    _check_finite("move", dx=dx, dy=dy)
     if int(dx) != dx or int(dy) != dy:
         raise ValueError(f"move: dx and dy must be whole pixels, got ({dx}, {dy})")
     return stack.with_layer(path, shift_layer(stack.get(path), int(dx), int(dy)))
@@ -180,10 +197,20 @@ def resize_layer(
     pad = math.ceil(outside + reach) + 1
     source = (source[0] + pad, source[1] + pad, source[2] + pad, source[3] + pad)
 
-    values = layer.pixels.astype(np.float32) * (1 / 255)
+    out = _resample_premultiplied(layer.pixels, (x1 - x0, y1 - y0), resample, pad, source)
+    return crop_to_alpha(layer.replace(pixels=out, offset=(x0, y0)))
+
+
+def _resample_premultiplied(
+    pixels: np.ndarray, size: tuple[int, int], resample: str, pad: int = 0, source: tuple | None = None
+) -> np.ndarray:
+    """uint8 straight RGBA resampled to ``size`` with colour premultiplied by alpha (so transparent pixels
+    give no colour and soft edges no halo); ``pad`` transparent pixels are added around first, ``source``
+    is the region of the padded pixels to resample (all of them by default)."""
+    values = pixels.astype(np.float32) * (1 / 255)
     values[..., :3] *= values[..., 3:4]
-    values = np.pad(values, ((pad, pad), (pad, pad), (0, 0)))
-    size = (x1 - x0, y1 - y0)
+    if pad:
+        values = np.pad(values, ((pad, pad), (pad, pad), (0, 0)))
     planes = [
         np.asarray(
             Image.fromarray(np.ascontiguousarray(values[..., c]), "F").resize(
@@ -200,7 +227,7 @@ def resize_layer(
     out[..., :3] = np.clip(colour * 255 + 0.5, 0, 255).astype(np.uint8)
     out[..., 3:] = np.clip(alpha * 255 + 0.5, 0, 255).astype(np.uint8)
     out[out[..., 3] == 0] = 0
-    return crop_to_alpha(layer.replace(pixels=out, offset=(x0, y0)))
+    return out
 
 
 def resize(
@@ -221,6 +248,43 @@ def resize(
         box = layer.drawn_box() or layer.box
         center = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
     return stack.with_layer(path, _map_subtree(layer, lambda item: resize_layer(item, scale, center, resample)))
+
+
+def fit_pixels(pixels: np.ndarray, size: tuple[int, int], resample: str = "bicubic") -> np.ndarray:
+    """uint8 straight RGBA ``pixels`` resampled (premultiplied, no halo) to exactly ``size`` = (width, height);
+    for putting an edited image (an upscaler's, an edit model's) back into a layer's box."""
+    pixels = as_rgba(pixels, "pixels to fit")
+    height, width = pixels.shape[:2]
+    if (width, height) == tuple(size):
+        return pixels
+    if width == 0 or height == 0 or size[0] <= 0 or size[1] <= 0:
+        raise ValueError(f"fit: cannot resample {width}x{height} pixels to {size[0]}x{size[1]}")
+    if resample not in RESAMPLE_FILTERS:
+        raise ValueError(f"fit: resample must be one of {sorted(RESAMPLE_FILTERS)}, got {resample!r}")
+    # No transparent padding here: the image fills the box edge to edge, as it filled its own frame.
+    return _resample_premultiplied(pixels, (int(size[0]), int(size[1])), resample)
+
+
+def flip(stack: LayerStack, path: LayerPath, *, horizontal: bool = True, vertical: bool = False) -> LayerStack:
+    """Mirror the layer at ``path`` (and its sub-layers, as one picture) about the middle of what it draws.
+
+    Exact: pixels are reordered, never resampled, and the drawn box stays where it was.
+    """
+    if not (horizontal or vertical):
+        return stack
+    layer = stack.get(path)
+    box = layer.drawn_box() or layer.box
+    # Mirroring about the box's middle maps a pixel edge x to (x0 + x1) - x.
+    twice_x, twice_y = box[0] + box[2], box[1] + box[3]
+
+    def change(item: Layer) -> Layer:
+        pixels = item.pixels[:, ::-1] if horizontal else item.pixels
+        pixels = pixels[::-1] if vertical else pixels
+        x0, y0, x1, y1 = item.box
+        offset = (twice_x - x1 if horizontal else x0, twice_y - y1 if vertical else y0)
+        return item.replace(pixels=np.ascontiguousarray(pixels), offset=offset)
+
+    return stack.with_layer(path, _map_subtree(layer, change))
 
 
 # Structure -----------------------------------------------------------------------------------------------
@@ -245,6 +309,30 @@ def replace_pixels(
     pixels = as_rgba(pixels, f"new pixels for layer {layer.name!r}")
     new = layer.replace(pixels=pixels, offset=layer.offset if offset is None else offset, children=())
     return stack.with_layer(path, new)
+
+
+def set_visible(stack: LayerStack, path: LayerPath, visible: bool) -> LayerStack:
+    """Hide or show the layer at ``path``; a hidden layer is kept (and saved, hidden) but not drawn."""
+    layer = stack.get(path)
+    return stack if layer.visible == bool(visible) else stack.with_layer(path, layer.replace(visible=bool(visible)))
+
+
+def set_opacity(stack: LayerStack, path: LayerPath, opacity: int) -> LayerStack:
+    """Set the opacity (0..255, as PSD stores it) of the layer at ``path``; its pixels are unchanged."""
+    return stack.with_layer(path, stack.get(path).replace(opacity=opacity))
+
+
+def move_to(stack: LayerStack, path: LayerPath, position: int) -> LayerStack:
+    """Move the layer at ``path`` to index ``position`` among its siblings (negative counts from the top:
+    -1 puts it on top); the others keep their order."""
+    resolved = stack.resolve(path)
+    parent, index = resolved[:-1], resolved[-1]
+    count = len(stack.siblings(parent))
+    if not -count <= position < count:
+        raise ValueError(f"reorder: position {position} is out of range, there are {count} layers at that level")
+    order = [item for item in range(count) if item != index]
+    order.insert(position % count, index)
+    return reorder(stack, order, parent=parent)
 
 
 def reorder(stack: LayerStack, order: Sequence[int], *, parent: LayerPath | tuple[()] = ()) -> LayerStack:

@@ -2,8 +2,8 @@
 
 The ZIP holds ``manifest.json``, ``composite.png``, optionally ``input.png``, and one PNG per layer under
 ``layers/`` cut to its alpha box. The manifest lists the layers bottom to top with their names, files,
-offsets, sizes and sub-layers (``children``, same format, recursively); file names are made of indices so
-any layer name, Unicode or not, is safe.
+offsets, sizes, visibility, opacity (0..255) and sub-layers (``children``, same format, recursively); file
+names are made of indices so any layer name, Unicode or not, is safe.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ def save_png_zip(
                 "offset": list(cropped.offset),
                 "size": [cropped.width, cropped.height],
                 "file": None if empty else f"layers/{key}.png",
+                "visible": layer.visible,
+                "opacity": layer.opacity,
             }
             if not empty:
                 entries.append((entry["file"], cropped.pixels))
@@ -130,10 +132,12 @@ def load_png_zip(path: str | os.PathLike) -> LayerStack:
                             f"says {entry['size'][0]}x{entry['size'][1]}"
                         )
                     children = build(entry.get("children", []))
-                    layers.append(Layer(pixels, entry["name"], tuple(entry["offset"]), children))
+                    # Manifests written before visibility and opacity were kept have neither: shown, opaque.
+                    shown, opacity = entry.get("visible", True), entry.get("opacity", 255)
+                    layers.append(Layer(pixels, entry["name"], tuple(entry["offset"]), children, shown, opacity))
                 return tuple(layers)
 
             canvas = manifest["canvas"]
             return LayerStack(canvas["width"], canvas["height"], build(manifest["layers"]))
-    except (KeyError, json.JSONDecodeError, zipfile.BadZipFile) as error:
+    except (KeyError, TypeError, json.JSONDecodeError, zipfile.BadZipFile) as error:
         raise ExportError(f"{path}: not a layer ZIP written by save_png_zip ({error})") from error

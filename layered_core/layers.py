@@ -40,6 +40,19 @@ into ``children`` (``(2, 0)`` is the bottom sub-layer of layer 2). Negative indi
 Box = tuple[int, int, int, int]
 """``(x0, y0, x1, y1)`` on the canvas, half-open."""
 
+
+def parse_layer_path(text: str) -> tuple[int, ...]:
+    """A layer path as people type it: ``"2"`` (layer 2, bottom = 0), ``"3/1"`` (sub-layer 1 of layer 3),
+    ``"-1"`` (the top layer). Whether the layer exists is checked by :meth:`LayerStack.resolve`."""
+    steps = str(text).strip().split("/")
+    try:
+        return tuple(int(step) for step in steps)
+    except ValueError:
+        raise ValueError(
+            f"layer path {text!r}: expected indices separated by '/', such as '2' or '3/1' (bottom = 0)"
+        ) from None
+
+
 # Rows per compositing strip: about 64 K pixels, so a strip's float32 working set (1 MiB) stays in cache, which is
 # faster than whole-image numpy operations (benchmarks/bench_psd.py).
 _STRIP_PIXELS = 1 << 16
@@ -76,6 +89,8 @@ class Layer:
     name: str = "Layer"
     offset: tuple[int, int] = (0, 0)
     children: tuple[Layer, ...] = ()
+    visible: bool = True
+    opacity: int = 255
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pixels", _read_only(as_rgba(self.pixels, f"layer {self.name!r}")))
@@ -91,6 +106,18 @@ class Layer:
             if not isinstance(child, Layer):
                 raise ValueError(f"layer {self.name!r}: children must be Layers, got {type(child).__name__}")
         object.__setattr__(self, "children", children)
+        if not isinstance(self.visible, (bool, np.bool_)):
+            raise ValueError(f"layer {self.name!r}: visible must be True or False, got {self.visible!r}")
+        object.__setattr__(self, "visible", bool(self.visible))
+        if (
+            not isinstance(self.opacity, (int, np.integer))
+            or isinstance(self.opacity, bool)
+            or not (0 <= self.opacity <= 255)
+        ):
+            raise ValueError(
+                f"layer {self.name!r}: opacity must be an integer 0..255 (PSD's byte), got {self.opacity!r}"
+            )
+        object.__setattr__(self, "opacity", int(self.opacity))
 
     @property
     def width(self) -> int:
@@ -229,13 +256,33 @@ class LayerStack:
 
         return visit(self.layers, ())
 
+    def describe(self) -> str:
+        """The tree as text, one line a layer, top to bottom as an editor's layer panel shows it: path,
+        name, box (x0, y0, x1, y1 of what it draws), and hidden / opacity where they are not the default."""
+        lines = [f"canvas {self.width}x{self.height}, {len(self.layers)} layers (path: name, box)"]
+
+        def visit(layers: tuple[Layer, ...], prefix: tuple[int, ...], depth: int) -> None:
+            for index in reversed(range(len(layers))):
+                layer = layers[index]
+                path = "/".join(str(step) for step in prefix + (index,))
+                box = layer.drawn_box()
+                where = "empty" if box is None else f"box {box[0]},{box[1]},{box[2]},{box[3]}"
+                notes = [where] + ([] if layer.visible else ["hidden"])
+                notes += [] if layer.opacity == 255 else [f"opacity {layer.opacity}"]
+                notes += [f"split into {len(layer.children)}"] if layer.children else []
+                lines.append(f"{'  ' * depth}{path}: {layer.name!r}  ({', '.join(notes)})")
+                visit(layer.children, prefix + (index,), depth + 1)
+
+        visit(self.layers, (), 0)
+        return "\n".join(lines)
+
     def leaves(self) -> list[Layer]:
-        """The layers that are drawn, in drawing order (split layers replaced by their children)."""
+        """The unsplit layers in drawing order (split layers replaced by their children), hidden ones included."""
         return list(drawn_layers(self.layers))
 
 
 def drawn_layers(layers: Sequence[Layer]) -> Iterator[Layer]:
-    """The unsplit layers under ``layers``, bottom to top: what compositing draws."""
+    """The unsplit layers under ``layers``, bottom to top, hidden ones included."""
     for layer in layers:
         if layer.children:
             yield from drawn_layers(layer.children)
@@ -305,6 +352,68 @@ def crop_to_alpha(layer: Layer) -> Layer:
     return layer.replace(pixels=layer.pixels[y0:y1, x0:x1], offset=(layer.offset[0] + x0, layer.offset[1] + y0))
 
 
+@dataclass(frozen=True)
+class _Placed:
+    """One unsplit layer's pixels inside the region being composited, in region coordinates."""
+
+    columns: np.ndarray  # the layer's rows, cut to the region's columns
+    layer_top: int
+    left: int
+    right: int
+    first: int  # rows of the region the layer covers: [first, last)
+    last: int
+    opacity: int
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A split layer drawn at an opacity below 255: its contents are laid over the backdrop, then the
+    result is mixed with the backdrop by ``opacity``."""
+
+    items: list
+    opacity: int
+
+
+def _placements(layers: Sequence[Layer], box: Box) -> list:
+    """What compositing ``layers`` into ``box`` draws, bottom to top: hidden layers (and groups) left out,
+    fully opaque groups opened in place, translucent ones kept as :class:`_Group`."""
+    x0, y0, x1, y1 = box
+    items: list = []
+    for layer in layers:
+        if not layer.visible or layer.opacity == 0:
+            continue
+        if layer.children:
+            inner = _placements(layer.children, box)
+            if layer.opacity == 255:
+                items.extend(inner)
+            elif inner:
+                items.append(_Group(inner, layer.opacity))
+            continue
+        lx0, ly0, lx1, ly1 = layer.box
+        cx0, cy0, cx1, cy1 = max(lx0, x0), max(ly0, y0), min(lx1, x1), min(ly1, y1)
+        if cx0 < cx1 and cy0 < cy1:
+            columns = layer.pixels[:, cx0 - lx0 : cx1 - lx0]
+            items.append(_Placed(columns, ly0 - y0, cx0 - x0, cx1 - x0, cy0 - y0, cy1 - y0, layer.opacity))
+    return items
+
+
+def _draw_items(items: list, strip: np.ndarray, top: int) -> None:
+    """Lay ``items`` over the premultiplied ``strip`` (region rows ``top`` onwards), in place."""
+    bottom = top + strip.shape[0]
+    for item in items:
+        if isinstance(item, _Group):
+            backdrop = strip.copy()
+            _draw_items(item.items, strip, top)
+            strip -= backdrop
+            strip *= item.opacity / 255
+            strip += backdrop
+            continue
+        start, stop = max(top, item.first), min(bottom, item.last)
+        if start < stop:
+            below = strip[start - top : stop - top, item.left : item.right]
+            _draw_over(below, item.columns[start - item.layer_top : stop - item.layer_top], item.opacity)
+
+
 def _composite_rows(layers: Sequence[Layer], box: Box, finish: Callable[[int, np.ndarray], None]) -> None:
     """Composite ``layers`` into ``box`` one strip of rows at a time, calling ``finish(first_row, strip)``.
 
@@ -316,13 +425,7 @@ def _composite_rows(layers: Sequence[Layer], box: Box, finish: Callable[[int, np
     """
     x0, y0, x1, y1 = box
     width, height = max(x1 - x0, 0), max(y1 - y0, 0)
-    placed = []
-    for layer in drawn_layers(layers):
-        lx0, ly0, lx1, ly1 = layer.box
-        cx0, cy0, cx1, cy1 = max(lx0, x0), max(ly0, y0), min(lx1, x1), min(ly1, y1)
-        if cx0 < cx1 and cy0 < cy1:
-            columns = layer.pixels[:, cx0 - lx0 : cx1 - lx0]
-            placed.append((columns, ly0 - y0, cx0 - x0, cx1 - x0, cy0 - y0, cy1 - y0))
+    items = _placements(layers, box)
     rows = max(1, _STRIP_PIXELS // max(width, 1))
     tops = list(range(0, height, rows))
 
@@ -332,11 +435,7 @@ def _composite_rows(layers: Sequence[Layer], box: Box, finish: Callable[[int, np
             bottom = min(top + rows, height)
             strip = buffer[: bottom - top]
             strip.fill(0)
-            for columns, layer_top, left, right, first, last in placed:
-                start, stop = max(top, first), min(bottom, last)
-                if start < stop:
-                    below = strip[start - top : stop - top, left:right]
-                    _draw_over(below, columns[start - layer_top : stop - layer_top])
+            _draw_items(items, strip, top)
             finish(top, strip)
 
     workers = min(_WORKERS, len(tops))
@@ -348,18 +447,22 @@ def _composite_rows(layers: Sequence[Layer], box: Box, finish: Callable[[int, np
         list(pool.map(work, [tops[index::workers] for index in range(workers)]))
 
 
-def _draw_over(below: np.ndarray, pixels: np.ndarray) -> None:
-    """Lay uint8 straight-alpha ``pixels`` over the premultiplied 0..255 ``below``, in place."""
+def _draw_over(below: np.ndarray, pixels: np.ndarray, opacity: int = 255) -> None:
+    """Lay uint8 straight-alpha ``pixels`` at ``opacity`` (0..255) over the premultiplied 0..255 ``below``,
+    in place."""
     alpha = pixels[..., 3]
     if not alpha.any():
         return  # nothing to draw: the common case around design elements
-    if alpha.min() == 255:
-        below[...] = pixels  # opaque: premultiplied in 0..255 units is the pixel itself
-        return
-    if ((alpha == 0) | (alpha == 255)).all():
-        np.copyto(below, pixels, where=(alpha == 255)[..., None])  # hard edges (text, flat shapes)
-        return
+    if opacity == 255:
+        if alpha.min() == 255:
+            below[...] = pixels  # opaque: premultiplied in 0..255 units is the pixel itself
+            return
+        if ((alpha == 0) | (alpha == 255)).all():
+            np.copyto(below, pixels, where=(alpha == 255)[..., None])  # hard edges (text, flat shapes)
+            return
     colour = pixels.astype(np.float32)
+    if opacity != 255:
+        colour[..., 3:4] *= opacity / 255
     coverage = colour[..., 3:4] * (1 / 255)
     colour[..., :3] *= coverage
     below *= 1 - coverage

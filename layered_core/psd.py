@@ -115,7 +115,7 @@ def _even_length(encoded: bytes, height: int) -> bytes:
 
 
 def _pixel_record(
-    name: str, pixels: np.ndarray, left: int, top: int, visible: bool = True
+    name: str, pixels: np.ndarray, left: int, top: int, visible: bool = True, opacity: int = 255
 ) -> tuple[LayerRecord, ChannelDataList]:
     height, width = pixels.shape[:2]
     if width == 0 or height == 0:
@@ -137,14 +137,18 @@ def _pixel_record(
         right=left + width,
         name=_legacy_name(name),
         channel_info=info,
+        opacity=opacity,
         flags=LayerFlags(visible=visible),
         tagged_blocks=_tagged_name(name),
     )
     return record, channels
 
 
-def _group_record(kind: str, name: str) -> tuple[LayerRecord, ChannelDataList]:
-    """A group's marker record: ``"group_end"`` goes below its contents, ``"group"`` (named) above them."""
+def _group_record(
+    kind: str, name: str, visible: bool = True, opacity: int = 255
+) -> tuple[LayerRecord, ChannelDataList]:
+    """A group's marker record: ``"group_end"`` goes below its contents, ``"group"`` (named, with the
+    group's visibility and opacity) above them."""
     info, channels = _empty_channels()
     if kind == "group_end":
         divider = {"kind": SectionDivider.BOUNDING_SECTION_DIVIDER}
@@ -154,6 +158,8 @@ def _group_record(kind: str, name: str) -> tuple[LayerRecord, ChannelDataList]:
     record = LayerRecord(
         name=_legacy_name(name),
         channel_info=info,
+        opacity=opacity,
+        flags=LayerFlags(visible=visible),
         tagged_blocks=_tagged_name(name, {Tag.SECTION_DIVIDER_SETTING: divider}),
     )
     return record, channels
@@ -161,7 +167,8 @@ def _group_record(kind: str, name: str) -> tuple[LayerRecord, ChannelDataList]:
 
 def _plan(stack: LayerStack, path: Path, has_input: bool) -> list[tuple]:
     """The records to write, bottom to top: ("pixels", name, cropped layer), ("group_end", name) below a
-    group's contents and ("group", name) above them. Checks what PSD cannot hold before anything is encoded.
+    group's contents and ("group", name, visible, opacity) above them. Checks what PSD cannot hold before
+    anything is encoded.
     """
     if stack.width > PSD_MAX_SIDE or stack.height > PSD_MAX_SIDE:
         raise ExportError(
@@ -176,7 +183,7 @@ def _plan(stack: LayerStack, path: Path, has_input: bool) -> list[tuple]:
             if layer.children:
                 plan.append(("group_end", name))
                 add(layer.children)
-                plan.append(("group", name))
+                plan.append(("group", name, layer.visible, layer.opacity))
                 continue
             cropped = crop_to_alpha(layer)
             if cropped.width > PSD_MAX_SIDE or cropped.height > PSD_MAX_SIDE:
@@ -221,7 +228,7 @@ def save_psd(
     for item in plan:
         if item[0] == "pixels":
             _, name, layer = item
-            record, channels = _pixel_record(name, layer.pixels, *layer.offset)
+            record, channels = _pixel_record(name, layer.pixels, *layer.offset, layer.visible, layer.opacity)
             records.append(record)
             channel_data.append(channels)
         else:

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from layered_core import edits
-from layered_core.layers import Layer, LayerStack, attach_split, composite
+from layered_core.layers import Layer, LayerStack, attach_split, composite, union_boxes
+from layered_core.psd import save_psd
+from layered_core.psd_read import load_psd
 from layered_core.synthetic import synthetic_design
 
 
@@ -30,16 +32,24 @@ def design():
 
 
 def snapshot(stack):
-    return {path: (layer.name, layer.offset, layer.pixels.copy()) for path, layer in stack.walk()}
+    return {
+        path: ((layer.name, layer.offset, layer.box, layer.visible, layer.opacity), layer.pixels.copy())
+        for path, layer in stack.walk()
+    }
 
 
-def assert_untouched(before, after, edited_paths):
-    for path, (name, offset, pixels) in before.items():
+def assert_untouched(before, after, edited_paths, ancestors_pixels=True):
+    """Every layer not in ``edited_paths`` has the same name, offset, box, visibility, opacity and pixels.
+    ``ancestors_pixels=False`` skips the pixels of the edited layers' groups, which a PSD does not store
+    (a group read back draws its children, so its pixels follow an edit inside it)."""
+    ancestors = {path[:depth] for path in edited_paths for depth in range(1, len(path))}
+    for path, (fields, pixels) in before.items():
         if path in edited_paths:
             continue
         layer = after.get(path)
-        assert (layer.name, layer.offset) == (name, offset), path
-        assert np.array_equal(layer.pixels, pixels), path
+        assert (layer.name, layer.offset, layer.box, layer.visible, layer.opacity) == fields, path
+        if ancestors_pixels or path not in ancestors:
+            assert np.array_equal(layer.pixels, pixels), path
 
 
 ALL_EDITS = [
@@ -53,23 +63,144 @@ ALL_EDITS = [
     ("replace", lambda s: edits.replace_pixels(s, 2, solid(3, 3, (1, 2, 3))), {2}),
     ("recolor sub-layer", lambda s: edits.recolor(s, (3, 1), hue_shift=180), {(3, 1)}),
     ("move split layer", lambda s: edits.move(s, 3, 1, 1), {3, (3, 0), (3, 1)}),
+    ("flip", lambda s: edits.flip(s, 5, horizontal=True, vertical=True), {5}),
+    ("lighten", lambda s: edits.recolor(s, 2, lightness=0.3), {2}),
+    ("hide", lambda s: edits.set_visible(s, 2, False), {2}),
+    ("opacity", lambda s: edits.set_opacity(s, 4, 100), {4}),
 ]
+
+
+def as_paths(edited):
+    return {(p,) if isinstance(p, int) else p for p in edited}
+
+
+def changed(before, after, paths):
+    return [path for path in paths if after.get(path).box != before[path][0][2]] + [
+        path
+        for path in paths
+        if after.get(path).visible != before[path][0][3]
+        or after.get(path).opacity != before[path][0][4]
+        or not np.array_equal(after.get(path).pixels, before[path][1])
+    ]
 
 
 @pytest.mark.parametrize("name, edit, edited", ALL_EDITS, ids=[item[0] for item in ALL_EDITS])
 def test_an_edit_leaves_every_other_layer_bit_identical(design, name, edit, edited):
     before = snapshot(design)
     after = edit(design)
-    edited_paths = {(p,) if isinstance(p, int) else p for p in edited}
+    edited_paths = as_paths(edited)
     assert_untouched(before, after, edited_paths)
-    # The target did change, so the check above is not vacuous.
-    changed = [
-        path
-        for path in edited_paths
-        if after.get(path).offset != before[path][1] or not np.array_equal(after.get(path).pixels, before[path][2])
-    ]
-    assert changed
+    assert changed(before, after, edited_paths)  # the target did change, so the check above is not vacuous
     assert_untouched(before, design, set())  # and the input stack itself is untouched
+
+
+@pytest.mark.parametrize("name, edit, edited", ALL_EDITS, ids=[item[0] for item in ALL_EDITS])
+def test_untouched_layers_stay_bit_identical_through_a_psd_save_and_load(design, tmp_path, name, edit, edited):
+    original = load_psd(save_psd(design, tmp_path / "original.psd"))
+    edited_file = load_psd(save_psd(edit(original), tmp_path / "edited.psd"))
+    edited_paths = as_paths(edited)
+    before = snapshot(original)
+    assert_untouched(before, edited_file, edited_paths, ancestors_pixels=False)
+    assert changed(before, edited_file, edited_paths)
+
+
+@pytest.mark.parametrize("name, edit, edited", ALL_EDITS, ids=[item[0] for item in ALL_EDITS])
+def test_the_picture_changes_only_inside_the_edited_layers_old_and_new_boxes(design, name, edit, edited):
+    after = edit(design)
+    target = min(as_paths(edited), key=len)
+    box = union_boxes([design.get(target).drawn_box(), after.get(target).drawn_box()])
+    difference = np.any(composite(design) != composite(after), axis=-1)
+    assert difference.any()
+    inside = np.zeros_like(difference)
+    inside[max(box[1], 0) : box[3], max(box[0], 0) : box[2]] = True
+    assert not (difference & ~inside).any()
+
+
+def test_scaling_soft_edges_leaves_no_halo_against_a_reference_made_by_hand():
+    # One row: a flat orange whose alpha ramps 0, 85, 170, 255, 255, 170, 85, 0, with green under the
+    # transparent ends (hidden colour, as decoded layers carry). Premultiplied resampling must give orange
+    # wherever anything is drawn, alpha the plain bilinear interpolation of the ramp, and no green.
+    ramp = np.array([0, 85, 170, 255, 255, 170, 85, 0], np.float64)
+    pixels = np.zeros((1, 8, 4), np.uint8)
+    pixels[0, :, :3] = (255, 128, 0)
+    pixels[0, [0, 7], :3] = (0, 255, 0)
+    pixels[0, :, 3] = ramp
+    stack = LayerStack(32, 4, (Layer(pixels, "soft", (4, 1)),))
+    doubled = edits.resize(stack, 0, (2, 1), center=(4, 1), resample="bilinear")[0]
+    # By hand: output pixel i (of 16) samples the source at (i + 0.5) / 2 - 0.5, linearly between neighbours,
+    # with transparent pixels beyond the ends.
+    padded = np.concatenate([[0.0], ramp, [0.0]])
+    expected = []
+    for i in range(16):
+        source = (i + 0.5) / 2 - 0.5 + 1  # +1 for the padding
+        left = int(np.floor(source))
+        weight = source - left
+        expected.append(padded[left] * (1 - weight) + padded[left + 1] * weight)
+    expected = np.floor(np.array(expected) + 0.5).astype(int)
+    drawn = expected > 0
+    first = int(np.argmax(drawn))
+    assert doubled.offset == (4 + first, 1)
+    alpha = doubled.pixels[0, :, 3].astype(int)
+    assert np.abs(alpha - expected[first : first + alpha.size]).max() <= 1
+    assert (doubled.pixels[0][alpha > 0][:, :3] == (255, 128, 0)).all()
+
+
+def test_flip_mirrors_exactly_and_keeps_the_box():
+    pixels = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    pixels[..., 3] = 255
+    stack = LayerStack(20, 20, (Layer(pixels, "tile", (5, 7)),))
+    flipped = edits.flip(stack, 0, horizontal=True, vertical=True)[0]
+    assert flipped.offset == (5, 7) and np.array_equal(flipped.pixels, pixels[::-1, ::-1])
+    assert edits.flip(edits.flip(stack, 0), 0)[0].pixels.tolist() == pixels.tolist()
+    # A split layer flips as one picture: its halves trade places and each is mirrored.
+    left, right = Layer(pixels, "left", (0, 0)), Layer(pixels[:, :2], "right", (3, 0))
+    group = Layer(np.zeros((2, 5, 4), np.uint8), "pair", (0, 0), (left, right))
+    mirrored = edits.flip(LayerStack(20, 20, (group,)), 0)[0]
+    assert [child.offset for child in mirrored.children] == [(2, 0), (0, 0)]
+    assert np.array_equal(mirrored.children[1].pixels, pixels[:, 1::-1])
+
+
+def test_fit_pixels_resamples_to_exactly_the_size_asked():
+    pixels = solid(10, 20, (30, 60, 90))
+    fitted = edits.fit_pixels(pixels, (7, 5))
+    assert fitted.shape == (5, 7, 4) and (fitted[..., :3] == (30, 60, 90)).all() and (fitted[..., 3] == 255).all()
+    assert edits.fit_pixels(pixels, (20, 10)) is pixels
+
+
+def test_move_to_reorders_one_layer(design):
+    top = edits.move_to(design, 1, -1)
+    assert [layer.name for layer in top] == [design[i].name for i in (0, 2, 3, 4, 5, 1)]
+    assert edits.move_to(design, 5, 0)[0] is design[5]
+    with pytest.raises(ValueError, match="position 6 is out of range, there are 6 layers"):
+        edits.move_to(design, 1, 6)
+
+
+def test_hidden_and_translucent_layers_are_drawn_as_psd_draws_them():
+    below = Layer(solid(2, 2, (0, 0, 255)), "blue")
+    above = Layer(solid(2, 2, (255, 0, 0)), "red")
+    stack = LayerStack(2, 2, (below, above))
+    assert composite(edits.set_visible(stack, 1, False))[0, 0].tolist() == [0, 0, 255, 255]
+    half = composite(edits.set_opacity(stack, 1, 128))[0, 0].tolist()
+    assert half == [128, 0, 127, 255]  # 128/255 red over blue
+    with pytest.raises(ValueError, match="opacity must be an integer 0..255"):
+        edits.set_opacity(stack, 1, 0.5)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: edits.resize(s, 2, 0), "scale must be positive and finite"),
+        (lambda s: edits.resize(s, 2, float("inf")), "scale must be positive and finite"),
+        (lambda s: edits.move(s, 2, float("nan"), 0), "dx must be a finite number"),
+        (lambda s: edits.recolor(s, 2, hue_shift=float("nan")), "hue_shift must be a finite number"),
+        (lambda s: edits.recolor(s, 2, lightness=2), "lightness must be in -1..1"),
+        (lambda s: edits.move(s, 9, 1, 1), "index 9 is out of range, the stack has 6 layers"),
+        (lambda s: edits.flip(s, (3, 5)), r"index 5 is out of range, layer \(3,\) has 2 layers"),
+    ],
+)
+def test_bad_edits_are_named_errors(design, edit, message):
+    with pytest.raises(ValueError, match=message):
+        edit(design)
 
 
 def test_structural_edits_keep_other_layers_identical(design):
