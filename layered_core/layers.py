@@ -41,16 +41,38 @@ Box = tuple[int, int, int, int]
 """``(x0, y0, x1, y1)`` on the canvas, half-open."""
 
 
-def parse_layer_path(text: str) -> tuple[int, ...]:
-    """A layer path as people type it: ``"2"`` (layer 2, bottom = 0), ``"3/1"`` (sub-layer 1 of layer 3),
-    ``"-1"`` (the top layer). Whether the layer exists is checked by :meth:`LayerStack.resolve`."""
-    steps = str(text).strip().split("/")
+def parse_layer_path(text: str, stack: LayerStack | None = None) -> tuple[int, ...]:
+    """A layer path as people type it, numbered from 1 at the bottom as a user counts: ``"2"`` (the second
+    layer from the bottom), ``"3/1"`` (the bottom sub-layer of layer 3), ``"-1"`` (the top layer). Returns
+    the library's 0-based path. With ``stack``, a layer that does not exist there is an error in the same
+    1-based terms."""
+    steps = str(text).replace(" ", "").split("/")
     try:
-        return tuple(int(step) for step in steps)
+        numbers = [int(step) for step in steps]
     except ValueError:
+        numbers = []
+    if not numbers or 0 in numbers:
         raise ValueError(
-            f"layer path {text!r}: expected indices separated by '/', such as '2' or '3/1' (bottom = 0)"
-        ) from None
+            f"layer {text!r}: expected layer numbers separated by '/', such as '2' or '3/1' "
+            "(1 = the bottom layer, -1 = the top one)"
+        )
+    path = tuple(number - 1 if number > 0 else number for number in numbers)
+    if stack is not None:
+        siblings, where = stack.layers, "the stack has"
+        for depth, index in enumerate(path):
+            if not -len(siblings) <= index < len(siblings):
+                raise ValueError(
+                    f"layer {text!r} does not exist: {where} {len(siblings)} layers "
+                    f"(1 = bottom to {len(siblings)} = top, or -1 = top)"
+                )
+            where = f"layer {'/'.join(str(n) for n in numbers[: depth + 1])} has"
+            siblings = siblings[index].children
+    return path
+
+
+def format_layer_path(path: tuple[int, ...]) -> str:
+    """A 0-based library path as people read it (the inverse of :func:`parse_layer_path`): ``(2, 0)`` -> "3/1"."""
+    return "/".join(str(index + 1) for index in path)
 
 
 # Rows per compositing strip: about 64 K pixels, so a strip's float32 working set (1 MiB) stays in cache, which is
@@ -257,14 +279,15 @@ class LayerStack:
         return visit(self.layers, ())
 
     def describe(self) -> str:
-        """The tree as text, one line a layer, top to bottom as an editor's layer panel shows it: path,
-        name, box (x0, y0, x1, y1 of what it draws), and hidden / opacity where they are not the default."""
+        """The tree as text, one line a layer, top to bottom as an editor's layer panel shows it: the path as
+        :func:`parse_layer_path` reads it (1 = bottom), name, box (x0, y0, x1, y1 of what it draws), and
+        hidden / opacity where they are not the default."""
         lines = [f"canvas {self.width}x{self.height}, {len(self.layers)} layers (path: name, box)"]
 
         def visit(layers: tuple[Layer, ...], prefix: tuple[int, ...], depth: int) -> None:
             for index in reversed(range(len(layers))):
                 layer = layers[index]
-                path = "/".join(str(step) for step in prefix + (index,))
+                path = format_layer_path(prefix + (index,))
                 box = layer.drawn_box()
                 where = "empty" if box is None else f"box {box[0]},{box[1]},{box[2]},{box[3]}"
                 notes = [where] + ([] if layer.visible else ["hidden"])

@@ -23,7 +23,7 @@ from psd_tools.api.layers import AdjustmentLayer, FillLayer, ShapeLayer, SmartOb
 from psd_tools.constants import BlendMode, ColorMode
 
 from .export import ExportError
-from .layers import Layer, LayerStack, render, rgba_from_pil, union_boxes
+from .layers import Layer, LayerStack, format_layer_path, render, rgba_from_pil, union_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -135,16 +135,16 @@ def _opacity(layer) -> int:
     return (int(layer.opacity) * int(fill) + 127) // 255
 
 
-def _read_layers(group, path: Path, prefix: str) -> tuple[Layer, ...]:
+def _read_layers(group, path: Path, prefix: tuple[int, ...]) -> tuple[Layer, ...]:
     layers = []
     for index, item in enumerate(group):
         name = str(item.name)
-        where = f"{prefix}{index} {name!r}"
+        where = f"{format_layer_path(prefix + (index,))} {name!r}"
         _look_warnings(item, path, where)
         if item.is_group():
             if item.kind == "artboard":
                 _warn(path, where, "an artboard, loaded as a group (its bounds are not kept)")
-            children = _read_layers(item, path, f"{prefix}{index}/")
+            children = _read_layers(item, path, prefix + (index,))
             box = union_boxes(child.drawn_box() for child in children)
             if not children:
                 _warn(path, where, "an empty group, loaded as an empty layer")
@@ -182,7 +182,7 @@ def load_psd(path: str | os.PathLike) -> LayerStack:
             "greyscale are read. Convert it to RGB in your editor"
         )
     try:
-        layers = _read_layers(document, path, "")
+        layers = _read_layers(document, path, ())
     except ExportError:
         raise
     except Exception as error:  # damaged channel data shows only when a layer is decoded

@@ -1,5 +1,5 @@
 """Layer stacks in and out of ComfyUI's folders: Save Layered PSD and Save Layers (PNG zip) into the output
-folder, Load Image Folder (batch) from the input folder."""
+folder, Load Layered PSD and Load Image Folder (batch) from the input folder."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 
 import comfy.utils
@@ -16,9 +17,11 @@ from comfy_api.latest import io, ui
 
 from ..layered_core.export import save_png_zip
 from ..layered_core.image import ImageError, find_image_files, image_to_bchw, open_image_with_alpha
-from ..layered_core.layers import LayerStack, composite, rgba_to_bhwc
+from ..layered_core.layer_files import LAYER_FILE_SUFFIXES, load_layer_file
+from ..layered_core.layers import LayerStack, composite, rgba_to_bhwc, stack_to_bhwc
 from ..layered_core.psd import save_psd
-from .common import CATEGORY, PREFIX, LayerStackType
+from ..layered_core.psd_read import PSDReadWarning
+from .common import CATEGORY, PREFIX, STACK_TOOLTIP, LayerStackType
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +126,76 @@ def _folder_images(folder: str, pattern: str, limit: int) -> list[Path]:
         if not file.resolve().is_relative_to(root):
             raise ValueError(f"{file.name} in folder {folder!r} links outside the input directory {root}; refused")
     return files
+
+
+def _layer_files() -> list[str]:
+    """The layered files (PSD, the pack's PNG zips) anywhere in the input directory, as paths relative to it."""
+    root = Path(folder_paths.get_input_directory())
+    if not root.is_dir():
+        return []
+    found = [path for path in root.rglob("*") if path.suffix.lower() in LAYER_FILE_SUFFIXES and path.is_file()]
+    return sorted(path.relative_to(root).as_posix() for path in found)
+
+
+def _layer_file(name: str) -> Path:
+    root, path = _input_folder(name)
+    if not path.is_file():
+        raise ValueError(f"{name!r}: no such file in the input directory {root}")
+    return path
+
+
+class LoadLayeredPSD(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        files = _layer_files()
+        return io.Schema(
+            node_id=f"{PREFIX}LoadLayeredPSD",
+            display_name="Load Layered PSD",
+            category=CATEGORY,
+            description="Loads a layered PSD from ComfyUI's input folder as a layer stack: this pack's own, or one "
+            "saved by Photoshop, GIMP or Krita with pixel layers and groups (groups become split layers; names, "
+            "offsets, hidden layers and opacity are kept). Text layers and smart objects come in as their pixels, "
+            "with a note on the node; adjustment layers, 16-bit and CMYK files are refused, naming the layer. "
+            "Also reads this pack's PNG zips. Shows the layers on the node.",
+            inputs=[
+                io.Combo.Input(
+                    "file",
+                    options=files,
+                    default=files[0] if files else None,
+                    tooltip="a .psd (or this pack's .zip) in ComfyUI's input folder or a folder inside it",
+                )
+            ],
+            outputs=[
+                LayerStackType.Output(display_name="stack", tooltip=STACK_TOOLTIP),
+                io.Image.Output(display_name="layers", tooltip="the top-level layers on the canvas, [N, H, W, 4]"),
+                io.Image.Output(display_name="composite", tooltip="the picture the layers make, [1, H, W, 4]"),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, file):
+        try:
+            _layer_file(file)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, file):
+        try:
+            stat = _layer_file(file).stat()
+        except (ValueError, OSError) as e:
+            return str(e)
+        return f"{file}:{stat.st_mtime_ns}:{stat.st_size}"
+
+    @classmethod
+    def execute(cls, file) -> io.NodeOutput:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stack = load_layer_file(_layer_file(file))
+        notes = [str(item.message).split(": ", 1)[-1] for item in caught if issubclass(item.category, PSDReadWarning)]
+        text = "\n".join([stack.describe(), *notes])
+        return io.NodeOutput(stack, stack_to_bhwc(stack), rgba_to_bhwc(composite(stack)), ui=ui.PreviewText(text))
 
 
 class LoadImageFolder(io.ComfyNode):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import comfy.model_management as mm
 from comfy_api.latest import io, ui
 
+from ..layered_core.layers import parse_layer_path
 from ..layered_core.pipeline import DecomposeOptions, LayeredPipeline
 from .comfy_model import ComfyTransformer, ManagedVAE
 from .common import (
@@ -120,10 +121,7 @@ class SplitLayer(io.ComfyNode):
     @classmethod
     def execute(cls, stack, model, vae, text_encoder, path, layers, prompt, steps, cfg, seed) -> io.NodeOutput:
         _require_pack_vae(vae, "Split Layer")
-        try:
-            index = tuple(int(part) - 1 for part in str(path).replace(" ", "").split("/"))
-        except ValueError:
-            raise ValueError(f"path must be layer numbers like '3' or '2/1', got {path!r}") from None
+        index = parse_layer_path(path, stack)
         pipeline = _pipeline(model, vae, text_encoder)
         options = DecomposeOptions(steps=steps, cfg_scale=cfg, seed=seed)
         callback = step_callback(model, steps)

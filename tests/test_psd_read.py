@@ -104,13 +104,13 @@ def mark_as_text(blocks, layer):
 def test_an_adjustment_layer_is_refused_naming_it(tmp_path):
     path = one_odd_layer(tmp_path / "adjust.psd", lambda blocks, layer: blocks.set_data(Tag.INVERT))
     assert PSDImage.open(path)[1].kind == "invert"
-    with pytest.raises(ExportError, match=r"adjust\.psd: layer 1 'odd one' is an adjustment layer \(invert\)"):
+    with pytest.raises(ExportError, match=r"adjust\.psd: layer 2 'odd one' is an adjustment layer \(invert\)"):
         load_psd(path)
 
 
 def test_a_text_layer_without_pixels_is_refused_and_one_with_pixels_is_kept_with_a_warning(tmp_path):
     empty = one_odd_layer(tmp_path / "text0.psd", mark_as_text, pixels=False)
-    with pytest.raises(ExportError, match=r"layer 1 'odd one' is a text layer saved without pixels"):
+    with pytest.raises(ExportError, match=r"layer 2 'odd one' is a text layer saved without pixels"):
         load_psd(empty)
     stack, messages = load_quietly(one_odd_layer(tmp_path / "text.psd", mark_as_text))
     assert len(messages) == 1 and "'odd one': a text layer, loaded as its stored pixels" in messages[0]
