@@ -1,5 +1,5 @@
-"""Command line: ``python -m layered_core {decompose,inspect,selftest,tiny-models}``, also the ``layered-core``
-script.
+"""Command line: ``python -m layered_core {decompose,edit,inspect,selftest,tiny-models}``, also the
+``layered-core`` script (``edit`` lives in :mod:`.edit_command`).
 
 A mistake a user can fix is one line naming the flag (or file) and what was expected, exit code 2, found before
 any model loads. An interruption (Ctrl-C), wherever it comes, ends with one line and exit code 130.
@@ -44,6 +44,7 @@ try:
     from .checkpoints.models_folder import find_models, models_folder
     from .checkpoints.transformer import transformer_precision
     from .checkpoints.vae import vae_prefix, vae_shape
+    from .edit_command import add_edit_parser, edit_command
     from .image import IMAGE_SUFFIXES
     from .pipeline import DecomposeOptions, LayeredPipeline, is_blank_prompt
     from .progress import ProgressLogHandler, TerminalProgress, duration
@@ -419,6 +420,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     sub.add_parser("selftest", help="tiny random models through every checkpoint layout and the models")
     add_decompose_parser(sub)
+    add_edit_parser(sub)
     p_tiny = sub.add_parser("tiny-models", help="write tiny random models under ComfyUI's real file names")
     p_tiny.add_argument("models_dir", help="a ComfyUI models/ folder (or any folder)")
     p_tiny.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
@@ -427,6 +429,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 COMMANDS = {
     "decompose": decompose_command,
+    "edit": edit_command,
     "inspect": inspect_command,
     "selftest": lambda args: selftest_main(),
     "tiny-models": tiny_models_command,

@@ -335,6 +335,65 @@ def move_to(stack: LayerStack, path: LayerPath, position: int) -> LayerStack:
     return reorder(stack, order, parent=parent)
 
 
+PLACEMENTS = ("layer box", "fit layer box", "canvas", "x, y")
+"""Where :func:`replace_image` puts a new image: the layer's box (the image must be its size), the layer's
+box after resampling the image to it, the whole canvas (a canvas-sized image), or a given position."""
+
+
+def replace_image(
+    stack: LayerStack,
+    path: LayerPath,
+    pixels: np.ndarray,
+    *,
+    has_alpha: bool = True,
+    placement: str = "layer box",
+    position: tuple[int, int] = (0, 0),
+    resample: str = "bicubic",
+) -> LayerStack:
+    """Put an edited image (uint8 RGBA) in place of the layer at ``path``, at a ``placement`` of
+    :data:`PLACEMENTS`. With ``has_alpha=False`` (an RGB image from an edit model, a colour tool) the layer
+    keeps its shape: the new pixels take the old layer's alpha at the canvas pixels they cover. A result with
+    nothing drawn is refused, as is an image whose size does not fit the placement."""
+    layer = stack.get(path)
+    pixels = as_rgba(pixels, f"new image for layer {layer.name!r}")
+    height, width = pixels.shape[:2]
+    box = layer.drawn_box()
+    if placement in ("layer box", "fit layer box"):
+        if box is None:
+            raise ValueError(f"replace: layer {layer.name!r} is empty, so it has no box; place the image at x, y")
+        size = (box[2] - box[0], box[3] - box[1])
+        if placement == "fit layer box":
+            pixels = fit_pixels(pixels, size, resample)
+        elif (width, height) != size:
+            raise ValueError(
+                f"replace: the image is {width}x{height} but the box of layer {layer.name!r} is {size[0]}x{size[1]}; "
+                "fit it to the box (resampled) or place it at x, y as it is"
+            )
+        offset = (box[0], box[1])
+    elif placement == "canvas":
+        if (width, height) != stack.size:
+            raise ValueError(
+                f"replace: placing on the canvas needs a {stack.width}x{stack.height} image, got {width}x{height}"
+            )
+        offset = (0, 0)
+    elif placement == "x, y":
+        offset = (int(position[0]), int(position[1]))
+    else:
+        raise ValueError(f"replace: placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+    if not has_alpha:
+        region = (offset[0], offset[1], offset[0] + pixels.shape[1], offset[1] + pixels.shape[0])
+        shape = layer.children or (layer.replace(visible=True, opacity=255),)
+        pixels = pixels.copy()
+        pixels[..., 3] = render(shape, region)[..., 3]
+    if not pixels[..., 3].any():
+        raise ValueError(
+            f"replace: the new layer {layer.name!r} would be fully transparent (an empty mask, or an RGB image "
+            "placed where the layer has no pixels); nothing to put in its place"
+        )
+    new = crop_to_alpha(Layer(pixels, layer.name, offset))
+    return replace_pixels(stack, path, new.pixels, offset=new.offset)
+
+
 def reorder(stack: LayerStack, order: Sequence[int], *, parent: LayerPath | tuple[()] = ()) -> LayerStack:
     """Put the layers at ``parent`` (top level by default) in a new order, bottom to top.
 

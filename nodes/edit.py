@@ -18,10 +18,8 @@ from comfy_api.latest import io, ui
 from ..layered_core import edits
 from ..layered_core.edits import RESAMPLE_FILTERS
 from ..layered_core.layers import (
-    Layer,
     LayerStack,
     composite,
-    crop_to_alpha,
     parse_layer_path,
     render,
     render_layer,
@@ -117,9 +115,6 @@ class SelectLayer(io.ComfyNode):
         return io.NodeOutput(*on_canvas, *_rgb_and_mask(cropped), box[0], box[1], ui=ui.PreviewText(stack.describe()))
 
 
-PLACEMENTS = ["layer box", "fit layer box", "canvas", "x, y"]
-
-
 class ReplaceLayer(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -133,7 +128,7 @@ class ReplaceLayer(io.ComfyNode):
                 io.Image.Input("image", tooltip="the new layer: RGB or RGBA, one image"),
                 io.Combo.Input(
                     "placement",
-                    options=PLACEMENTS,
+                    options=list(edits.PLACEMENTS),
                     default="layer box",
                     tooltip="layer box: the image is the size of the layer's box (Select Layer's cropped output) "
                     "and goes there; fit layer box: resampled to that box (for edit models and upscalers that "
@@ -154,43 +149,18 @@ class ReplaceLayer(io.ComfyNode):
     def execute(cls, stack, layer, image, placement, x, y, mask=None) -> io.NodeOutput:
         node = "Replace Layer"
         path = _path(node, stack, layer)
-        old = stack.get(path)
         pixels, has_alpha = rgba_from_image_and_mask(image, mask, node)
-        height, width = pixels.shape[:2]
-        box = old.drawn_box()
-        if placement in ("layer box", "fit layer box"):
-            if box is None:
-                raise ValueError(f"{node}: layer {layer} ({old.name!r}) is empty, so it has no box; use 'x, y'")
-            size = (box[2] - box[0], box[3] - box[1])
-            if placement == "fit layer box":
-                pixels = edits.fit_pixels(pixels, size)
-            elif (width, height) != size:
-                raise ValueError(
-                    f"{node}: the image is {width}x{height} but layer {layer}'s box is {size[0]}x{size[1]}; "
-                    "choose placement 'fit layer box' to resample it, or 'x, y' to place it as it is"
-                )
-            offset = (box[0], box[1])
-        elif placement == "canvas":
-            if (width, height) != stack.size:
-                raise ValueError(
-                    f"{node}: placement 'canvas' needs a {stack.width}x{stack.height} image, got {width}x{height}"
-                )
-            offset = (0, 0)
-        elif placement == "x, y":
-            offset = (int(x), int(y))
-        else:
-            raise ValueError(f"{node}: placement must be one of {PLACEMENTS}, got {placement!r}")
-        if not has_alpha:
-            region = (offset[0], offset[1], offset[0] + pixels.shape[1], offset[1] + pixels.shape[0])
-            pixels = pixels.copy()
-            pixels[..., 3] = render(old.children or (old.replace(visible=True, opacity=255),), region)[..., 3]
-        if not pixels[..., 3].any():
-            raise ValueError(
-                f"{node}: the new layer would be fully transparent (an empty mask, or an RGB image placed where "
-                f"layer {layer} has no pixels); nothing to put in its place"
-            )
-        new = crop_to_alpha(Layer(pixels, old.name, offset))
-        return io.NodeOutput(_checked(node, edits.replace_pixels, stack, path, new.pixels, offset=new.offset))
+        replaced = _checked(
+            node,
+            edits.replace_image,
+            stack,
+            path,
+            pixels,
+            has_alpha=has_alpha,
+            placement=placement,
+            position=(x, y),
+        )
+        return io.NodeOutput(replaced)
 
 
 class TransformLayer(io.ComfyNode):

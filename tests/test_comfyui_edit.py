@@ -228,7 +228,7 @@ BAD_EDITS = [
         "QwenLayeredReplaceLayer",
         {"layer": "2", "image": ["9", 0], "placement": "layer box", "x": 0, "y": 0},
         {"9": {"class_type": "EmptyImage", "inputs": {"width": 7, "height": 5, "batch_size": 1, "color": 0}}},
-        "the image is 7x5 but layer 2's box is",
+        r"the image is 7x5 but the box of layer '.*' is",
     ),
     (
         "QwenLayeredReplaceLayer",
