@@ -38,6 +38,16 @@ NODE_IDS = {
     "QwenLayeredSplitLayer",
     "QwenLayeredSaveLayerPNGs",
     "QwenLayeredLoadImageFolder",
+    "QwenLayeredLoadLayeredPSD",
+    "QwenLayeredSelectLayer",
+    "QwenLayeredReplaceLayer",
+    "QwenLayeredTransformLayer",
+    "QwenLayeredRecolorLayer",
+    "QwenLayeredRemoveLayer",
+    "QwenLayeredLayerVisibility",
+    "QwenLayeredReorderLayer",
+    "QwenLayeredMergeLayers",
+    "QwenLayeredCompositeLayers",
 }
 # each workflow: its API file workflows/api/<name>.json (for POST /prompt) and its editor twin workflows/<name>.json
 WORKFLOWS = sorted(path.stem for path in (REPO / "workflows" / "api").glob("*.json"))

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # layered_core, beside this folder
 
+from layered_core import edits  # noqa: E402
 from layered_core.layers import composite, render, render_layer  # noqa: E402
 from layered_core.synthetic import synthetic_design  # noqa: E402
 
@@ -178,11 +179,35 @@ def batch_folder(seed: int = 70) -> Image.Image:
     return canvas
 
 
+def edit_layers(seed: int = 90) -> Image.Image:
+    """The input, its layers with one edit each (inverted, recoloured, moved; the background untouched), and the
+    edited picture they make: what editing a decomposition is for."""
+    design = _design(256, 256, 4, seed)
+    edited = edits.replace_pixels(design, 1, edits.recolor_pixels(design[1].pixels, saturation=0, lightness=-0.2))
+    edited = edits.recolor(edited, 2, hue_shift=150)
+    edited = edits.move(edited, 3, -40, 30)
+    canvas = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    canvas.paste(_tile(composite(design), 100), (24, 40))
+    canvas.paste(_tile(composite(edited), 100), (196, 40))
+    _label(draw, (74, 152), "input", fill=FAINT)
+    _label(draw, (246, 152), "edited", fill=FAINT)
+    _arrow(draw, (134, 90), (186, 90))
+    _chip(draw, (160, 118), "edit")
+    size = 64
+    centres = _layer_row(canvas, _layers_of(edited), 184, size, 10)
+    for x, text in zip(centres, ("kept", "greyed", "recolor", "moved"), strict=True):
+        _label(draw, (x, 184 + size + 11), text, size=11, fill=INK if text != "kept" else FAINT)
+    _label(draw, (160, 290), "each layer alone, the rest bit-identical", size=11, fill=FAINT)
+    return canvas
+
+
 THUMBNAILS = {
     "image_to_layers": lambda: image_to_layers("Decompose"),
     "core_ksampler_interop": lambda: image_to_layers("KSampler", layer_count=3, seed=30),
     "split_layer": split_layer,
     "batch_folder": batch_folder,
+    "edit_layers": edit_layers,
 }
 
 
