@@ -210,3 +210,36 @@ def test_synthetic_designs_are_deterministic_and_have_what_they_promise():
     canvases = [render_layer(layer, 200, 150)[..., 3] > 0 for layer in stack.layers[1:]]
     overlapping = sum(bool((first & second).any()) for i, first in enumerate(canvases) for second in canvases[i + 1 :])
     assert overlapping >= 2  # occlusion
+
+
+def test_layer_paths_are_numbered_from_one_at_the_bottom_as_people_count():
+    from layered_core.layers import format_layer_path, parse_layer_path
+
+    assert parse_layer_path("1") == (0,)
+    assert parse_layer_path(" 3 / 1 ") == (2, 0)
+    assert parse_layer_path("-1") == (-1,)
+    assert format_layer_path((2, 0)) == "3/1"
+    for bad in ("0", "", "a", "2/", "1.5"):
+        with pytest.raises(ValueError, match="expected layer numbers separated by '/'"):
+            parse_layer_path(bad)
+    stack = synthetic_design(40, 30, layer_count=3, seed=1)
+    stack = attach_split(stack, 1, LayerStack(stack[1].width, stack[1].height, (Layer(stack[1].pixels, "only"),)))
+    assert parse_layer_path("2/1", stack) == (1, 0)
+    with pytest.raises(ValueError, match="layer '4' does not exist: the stack has 3 layers"):
+        parse_layer_path("4", stack)
+    with pytest.raises(ValueError, match="layer '2/2' does not exist: layer 2 has 1 layers"):
+        parse_layer_path("2/2", stack)
+
+
+def test_a_hidden_group_draws_nothing_and_a_translucent_one_mixes_with_what_is_below():
+    below = Layer(np.full((2, 2, 4), (0, 0, 200, 255), np.uint8), "blue")
+    red = Layer(np.full((2, 2, 4), (200, 0, 0, 255), np.uint8), "red")
+    green = Layer(np.full((1, 2, 4), (0, 200, 0, 255), np.uint8), "green")
+    group = Layer(np.zeros((2, 2, 4), np.uint8), "group", children=(red, green), opacity=51)
+    stack = LayerStack(2, 2, (below, group))
+    flat = composite(stack).astype(int)
+    # the group's own result (green over red in row 0, red in row 1) mixed 20 % over the blue
+    assert flat[0, 0].tolist() == [0, 40, 160, 255] and flat[1, 0].tolist() == [40, 0, 160, 255]
+    hidden = LayerStack(2, 2, (below, group.replace(visible=False)))
+    assert composite(hidden)[0, 0].tolist() == [0, 0, 200, 255]
+    assert stack.describe().splitlines()[1] == "2: 'group'  (box 0,0,2,2, opacity 51, split into 2)"
