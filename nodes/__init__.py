@@ -2,8 +2,8 @@
 
 By family: ``loaders`` (the transformer, the RGBA-VAE, Qwen2.5-VL), ``prompt`` (Encode Prompt, Auto-caption),
 ``decompose`` (Encode Image, Decompose, Decode Layers: step by step), ``pipeline`` (Image to Layers, Split
-Layer: the whole pipeline in one node), ``layer_io`` (Save PSD, Save PNG zip, Load Image Folder); ``common``
-holds what they share, ``comfy_model`` the models inside ComfyUI's model management.
+Layer: the whole pipeline in one node), ``layer_io`` (Save PSD, Save PNG zip, Load Image Folder), ``metrics``
+(Recompose PSNR); ``common`` holds what they share, ``comfy_model`` the models inside ComfyUI's model management.
 """
 
 from comfy_api.latest import ComfyExtension, io
@@ -11,6 +11,7 @@ from comfy_api.latest import ComfyExtension, io
 from .decompose import DecodeLayers, Decompose, EncodeImage
 from .layer_io import LoadImageFolder, SaveLayerPNGs, SavePSD
 from .loaders import LoadMMDiT, LoadRGBAVAE, LoadTextEncoder
+from .metrics import RecomposePSNR
 from .pipeline import ImageToLayers, SplitLayer
 from .prompt import Caption, TextEncode
 
@@ -28,6 +29,7 @@ NODES = [
     Decompose,
     DecodeLayers,
     SavePSD,
+    RecomposePSNR,
 ]
 
 

@@ -69,6 +69,27 @@ def single_image(image: torch.Tensor, node: str):
     return rgba_to_pil(rgba_from_bhwc(image))
 
 
+def image_with_mask(image: torch.Tensor, mask: torch.Tensor | None, node: str):
+    """One IMAGE as a straight-RGBA PIL image, its alpha from ``mask`` (1 = transparent) when one is given.
+
+    A mask of another size than the image is refused, except one that is all 0 (nothing transparent): LoadImage
+    gives that 64x64 placeholder for an image without alpha, and it changes nothing.
+    """
+    if mask is not None:
+        if mask.ndim == 3 and mask.shape[0] != 1:
+            raise ValueError(f"{node} takes one mask at a time, got a batch of {mask.shape[0]}")
+        mask = mask.reshape(mask.shape[-2:])
+        height, width = image.shape[1], image.shape[2]
+        if tuple(mask.shape) == (height, width):
+            image = torch.cat([image[..., :3], (1.0 - mask.to(image))[None, ..., None]], dim=-1)
+        elif bool(mask.any()):
+            raise ValueError(
+                f"{node}: the mask is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height}; connect "
+                "the mask that came with the image"
+            )
+    return single_image(image, node)
+
+
 def is_ours(vae) -> bool:
     """Whether a VAE input is this pack's RGBA-VAE (Load RGBA-VAE) rather than core's VAE."""
     return isinstance(vae, VAEPatcher)
