@@ -1,4 +1,4 @@
-"""Command line: ``python -m layered_core {decompose,edit,inspect,selftest,tiny-models}``, also the
+"""Command line: ``python -m layered_core {decompose,edit,evaluate,inspect,selftest,tiny-models}``, also the
 ``layered-core`` script (``edit`` lives in :mod:`.edit_command`).
 
 A mistake a user can fix is one line naming the flag (or file) and what was expected, exit code 2, found before
@@ -45,6 +45,7 @@ try:
     from .checkpoints.transformer import transformer_precision
     from .checkpoints.vae import vae_prefix, vae_shape
     from .edit_command import add_edit_parser, edit_command
+    from .evaluate import EvaluationError, evaluate, format_table, write_json
     from .image import IMAGE_SUFFIXES
     from .pipeline import DecomposeOptions, LayeredPipeline, is_blank_prompt
     from .progress import ProgressLogHandler, TerminalProgress, duration
@@ -394,6 +395,50 @@ def _decompose(args, progress: TerminalProgress) -> int:
     return 1 if result.failed else 0
 
 
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score decompositions against ground-truth layers with LayerD's metrics (the paper's Table 1)",
+        description="Pairs the samples of the two folders by name: <name>/ folders of PNGs (bottom to top in name "
+        "order, as LayerD's Crello layers and decompose --format png), <name>.zip (PNG zip) or <name>.psd. Prints "
+        "RGB L1 and alpha soft IoU for max merges 0..N and writes every sample's scores as JSON.",
+    )
+    p.add_argument("prediction", help="folder of predicted layer stacks (e.g. decompose --format png's --out)")
+    p.add_argument("ground_truth", help="folder of ground-truth layer stacks, the same names")
+    p.add_argument("--json", help="where the per-sample scores go (default: PREDICTION/layerd_scores.json)")
+    p.add_argument("--max-merges", type=int, default=5, help="the table's last column (default %(default)s)")
+    p.add_argument(
+        "--all-samples",
+        action="store_true",
+        help="average every sample; by default those with fewer than 2 layers on either side are left out, as "
+        "LayerD's evaluation (and so the paper) does",
+    )
+
+
+def evaluate_command(args) -> int:
+    if args.max_merges < 0:
+        print(f"error: --max-merges {args.max_merges}: expected 0 or more", file=sys.stderr)
+        return EXIT_USAGE
+    json_path = Path(args.json) if args.json else Path(args.prediction) / "layerd_scores.json"
+    if not json_path.parent.is_dir() and Path(args.prediction).is_dir():
+        print(f"error: --json {json_path}: the folder {json_path.parent} does not exist", file=sys.stderr)
+        return EXIT_USAGE
+    progress = TerminalProgress(sys.stderr)
+    try:
+        evaluation = evaluate(
+            args.prediction, args.ground_truth, args.max_merges, layerd_filter=not args.all_samples, progress=progress
+        )
+        progress.close()
+        write_json(evaluation, json_path)
+    except (EvaluationError, OSError) as e:
+        progress.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_table(evaluation))
+    print(f"every sample's scores: {json_path}")
+    return 0
+
+
 def inspect_command(args) -> int:
     failed = 0
     for path in args.paths:
@@ -421,6 +466,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     sub.add_parser("selftest", help="tiny random models through every checkpoint layout and the models")
     add_decompose_parser(sub)
     add_edit_parser(sub)
+    add_evaluate_parser(sub)
     p_tiny = sub.add_parser("tiny-models", help="write tiny random models under ComfyUI's real file names")
     p_tiny.add_argument("models_dir", help="a ComfyUI models/ folder (or any folder)")
     p_tiny.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
@@ -430,6 +476,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 COMMANDS = {
     "decompose": decompose_command,
     "edit": edit_command,
+    "evaluate": evaluate_command,
     "inspect": inspect_command,
     "selftest": lambda args: selftest_main(),
     "tiny-models": tiny_models_command,

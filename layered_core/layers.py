@@ -546,7 +546,9 @@ def composite(stack: LayerStack) -> np.ndarray:
 
     One layer over another matches PIL's ``Image.alpha_composite`` within 1/255 wherever the result is
     not fully transparent. PIL rounds to 8 bits after every layer and this rounds once, so a long chain of
-    semi-transparent layers can drift one step further from PIL (by being closer to the exact value).
+    semi-transparent layers can drift one step further from PIL (by being closer to the exact value). This is
+    the display compositing; the LayerD metrics composite as PIL does, bit for bit
+    (:func:`~layered_core.metrics.layerd_composite`).
     """
     return render(stack.layers, (0, 0, stack.width, stack.height))
 

@@ -17,6 +17,13 @@ evaluation code computes it:
 3. Up to ``max_merges`` times, the one merge of two adjacent layers, in either stack, that most improves
    the similarity (1 - cost) of the layers involved to what they are aligned with is applied, and the
    alignment is redone. The paper reports the scores after 0..5 merges.
+
+Flattening a group and merging two layers composite as LayerD does, with PIL's ``Image.alpha_composite``
+(:func:`layerd_composite`): 8-bit integer steps rounded after each layer, and where the upper pixel's alpha is
+0 the lower pixel is kept whole, colour under alpha 0 included. That colour counts, because RGB L1 reads the
+prediction's colour wherever the ground truth is visible, transparent prediction pixels too; decoded layers
+carry colour under alpha 0. The pack's display compositing (:func:`~layered_core.layers.composite`: float,
+rounded once, colour 0 where nothing is drawn) is a different job and is not used here.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .layers import Layer, LayerStack, as_rgba, composite_premultiplied, render, render_layer, rgba_from_pil
+from .layers import LayerStack, as_rgba, composite_premultiplied, render_layer, rgba_from_pil
 
 # Fidelity ------------------------------------------------------------------------------------------------
 
@@ -76,33 +83,105 @@ def fidelity(stack: LayerStack, image: np.ndarray | Image.Image) -> Fidelity:
     )
 
 
-# LayerD --------------------------------------------------------------------------------------------------
+# LayerD's compositing -----------------------------------------------------------------------------------
+
+
+def layerd_composite(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """``upper`` laid over ``lower`` (same-sized uint8 straight RGBA) as LayerD flattens and merges layers:
+    PIL's ``Image.alpha_composite(lower, upper)``, bit for bit.
+
+    Where ``upper``'s alpha is 0 the ``lower`` pixel is kept as it is, colour under alpha 0 included; elsewhere
+    the result is rounded to 8 bits, so a chain of layers rounds after each one. Not the pack's display
+    compositing (:func:`~layered_core.layers.composite`).
+    """
+    lower = as_rgba(lower, "LayerD compositing: the lower layer")
+    upper = as_rgba(upper, "LayerD compositing: the upper layer")
+    if lower.shape != upper.shape:
+        raise ValueError(
+            f"LayerD compositing: the upper layer is {upper.shape[1]}x{upper.shape[0]} but the lower one "
+            f"{lower.shape[1]}x{lower.shape[0]}"
+        )
+    out = lower.copy()
+    drawn = upper[..., 3] > 0
+    if not drawn.any():
+        return out
+    # PIL's fixed-point steps, in the same order, so every rounding falls where PIL's does. int32 holds
+    # them all: the largest, 255 * 255 * 255 * 128, is just below 2**31.
+    above, below = upper[drawn].astype(np.int32), lower[drawn].astype(np.int32)
+    upper_alpha, lower_alpha = above[:, 3:], below[:, 3:]
+    alpha_255 = upper_alpha * 255 + lower_alpha * (255 - upper_alpha)  # the result's alpha times 255, exact
+    weight = upper_alpha * (255 * 255 * 128) // alpha_255  # the upper colour's share, in 1/128 units of 0..255
+    colour = above[:, :3] * weight + below[:, :3] * (255 * 128 - weight)
+    out[drawn, :3] = _pil_divide_by_255(colour + (128 << 7)) >> 7
+    out[drawn, 3] = _pil_divide_by_255(alpha_255 + 128)[:, 0]
+    return out
+
+
+def _pil_divide_by_255(values: np.ndarray) -> np.ndarray:
+    # PIL divides by 255 with two shifts, which is not floor division for every value: the same bits as PIL
+    # need the same shifts.
+    return ((values >> 8) + values) >> 8
+
+
+def layerd_flatten(layers: Sequence[np.ndarray]) -> np.ndarray:
+    """Canvas-sized uint8 RGBA layers (bottom to top) flattened as LayerD flattens a group: each laid over the
+    result so far with :func:`layerd_composite`, starting from the bottom layer itself (not from a transparent
+    canvas, so its colour under alpha 0 stays wherever nothing above is drawn)."""
+    if not layers:
+        raise ValueError("LayerD flattening: expected at least one layer, got none")
+    flattened = as_rgba(layers[0], "LayerD flattening: layer 0")
+    for layer in layers[1:]:
+        flattened = layerd_composite(flattened, layer)
+    return flattened
+
+
+# LayerD's metrics ----------------------------------------------------------------------------------------
+
+# LayerD divides RGB L1's pixel sum by the pixel count plus this; kept, so the scores agree to float precision.
+_L1_EPSILON = 1e-8
+# LayerD's evaluation leaves out samples with fewer layers than this in the prediction or the ground truth.
+LAYERD_MIN_LAYERS = 2
 
 
 @dataclass(frozen=True)
 class LayerDScore:
-    """LayerD scores allowing up to ``merges`` merges (``merges_used`` were useful)."""
+    """One sample's LayerD scores allowing up to ``merges`` merges (``merges_used`` were useful)."""
 
     merges: int
     merges_used: int
     rgb_l1: float  # lower is better
     alpha_iou: float  # higher is better
-    cost: float  # (rgb_l1 + 1 - alpha_iou) / 2 averaged over the alignment; lower is better
+    cost: float  # (rgb_l1 + (1 - alpha_iou)) / 2 averaged over the alignment; lower is better
+    layer_counts: tuple[int, int]  # layers compared (prediction, ground truth), before grouping
+
+
+@dataclass(frozen=True)
+class LayerDMean:
+    """A row of the paper's table: LayerD scores allowing up to ``merges`` merges, averaged over ``samples``."""
+
+    merges: int
+    merges_used: float  # the mean of the samples' merges_used, not rounded (LayerD's avg_edits)
+    rgb_l1: float
+    alpha_iou: float
+    cost: float
+    samples: int
 
 
 class _Canvas:
-    """One canvas-sized RGBA layer with the float views the scores need, computed once."""
+    """One canvas-sized RGBA layer with the integer views the scores need, computed once."""
 
     def __init__(self, pixels: np.ndarray):
         self.pixels = pixels
-        self.colour = pixels[..., :3].reshape(-1, 3).astype(np.float32) * (1 / 255)
-        self.alpha = pixels[..., 3].ravel().astype(np.float32) * (1 / 255)
-        self.covered = np.flatnonzero(pixels[..., 3].ravel())
-        self.alpha_sum = float(self.alpha.sum(dtype=np.float64))
+        flat = pixels.reshape(-1, 4)
+        self.colour = flat[:, :3].astype(np.int16)  # signed, so differences do not wrap around
+        self.alpha = flat[:, 3]
+        self.covered = np.flatnonzero(self.alpha)
+        self.alpha_sum = int(self.alpha.sum(dtype=np.int64))
 
 
 def rgb_l1(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Mean absolute RGB difference (0..1) over the pixels where ``reference``'s alpha is > 0."""
+    """Mean absolute RGB difference (0..1) over the pixels where ``reference``'s alpha is > 0, read from
+    ``prediction`` whatever its alpha there."""
     return _rgb_l1(_Canvas(as_rgba(prediction)), _Canvas(as_rgba(reference)))
 
 
@@ -111,17 +190,16 @@ def alpha_soft_iou(prediction: np.ndarray, reference: np.ndarray) -> float:
     return _alpha_iou(_Canvas(as_rgba(prediction)), _Canvas(as_rgba(reference)))
 
 
+# Both scores are integer sums, exact, divided once: equal scores are equal floats, so ties stay ties.
 def _rgb_l1(prediction: _Canvas, reference: _Canvas) -> float:
     index = reference.covered
-    if index.size == 0:
-        return 0.0
-    difference = np.abs(prediction.colour[index] - reference.colour[index])
-    return float(difference.sum(dtype=np.float64)) / (3 * index.size)
+    difference = int(np.abs(prediction.colour[index] - reference.colour[index]).sum(dtype=np.int64))
+    return difference / (3 * 255) / (index.size + _L1_EPSILON)
 
 
 def _alpha_iou(prediction: _Canvas, reference: _Canvas) -> float:
     # sum(max(a, b)) = sum(a) + sum(b) - sum(min(a, b)) saves a pass over the canvas.
-    overlap = float(np.minimum(prediction.alpha, reference.alpha).sum(dtype=np.float64))
+    overlap = int(np.minimum(prediction.alpha, reference.alpha).sum(dtype=np.int64))
     union = prediction.alpha_sum + reference.alpha_sum - overlap
     return overlap / union if union > 0 else 0.0
 
@@ -142,7 +220,7 @@ class _Scorer:
 
     def cost(self, first: _Canvas, second: _Canvas) -> float:
         l1, iou = self.scores(first, second)
-        return (l1 + 1 - iou) / 2
+        return (l1 + (1 - iou)) / 2
 
 
 def group_non_overlapping(alphas: Sequence[np.ndarray]) -> list[list[int]]:
@@ -209,13 +287,8 @@ def _align(
     return path, l1, iou, float(np.mean([cost[i, j] for i, j in path]))
 
 
-def _over(width: int, height: int, lower: _Canvas, upper: _Canvas) -> _Canvas:
-    return _Canvas(render([Layer(lower.pixels), Layer(upper.pixels)], (0, 0, width, height)))
-
-
 def _best_merge(
     scorer: _Scorer,
-    size: tuple[int, int],
     edited: list[_Canvas],
     other: list[_Canvas],
     matches: list[tuple[int, int]],
@@ -238,7 +311,7 @@ def _best_merge(
         lower_group = [other[j] for e, j in matches if e == i]
         upper_group = [other[j] for e, j in matches if e == i + 1]
         before = similarity(edited[i], lower_group) + similarity(edited[i + 1], upper_group)
-        merged = _over(*size, edited[i], edited[i + 1])
+        merged = _Canvas(layerd_composite(edited[i].pixels, edited[i + 1].pixels))
         merged_lower = similarity(merged, lower_group)
         options = [merged_lower + similarity(merged, upper_group)]
         if i + 2 < len(edited):
@@ -270,15 +343,9 @@ def _stack_canvases(layers: LayerStack | Sequence[np.ndarray], what: str) -> tup
     return canvases, width, height
 
 
-def _grouped(canvases: list[np.ndarray], width: int, height: int) -> list[_Canvas]:
+def _grouped(canvases: list[np.ndarray]) -> list[_Canvas]:
     groups = group_non_overlapping([canvas[..., 3] for canvas in canvases])
-    flattened = []
-    for group in groups:
-        if len(group) == 1:
-            flattened.append(_Canvas(canvases[group[0]]))
-        else:
-            flattened.append(_Canvas(render([Layer(canvases[i]) for i in group], (0, 0, width, height))))
-    return flattened
+    return [_Canvas(layerd_flatten([canvases[index] for index in group])) for group in groups]
 
 
 def layerd_scores(
@@ -289,8 +356,9 @@ def layerd_scores(
     """LayerD metrics of ``prediction`` against the ground truth ``reference``, allowing 0..``max_merges``
     merges: one :class:`LayerDScore` per budget, the paper table's columns.
 
-    Each stack is a :class:`LayerStack` (its top-level layers are compared, a split layer as the composite
-    of its sub-layers) or a sequence of canvas-sized uint8 RGBA arrays, bottom to top.
+    Each stack is a :class:`LayerStack` (its top-level layers are compared, a split layer as its PNG export
+    draws it: the display composite of its sub-layers) or a sequence of canvas-sized uint8 RGBA arrays,
+    bottom to top, which are what LayerD's evaluation reads from its folders of PNGs.
     """
     if max_merges < 0:
         raise ValueError(f"LayerD metrics: max_merges must be >= 0, got {max_merges}")
@@ -301,18 +369,19 @@ def layerd_scores(
             f"LayerD metrics: the prediction is {width}x{height} but the ground truth is {truth_width}x{truth_height}"
         )
     scorer = _Scorer()
-    edited_prediction = _grouped(predicted, width, height)
-    edited_truth = _grouped(truth, width, height)
+    edited_prediction = _grouped(predicted)
+    edited_truth = _grouped(truth)
+    layer_counts = (len(predicted), len(truth))
 
     path, l1, iou, cost = _align(scorer, edited_prediction, edited_truth)
-    results = [LayerDScore(0, 0, l1, iou, cost)]
+    results = [LayerDScore(0, 0, l1, iou, cost, layer_counts)]
     used = 0
     while used < max_merges:
         # The side being merged goes first in the cost, as in LayerD's code (RGB L1 is measured over the
         # second argument's alpha), so the gains, and the merge chosen, are the same as there.
-        gain_p, index_p, merged_p = _best_merge(scorer, (width, height), edited_prediction, edited_truth, path)
+        gain_p, index_p, merged_p = _best_merge(scorer, edited_prediction, edited_truth, path)
         flipped = [(j, i) for i, j in path]
-        gain_t, index_t, merged_t = _best_merge(scorer, (width, height), edited_truth, edited_prediction, flipped)
+        gain_t, index_t, merged_t = _best_merge(scorer, edited_truth, edited_prediction, flipped)
         if merged_p is None and merged_t is None:
             break
         if gain_p > gain_t:
@@ -321,34 +390,51 @@ def layerd_scores(
             edited_truth[index_t : index_t + 2] = [merged_t]
         used += 1
         path, l1, iou, cost = _align(scorer, edited_prediction, edited_truth)
-        results.append(LayerDScore(used, used, l1, iou, cost))
+        results.append(LayerDScore(used, used, l1, iou, cost, layer_counts))
     # A budget larger than the useful merges scores as the last useful one (how LayerD averages them).
     last = results[-1]
     results += [
-        LayerDScore(budget, last.merges_used, last.rgb_l1, last.alpha_iou, last.cost)
+        LayerDScore(budget, last.merges_used, last.rgb_l1, last.alpha_iou, last.cost, layer_counts)
         for budget in range(len(results), max_merges + 1)
     ]
     return results
 
 
-def mean_layerd_scores(samples: Sequence[Sequence[LayerDScore]]) -> list[LayerDScore]:
-    """Average per-sample :func:`layerd_scores` lists (same ``max_merges``) into one table row per budget;
-    ``merges_used`` becomes the rounded mean."""
+def kept_by_layerd_filter(scores: Sequence[LayerDScore]) -> bool:
+    """Whether LayerD's evaluation counts a sample: both its stacks have at least :data:`LAYERD_MIN_LAYERS`
+    layers (before grouping)."""
+    return min(scores[0].layer_counts) >= LAYERD_MIN_LAYERS
+
+
+def mean_layerd_scores(samples: Sequence[Sequence[LayerDScore]], *, layerd_filter: bool = False) -> list[LayerDMean]:
+    """Average per-sample :func:`layerd_scores` lists (same ``max_merges``) into one table row per budget.
+
+    With ``layerd_filter`` the samples :func:`kept_by_layerd_filter` refuses are left out, as LayerD's
+    evaluation does: on for the paper's numbers.
+    """
     if not samples:
         raise ValueError("mean LayerD scores: expected at least one sample, got none")
     budgets = len(samples[0])
     if any(len(sample) != budgets for sample in samples):
         raise ValueError("mean LayerD scores: every sample must be scored with the same max_merges")
+    if layerd_filter:
+        samples = [sample for sample in samples if kept_by_layerd_filter(sample)]
+        if not samples:
+            raise ValueError(
+                f"mean LayerD scores: no sample has {LAYERD_MIN_LAYERS} or more layers in both the prediction and "
+                "the ground truth, so LayerD's filter leaves none"
+            )
     table = []
     for budget in range(budgets):
         rows = [sample[budget] for sample in samples]
         table.append(
-            LayerDScore(
+            LayerDMean(
                 merges=budget,
-                merges_used=round(float(np.mean([row.merges_used for row in rows]))),
+                merges_used=float(np.mean([row.merges_used for row in rows])),
                 rgb_l1=float(np.mean([row.rgb_l1 for row in rows])),
                 alpha_iou=float(np.mean([row.alpha_iou for row in rows])),
                 cost=float(np.mean([row.cost for row in rows])),
+                samples=len(rows),
             )
         )
     return table

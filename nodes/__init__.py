@@ -4,7 +4,8 @@ By family: ``loaders`` (the transformer, the RGBA-VAE, Qwen2.5-VL), ``prompt`` (
 ``decompose`` (Encode Image, Decompose, Decode Layers: step by step), ``pipeline`` (Image to Layers, Split
 Layer: the whole pipeline in one node), ``layer_io`` (Save PSD, Save PNG zip, Load Layered PSD, Load Image
 Folder), ``edit`` (Select, Replace, Transform, Recolor, Remove, Hide/Show, Reorder, Merge and Composite
-Layers); ``common`` holds what they share, ``comfy_model`` the models inside ComfyUI's model management.
+Layers), ``metrics`` (Recompose PSNR); ``common`` holds what they share, ``comfy_model`` the models inside
+ComfyUI's model management.
 """
 
 from comfy_api.latest import ComfyExtension, io
@@ -13,6 +14,7 @@ from . import edit
 from .decompose import DecodeLayers, Decompose, EncodeImage
 from .layer_io import LoadImageFolder, LoadLayeredPSD, SaveLayerPNGs, SavePSD
 from .loaders import LoadMMDiT, LoadRGBAVAE, LoadTextEncoder
+from .metrics import RecomposePSNR
 from .pipeline import ImageToLayers, SplitLayer
 from .prompt import Caption, TextEncode
 
@@ -32,6 +34,7 @@ NODES = [
     SavePSD,
     LoadLayeredPSD,
     *edit.NODES,
+    RecomposePSNR,
 ]
 
 

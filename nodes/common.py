@@ -70,34 +70,40 @@ def single_image(image: torch.Tensor, node: str):
     return rgba_to_pil(rgba_from_bhwc(image))
 
 
-# LoadImage's MASK for a file without alpha: zeros of this size, whatever the image's size.
-_NO_ALPHA_MASK_SIZE = (64, 64)
-
-
 def rgba_from_image_and_mask(image: torch.Tensor, mask: torch.Tensor | None, node: str) -> tuple[np.ndarray, bool]:
     """One IMAGE (+ an optional MASK in core's convention, 1 = transparent) as uint8 straight RGBA, and whether
-    it carries transparency (a MASK, or an IMAGE with 4 channels). LoadImage's placeholder for an opaque file
-    (a 64x64 mask of zeros) counts as no mask; any other mask must be the image's size."""
+    it carries transparency (a MASK, or an IMAGE with 4 channels).
+
+    A mask of another size than the image is refused, except one that is all 0 (nothing transparent): LoadImage
+    gives that 64x64 placeholder for an image without alpha, and it changes nothing.
+    """
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(f"{node} takes one image at a time, got an IMAGE of shape {tuple(image.shape)}")
     pixels = rgba_from_bhwc(image)
     has_alpha = image.shape[-1] == 4
     if mask is None:
         return pixels, has_alpha
-    values = mask.detach().float().cpu()
-    values = values[0] if values.ndim == 3 and values.shape[0] == 1 else values
-    if values.ndim != 2:
+    if mask.ndim == 3 and mask.shape[0] != 1:
+        raise ValueError(f"{node} takes one mask at a time, got a batch of {mask.shape[0]}")
+    if mask.ndim not in (2, 3):
         raise ValueError(f"{node}: expected one MASK [1, H, W], got shape {tuple(mask.shape)}")
-    size = tuple(values.shape)
-    if size != pixels.shape[:2]:
-        if size == _NO_ALPHA_MASK_SIZE and not values.any():
+    values = mask.detach().float().cpu().reshape(mask.shape[-2:])
+    if tuple(values.shape) != pixels.shape[:2]:
+        if not values.any():
             return pixels, has_alpha
         raise ValueError(
-            f"{node}: the mask is {size[1]}x{size[0]} but the image is {pixels.shape[1]}x{pixels.shape[0]}"
+            f"{node}: the mask is {values.shape[1]}x{values.shape[0]} but the image is "
+            f"{pixels.shape[1]}x{pixels.shape[0]}; connect the mask that came with the image"
         )
     pixels = pixels.copy()
     pixels[..., 3] = np.clip(np.floor((1 - values.numpy()) * 255 + 0.5), 0, 255).astype(np.uint8)
     return pixels, True
+
+
+def image_with_mask(image: torch.Tensor, mask: torch.Tensor | None, node: str):
+    """One IMAGE as a straight-RGBA PIL image, its alpha from ``mask`` (1 = transparent) when one is given;
+    see :func:`rgba_from_image_and_mask`."""
+    return rgba_to_pil(rgba_from_image_and_mask(image, mask, node)[0])
 
 
 def is_ours(vae) -> bool:

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from layered_core.image import bucket_size
+from layered_core.evaluate import read_sample
+from layered_core.image import bucket_size, open_image, resize_rgba
+from layered_core.metrics import fidelity
 from layered_core.tiny_models import COMFY_FILES
 
 from .comfy_server import BATCH, BATCH_SIZES, COMFYUI, PYTHON, REPO, Server, batch_folder, missing_comfyui, prepare_base
@@ -48,6 +50,7 @@ NODE_IDS = {
     "QwenLayeredReorderLayer",
     "QwenLayeredMergeLayers",
     "QwenLayeredCompositeLayers",
+    "QwenLayeredRecomposePSNR",
 }
 # each workflow: its API file workflows/api/<name>.json (for POST /prompt) and its editor twin workflows/<name>.json
 WORKFLOWS = sorted(path.stem for path in (REPO / "workflows" / "api").glob("*.json"))
@@ -561,6 +564,53 @@ def test_the_caption_is_shown_on_its_node_and_not_logged_at_info(server):
     assert any(path.endswith("/show_text.js") for path in extensions), extensions
 
 
+def test_recompose_psnr_is_shown_beside_the_layers(server):
+    """The node's PSNR is metrics.fidelity's of the stack (read back from the PSD saved beside it) against the
+    input resized to the canvas; LoadImage's 64x64 placeholder mask of an opaque image changes nothing."""
+    running, base = server
+    model = {"model_name": COMFY_FILES["bf16"].split("/")[-1], "weight_dtype": "default"}
+    workflow = {
+        "1": {"class_type": "QwenLayeredLoadMMDiT", "inputs": model},
+        "2": {"class_type": "QwenLayeredLoadRGBAVAE", "inputs": {"vae_name": COMFY_FILES["vae"].split("/")[-1]}},
+        "3": {"class_type": "QwenLayeredLoadTextEncoder", "inputs": {"folder": "Qwen2.5-VL-7B-Instruct-tiny"}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "5": {
+            "class_type": "QwenLayeredImageToLayers",
+            "inputs": {
+                "model": ["1", 0],
+                "vae": ["2", 0],
+                "text_encoder": ["3", 0],
+                "image": ["4", 0],
+                "prompt": "a test",
+                "layers": 2,
+                "steps": 2,
+                "cfg": 4.0,
+                "cfg_normalize": True,
+                "resolution": "640",
+                "seed": 0,
+            },
+        },
+        "6": {
+            "class_type": "QwenLayeredRecomposePSNR",
+            "inputs": {"image": ["4", 0], "stack": ["5", 3], "mask": ["4", 1]},
+        },
+        "7": {"class_type": "PreviewAny", "inputs": {"source": ["6", 0]}},
+        "8": {"class_type": "QwenLayeredSavePSD", "inputs": {"stack": ["5", 3], "filename_prefix": "psnr_check/stack"}},
+    }
+    history = running.run(workflow)
+    assert history["status"]["status_str"] == "success", history["status"]
+    stack = read_sample(base / "output" / "psnr_check" / "stack_00001_.psd")
+    image = open_image(base / "input" / "example.png")
+    expected = fidelity(stack, resize_rgba(image, stack.size))
+    (shown,) = history["outputs"]["6"]["text"]
+    assert shown == (
+        f"recompose PSNR {expected.psnr:.2f} dB, largest error {expected.max_error * 255:.0f}/255, at "
+        f"{stack.width}x{stack.height} (the image resized from {image.width}x{image.height})"
+    )
+    (value,) = history["outputs"]["7"]["text"]
+    assert float(value) == pytest.approx(expected.psnr, rel=1e-9)
+
+
 def test_the_pack_reaches_its_core_through_its_own_package(tmp_path):
     """The pack puts nothing on sys.path: a module of the same name elsewhere, and a second copy of the pack,
     load beside it without either taking the other's place."""
@@ -677,7 +727,13 @@ TEXTAREA_MIN_HEIGHT = 50  # a multiline STRING: a DOM textarea, at least 50 px
 PREVIEW_MIN_HEIGHT = 220  # the image preview widget the editor adds when a node has images to show
 # Nodes that show a read-only text (a textarea) on the node after a run: this pack's, added by its JS, and
 # core's Get Image Size (its progress text).
-TEXT_AFTER_RUN = {"QwenLayeredCaption", "QwenLayeredImageToLayers", "QwenLayeredLoadImageFolder", "GetImageSize"}
+TEXT_AFTER_RUN = {
+    "QwenLayeredCaption",
+    "QwenLayeredImageToLayers",
+    "QwenLayeredLoadImageFolder",
+    "QwenLayeredRecomposePSNR",
+    "GetImageSize",
+}
 
 
 def _title_font(px: int = 14):
