@@ -33,6 +33,7 @@ class RecomposePSNR(io.ComfyNode):
                     display_name="psnr", tooltip="dB; higher is more faithful, inf when the composite is the image"
                 )
             ],
+            is_output_node=True,  # it shows its figure on the node, so it runs without a node after it
         )
 
     @classmethod

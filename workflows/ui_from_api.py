@@ -47,6 +47,7 @@ SHOWS_TEXT_AFTER_RUN = {
     "QwenLayeredLoadImageFolder",
     "QwenLayeredSelectLayer",
     "QwenLayeredLoadLayeredPSD",
+    "QwenLayeredRecomposePSNR",
     "GetImageSize",
 }
 MIN_WIDTH = 240
