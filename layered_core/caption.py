@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,20 @@ def _check_model(model) -> None:
     rope_type = getattr(language_model.rotary_emb, "rope_type", "default")
     if not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope":
         raise FastPathUnavailable(f"rotary embedding {rope_type!r} changes with the sequence length")
+    if getattr(text_config, "hidden_act", "silu") != "silu":
+        raise FastPathUnavailable(f"the MLP's activation is {text_config.hidden_act!r}, not silu")
+    for index, layer in enumerate(language_model.layers):
+        attention, mlp = layer.self_attn, layer.mlp
+        linears = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, *_mlp_linears(mlp))
+        # a LoRA wrapper, a quantised linear or another norm would compute something else than their weights here
+        if any(type(linear) is not torch.nn.Linear for linear in linears):
+            raise FastPathUnavailable(f"layer {index} has a linear layer that is not torch.nn.Linear")
+        with_bias = [linear.bias is not None for linear in linears]
+        if with_bias != [True, True, True, False, False, False, False]:
+            raise FastPathUnavailable(f"layer {index}'s linear layers have biases {with_bias}, not Qwen2's")
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if getattr(norm, "variance_epsilon", None) != text_config.rms_norm_eps:
+                raise FastPathUnavailable(f"layer {index}'s norm is a {type(norm).__name__}, not Qwen2's RMSNorm")
     devices = {p.device for p in model.parameters()}
     if len(devices) != 1 or next(iter(devices)).type == "meta":
         raise FastPathUnavailable(f"the weights are on {sorted(map(str, devices))}, not on one device")
@@ -133,7 +148,67 @@ def _check_model(model) -> None:
         raise FastPathUnavailable("the model has accelerate hooks (offloaded or dispatched weights)")
 
 
+def _mlp_linears(mlp) -> tuple:
+    return mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+
 # --------------------------------------------------------------------------- the pieces of one step
+
+
+class LayerWeights(NamedTuple):
+    """One decoder layer's tensors, what :func:`decode_layer` computes with."""
+
+    input_norm: torch.Tensor
+    q_weight: torch.Tensor
+    q_bias: torch.Tensor
+    k_weight: torch.Tensor
+    k_bias: torch.Tensor
+    v_weight: torch.Tensor
+    v_bias: torch.Tensor
+    o_weight: torch.Tensor
+    post_norm: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @classmethod
+    def of(cls, layer) -> LayerWeights:
+        attention = layer.self_attn
+        q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+        gate, up, down = _mlp_linears(layer.mlp)
+        return cls(
+            layer.input_layernorm.weight,
+            q.weight,
+            q.bias,
+            k.weight,
+            k.bias,
+            v.weight,
+            v.bias,
+            attention.o_proj.weight,
+            layer.post_attention_layernorm.weight,
+            gate.weight,
+            up.weight,
+            down.weight,
+        )
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What every decoder layer shares: head counts and size, the attention's scale, the norms' epsilon."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+    eps: float
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2's RMSNorm: normalised in float32, back in x's dtype, times the weight (transformers' arithmetic, in its
+    order, so the eager result is bit for bit the model's own)."""
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -143,6 +218,38 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x * cos) + (rotated * sin)
+
+
+def decode_layer(
+    hidden: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+    position: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    weights: LayerWeights,
+    shape: LayerShape,
+) -> torch.Tensor:
+    """One Qwen2 decoder layer for one token (1, 1, hidden): its key and value written into ``keys``/``values``
+    (1, kv_heads, capacity, head_dim) at slot ``position``, attention over the slots ``mask`` leaves open (an
+    additive (1, 1, 1, capacity) mask), the MLP; the arithmetic of the model's own eager layer except for the
+    attention kernel. A pure function of its tensors, so one compilation serves every layer."""
+    x = rms_norm(hidden, weights.input_norm, shape.eps)
+    query = F.linear(x, weights.q_weight, weights.q_bias).view(1, 1, shape.heads, shape.head_dim).transpose(1, 2)
+    key = F.linear(x, weights.k_weight, weights.k_bias).view(1, 1, shape.kv_heads, shape.head_dim).transpose(1, 2)
+    value = F.linear(x, weights.v_weight, weights.v_bias).view(1, 1, shape.kv_heads, shape.head_dim).transpose(1, 2)
+    # query and key heads rotated in one pass (elementwise: the same values as two)
+    rotated = rotate(torch.cat((query, key), dim=1), *rope)
+    query, key = rotated[:, : shape.heads], rotated[:, shape.heads :]
+    keys.index_copy_(2, position, key)
+    values.index_copy_(2, position, value)
+    # One query token: its heads regrouped under their key/value head, so no key/value copy per query head
+    # (query head h reads key/value head h // group, as transformers' repeat_kv pairs them).
+    grouped = query.reshape(1, shape.kv_heads, shape.heads // shape.kv_heads, shape.head_dim)
+    attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=shape.scaling)
+    hidden = hidden + F.linear(attended.reshape(1, 1, shape.heads * shape.head_dim), weights.o_weight)
+    x = rms_norm(hidden, weights.post_norm, shape.eps)
+    return hidden + F.linear(F.silu(F.linear(x, weights.gate)) * F.linear(x, weights.up), weights.down)
 
 
 def penalize(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -191,10 +298,14 @@ class GreedyDecoder:
     """Greedy decoding of a Qwen2.5-VL model with generate()'s tokens (see the module's docstring).
 
     Keeps its cache and captured graph between calls while they fit and the weights stay where they were; a
-    longer request, another penalty or moved weights build them again.
+    longer request, another penalty or moved weights build them again. ``compile_step`` runs the step through
+    torch.compile (fusing each layer's elementwise work into a few kernels, at the cost of compiling it on the first
+    call; its rounding is not the eager layers', so its tokens can part from generate's in low precision).
     """
 
-    def __init__(self, model, check_every: int = DEFAULT_CHECK_EVERY, cuda_graph: bool = True):
+    def __init__(
+        self, model, check_every: int = DEFAULT_CHECK_EVERY, cuda_graph: bool = True, compile_step: bool = False
+    ):
         _check_model(model)
         self.model = model
         language_model = model.model.language_model
@@ -204,12 +315,23 @@ class GreedyDecoder:
         self._rotary = language_model.rotary_emb
         self._head = model.lm_head
         text_config = language_model.config
-        self._heads = text_config.num_attention_heads
-        self._kv_heads = text_config.num_key_value_heads
-        self._head_dim = self._layers[0].self_attn.head_dim
+        attention = self._layers[0].self_attn
+        self._shape = LayerShape(
+            text_config.num_attention_heads,
+            text_config.num_key_value_heads,
+            attention.head_dim,
+            float(attention.scaling),
+            float(text_config.rms_norm_eps),
+        )
         self._vocab = self._head.out_features
         self.check_every = check_every
         self.cuda_graph = cuda_graph
+        # Compiled per layer, not per step: one graph of one layer serves all of them, so compiling takes the time
+        # of one layer. fullgraph: a break would put host code inside the step, which a CUDA graph cannot hold.
+        self._decode_layer = (
+            torch.compile(decode_layer, dynamic=False, fullgraph=True) if compile_step else decode_layer
+        )
+        self._weights: list[LayerWeights] = []
         self._buffers: _Buffers | None = None
         forward = inspect.signature(model.forward).parameters
         self._prefill_kwargs = {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in forward else {})}
@@ -307,34 +429,18 @@ class GreedyDecoder:
         # the slots not yet written, as the additive mask SDPA would make of a boolean one, made once for all layers
         unfilled = (buffers.slots > buffers.position).view(1, 1, 1, -1)
         mask = torch.zeros(unfilled.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(unfilled, -math.inf)
-        for layer, keys, values in zip(self._layers, buffers.keys, buffers.values, strict=True):
-            hidden = self._layer(layer, hidden, cos, sin, keys, values, buffers.position, mask)
+        for weights, keys, values in zip(self._weights, buffers.keys, buffers.values, strict=True):
+            hidden = self._decode_layer(hidden, (cos, sin), mask, buffers.position, keys, values, weights, self._shape)
         logits = self._head(self._norm(hidden))
         self._pick(logits[:, -1].float(), buffers)
         buffers.position.add_(1)
-
-    def _layer(self, layer, hidden, cos, sin, keys, values, position, mask) -> torch.Tensor:
-        """One decoder layer for one token, through the layer's own norms, projections and MLP."""
-        attention = layer.self_attn
-        x = layer.input_layernorm(hidden)
-        shape = (1, 1, -1, self._head_dim)
-        query = attention.q_proj(x).view(shape).transpose(1, 2)
-        key = attention.k_proj(x).view(shape).transpose(1, 2)
-        value = attention.v_proj(x).view(shape).transpose(1, 2)
-        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
-        keys.index_copy_(2, position, key)
-        values.index_copy_(2, position, value)
-        # One query token: its heads regrouped under their key/value head, so no key/value copy per query head
-        # (query head h reads key/value head h // group, as transformers' repeat_kv pairs them).
-        grouped = query.reshape(1, self._kv_heads, self._heads // self._kv_heads, self._head_dim)
-        attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=attention.scaling)
-        hidden = hidden + attention.o_proj(attended.reshape(1, 1, self._heads * self._head_dim))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     # -- the cache and the graph --------------------------------------------------------------------------
 
     def _buffers_for(self, length: int, penalty: float, device: torch.device) -> _Buffers:
         """Buffers for ``length`` tokens (prompt and new), reused when they still fit; the step captured on CUDA."""
+        # taken again each call: moving the model (between devices, to another dtype) can give it new tensors
+        self._weights = [LayerWeights.of(layer) for layer in self._layers]
         weights = tuple(p.data_ptr() for p in self.model.parameters())
         buffers = self._buffers
         reusable = (
@@ -356,7 +462,7 @@ class GreedyDecoder:
 
     def _allocate(self, capacity: int, penalty: float, device: torch.device) -> _Buffers:
         dtype = self._head.weight.dtype
-        shape = (1, self._kv_heads, capacity, self._head_dim)
+        shape = (1, self._shape.kv_heads, capacity, self._shape.head_dim)
 
         def long(*size):
             return torch.zeros(size, dtype=torch.long, device=device)
@@ -387,7 +493,7 @@ class GreedyDecoder:
         stream.wait_stream(torch.cuda.current_stream(device))
         try:
             with torch.cuda.stream(stream):
-                for _ in range(2):  # kernel selection and library handles happen outside the capture
+                for _ in range(2):  # compilation, kernel selection and library handles happen before the capture
                     self._step(buffers)
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()

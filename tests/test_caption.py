@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
+from layered_core import caption
 from layered_core.caption import (
     FastPathUnavailable,
     GreedyDecoder,
+    LayerWeights,
     greedy_settings,
     penalize,
+    rms_norm,
     select_next,
 )
 from layered_core.text import PromptEncoder
@@ -96,6 +101,18 @@ def test_end_token_inside_a_block_of_steps(encoder, check_every):
     assert len(tokens) <= 10
 
 
+def test_compiled_step_gives_the_same_tokens(encoder, monkeypatch):
+    # aot_eager traces and functionalises the step as inductor would (no graph break allowed), without a C++ build
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    inputs = encoder.caption_inputs(noise(13))
+    config = encoder.greedy_config(20)
+    config.eos_token_id = int(generate_tokens(encoder.model, inputs, config)[14])
+    expected = generate_tokens(encoder.model, inputs, config)
+    decoder = GreedyDecoder(encoder.model, check_every=4, compile_step=True)
+    assert decoder.generate(inputs, greedy_settings(encoder.model, config, inputs)).tolist() == expected.tolist()
+    assert len(expected) <= 15
+
+
 def test_min_new_tokens_holds_off_the_end_token_like_generate(encoder, caplog):
     inputs = encoder.caption_inputs(noise(6))
     free_run = generate_tokens(encoder.model, inputs, encoder.greedy_config(24))
@@ -126,18 +143,21 @@ def test_other_repetition_penalties_like_generate(encoder, caplog, penalty):
     assert tokens.tolist() != generate_tokens(encoder.model, inputs, config).tolist()
 
 
-def test_cache_and_state_reused_across_captions(encoder, caplog):
+def test_cache_and_state_reused_across_captions(encoder, caplog, monkeypatch):
+    monkeypatch.setattr(caption, "CACHE_GRANULE", 128)  # a rebuild within a hundred tokens
     small, large = encoder.caption_inputs(noise(8)), encoder.caption_inputs(noise(9, (112, 112)))
     config = encoder.greedy_config(20)
+    encoder._decoder = None
     first = assert_fast_path_equals_generate(encoder, small, config, caplog)
     buffers = encoder._decoder._buffers
+    assert large["input_ids"].shape[1] + 20 <= buffers.capacity
     assert_fast_path_equals_generate(encoder, large, config, caplog)
     assert encoder._decoder._buffers is buffers  # both fit one cache: nothing is rebuilt
     # nothing of the previous caption leaks into the next one (seen tokens, positions, end tokens)
     assert encoder.caption_tokens(small, config).tolist() == first.tolist()
-    longer = encoder.greedy_config(buffers.capacity)
+    longer = encoder.greedy_config(buffers.capacity - small["input_ids"].shape[1] + 1)
     assert_fast_path_equals_generate(encoder, small, longer, caplog)
-    assert encoder._decoder._buffers.capacity > buffers.capacity
+    assert encoder._decoder._buffers.capacity == buffers.capacity + 128
 
 
 def test_weights_that_moved_get_a_new_cache(caplog):
@@ -152,6 +172,18 @@ def test_weights_that_moved_get_a_new_cache(caplog):
     assert_fast_path_equals_generate(encoder, inputs, config, caplog)
     assert encoder._decoder._buffers is not buffers
     assert encoder._decoder._buffers.keys[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_and_layer_are_the_models_own_arithmetic(encoder, dtype):
+    layer = copy.deepcopy(encoder.model.model.language_model.layers[0]).to(dtype)
+    hidden = torch.randn(1, 1, 48, generator=torch.Generator().manual_seed(0)).to(dtype)
+    norm = layer.input_layernorm
+    assert torch.equal(rms_norm(hidden, norm.weight, norm.variance_epsilon), norm(hidden))
+    mlp_input = rms_norm(hidden, layer.post_attention_layernorm.weight, norm.variance_epsilon)
+    weights = LayerWeights.of(layer)
+    mlp = F.linear(F.silu(F.linear(mlp_input, weights.gate)) * F.linear(mlp_input, weights.up), weights.down)
+    assert torch.equal(mlp, layer.mlp(layer.post_attention_layernorm(hidden)))
 
 
 def test_penalty_equals_transformers_processor():
@@ -212,6 +244,14 @@ def test_inputs_and_models_that_go_through_generate(encoder, caplog):
         greedy_settings(encoder.model, config, padded)
     with pytest.raises(FastPathUnavailable, match="not a Qwen2_5_VLForConditionalGeneration"):
         greedy_settings(encoder.model.model, config, inputs)
+
+    wrapped = copy.deepcopy(encoder.model)
+    # what a LoRA or a quantisation wrapper looks like to the decoder: a projection it cannot reduce to its weights
+    wrapped.model.language_model.layers[1].mlp.up_proj = torch.nn.Sequential(
+        wrapped.model.language_model.layers[1].mlp.up_proj
+    )
+    with pytest.raises(FastPathUnavailable, match="layer 1 has a linear layer that is not torch.nn.Linear"):
+        greedy_settings(wrapped, config, inputs)
 
     encoder.model.train()
     try:
