@@ -3,10 +3,13 @@
 ``generate`` spends most of a caption outside the GPU's arithmetic: each token it grows the key/value cache by
 concatenation, rebuilds masks and positions, and runs its logits processors as separate host-driven steps. Here the
 prompt goes once through the model's own forward (vision tower, 3D rotary positions, the first logits and the
-prompt's keys and values). Each later token is one step over a preallocated key/value cache that calls the model's
-own layers and weights, with the repetition penalty, the minimum-length rule and the argmax on the device. On CUDA
-that step is captured once as a CUDA graph and replayed; the host reads the tokens back every few steps to find the
-end token and drops the steps run past it. On the CPU the same step runs eagerly: the parity tests run it there.
+prompt's keys and values). Each later token is one step over a preallocated key/value cache, computed from the
+model's weights with the arithmetic of its own eager layers, with the repetition penalty, the minimum-length rule and
+the argmax on the device. On CUDA the pieces of a step between two attentions are captured once as CUDA graphs and
+replayed; each attention runs between them as the very call transformers makes (over exactly the cached length, which
+the host knows without asking the GPU), so the tokens are generate's in bf16 too, not only in float32. The host reads
+the tokens back every few steps to find the end token and drops the steps run past it. On the CPU the same pieces
+run eagerly: the parity tests run them there.
 
 The step does what ``generate`` does under greedy settings (no sampling, one beam): its repetition penalty over the
 prompt and the generated tokens, its minimum-length rules, the argmax, and the stop at an end token or at
@@ -220,34 +223,44 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (x * cos) + (rotated * sin)
 
 
-def decode_layer(
+def attention_inputs(
     hidden: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor],
-    mask: torch.Tensor,
     position: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     weights: LayerWeights,
     shape: LayerShape,
 ) -> torch.Tensor:
-    """One Qwen2 decoder layer for one token (1, 1, hidden): its key and value written into ``keys``/``values``
-    (1, kv_heads, capacity, head_dim) at slot ``position``, attention over the slots ``mask`` leaves open (an
-    additive (1, 1, 1, capacity) mask), the MLP; the arithmetic of the model's own eager layer except for the
-    attention kernel. A pure function of its tensors, so one compilation serves every layer."""
+    """A decoder layer up to its attention, for one token (1, 1, hidden): the query (1, heads, 1, head_dim) returned,
+    the rotated key and the value written into ``keys``/``values`` (1, kv_heads, capacity, head_dim) at slot
+    ``position``. The model's own eager arithmetic; a pure function of its tensors, so one compilation serves every
+    layer."""
     x = rms_norm(hidden, weights.input_norm, shape.eps)
     query = F.linear(x, weights.q_weight, weights.q_bias).view(1, 1, shape.heads, shape.head_dim).transpose(1, 2)
     key = F.linear(x, weights.k_weight, weights.k_bias).view(1, 1, shape.kv_heads, shape.head_dim).transpose(1, 2)
     value = F.linear(x, weights.v_weight, weights.v_bias).view(1, 1, shape.kv_heads, shape.head_dim).transpose(1, 2)
     # query and key heads rotated in one pass (elementwise: the same values as two)
     rotated = rotate(torch.cat((query, key), dim=1), *rope)
-    query, key = rotated[:, : shape.heads], rotated[:, shape.heads :]
-    keys.index_copy_(2, position, key)
+    keys.index_copy_(2, position, rotated[:, shape.heads :])
     values.index_copy_(2, position, value)
-    # One query token: its heads regrouped under their key/value head, so no key/value copy per query head
-    # (query head h reads key/value head h // group, as transformers' repeat_kv pairs them).
-    grouped = query.reshape(1, shape.kv_heads, shape.heads // shape.kv_heads, shape.head_dim)
-    attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=shape.scaling)
-    hidden = hidden + F.linear(attended.reshape(1, 1, shape.heads * shape.head_dim), weights.o_weight)
+    return rotated[:, : shape.heads]
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, scaling: float) -> torch.Tensor:
+    """One query token over the first ``length`` cached slots: the call transformers' SDPA attention makes for a
+    decoding step (no mask, grouped key/value heads), so the kernel and its rounding are the same."""
+    return F.scaled_dot_product_attention(
+        query, keys[:, :, :length], values[:, :, :length], scale=scaling, enable_gqa=True
+    )
+
+
+def layer_output(
+    hidden: torch.Tensor, attended: torch.Tensor, weights: LayerWeights, shape: LayerShape
+) -> torch.Tensor:
+    """A decoder layer from its attention's output (1, heads, 1, head_dim) on: output projection, residual, MLP,
+    residual (the model's own eager arithmetic)."""
+    hidden = hidden + F.linear(attended.transpose(1, 2).reshape(1, 1, shape.heads * shape.head_dim), weights.o_weight)
     x = rms_norm(hidden, weights.post_norm, shape.eps)
     return hidden + F.linear(F.silu(F.linear(x, weights.gate)) * F.linear(x, weights.up), weights.down)
 
@@ -270,13 +283,13 @@ def select_next(scores: torch.Tensor, seen: torch.Tensor, banned: torch.Tensor, 
 
 
 @dataclass
+@dataclass
 class _Buffers:
     """The decoder's device state: the key/value cache and every tensor a step reads or writes, at fixed
-    addresses so a captured graph can replay over them."""
+    addresses so captured graphs can replay over them."""
 
     keys: list[torch.Tensor]  # per layer (1, kv_heads, capacity, head_dim)
     values: list[torch.Tensor]
-    slots: torch.Tensor  # (capacity,) 0..capacity-1, for the mask of filled slots
     token: torch.Tensor  # (1, 1) the token a step feeds in
     position: torch.Tensor  # (1,) its cache slot, which is also its index in the sequence
     rope_delta: torch.Tensor  # (1,) rotary position minus sequence index for text after the image (mrope)
@@ -285,22 +298,32 @@ class _Buffers:
     seen: torch.Tensor  # (1, vocab) bool: in the prompt or generated
     eos: torch.Tensor  # (vocab,) bool
     out: torch.Tensor  # (capacity,) the new tokens
+    # what passes between the pieces of a step
+    hidden: torch.Tensor  # (1, 1, hidden)
+    cos: torch.Tensor  # (1, 1, head_dim) the rotary tables of this step's position
+    sin: torch.Tensor
+    query: torch.Tensor  # (1, heads, 1, head_dim)
+    attended: torch.Tensor  # (1, heads, 1, head_dim)
     penalty: float
-    graph: torch.cuda.CUDAGraph | None = None
-    weights: tuple[int, ...] = ()  # data pointers the graph was captured over
+    graphs: list[torch.cuda.CUDAGraph] | None = None  # the pieces of a step, captured
+    weights: tuple[int, ...] = ()  # data pointers the graphs were captured over
 
     @property
     def capacity(self) -> int:
-        return self.slots.shape[0]
+        return self.out.shape[0]
 
 
 class GreedyDecoder:
     """Greedy decoding of a Qwen2.5-VL model with generate()'s tokens (see the module's docstring).
 
-    Keeps its cache and captured graph between calls while they fit and the weights stay where they were; a
-    longer request, another penalty or moved weights build them again. ``compile_step`` runs the step through
-    torch.compile (fusing each layer's elementwise work into a few kernels, at the cost of compiling it on the first
-    call; its rounding is not the eager layers', so its tokens can part from generate's in low precision).
+    A step runs in pieces: before the first layer's attention, between two layers' attentions, after the last
+    one. On CUDA each piece is captured as a CUDA graph; the attentions run eagerly between them, over exactly the
+    cached length (which the host knows without asking the GPU), so that each is the very call transformers makes
+    and rounds as it does. Keeps its cache and graphs between calls while they fit and the weights stay where they
+    were; a longer request, another penalty or moved weights build them again. ``compile_step`` runs the pieces
+    of the layers through torch.compile, which fuses their elementwise work into fewer kernels after a compilation
+    on the first call; its rounding is not the eager layers', so its tokens can part from generate's in low
+    precision.
     """
 
     def __init__(
@@ -326,11 +349,11 @@ class GreedyDecoder:
         self._vocab = self._head.out_features
         self.check_every = check_every
         self.cuda_graph = cuda_graph
-        # Compiled per layer, not per step: one graph of one layer serves all of them, so compiling takes the time
-        # of one layer. fullgraph: a break would put host code inside the step, which a CUDA graph cannot hold.
-        self._decode_layer = (
-            torch.compile(decode_layer, dynamic=False, fullgraph=True) if compile_step else decode_layer
-        )
+        # Compiled as pure functions of a layer's tensors: one compilation serves all layers. fullgraph: a break
+        # would put host code inside a piece, which a CUDA graph cannot hold.
+        compiled = torch.compile(dynamic=False, fullgraph=True) if compile_step else (lambda fn: fn)
+        self._attention_inputs = compiled(attention_inputs)
+        self._layer_output = compiled(layer_output)
         self._weights: list[LayerWeights] = []
         self._buffers: _Buffers | None = None
         forward = inspect.signature(model.forward).parameters
@@ -342,7 +365,7 @@ class GreedyDecoder:
     ) -> torch.Tensor:
         """The new tokens (1-D, on the CPU) that ``generate(**inputs)`` returns after the prompt: up to
         ``settings.max_new_tokens``, through the first end token. With ``seconds``, waits for the GPU after each
-        phase and records "prefill" (vision tower and prompt), "capture" (cache and graph, 0 when reused) and
+        phase and records "capture" (cache and graphs, 0 when reused), "prefill" (vision tower and prompt) and
         "decode" (the tokens after the first)."""
         device = self._head.weight.device
         prompt_length = inputs["input_ids"].shape[1]
@@ -356,11 +379,9 @@ class GreedyDecoder:
         produced, end = 1, self._first_end(buffers, eos, 0, 1)
         while end is None and produced < settings.max_new_tokens:
             steps = min(self.check_every, settings.max_new_tokens - produced)
-            for _ in range(steps):
-                if buffers.graph is not None:
-                    buffers.graph.replay()
-                else:
-                    self._step(buffers)
+            for step in range(produced, produced + steps):
+                # the token picked at step - 1 sits at slot prompt_length + step - 1: attention reads one more
+                self._step(buffers, prompt_length + step)
             end = self._first_end(buffers, eos, produced, produced + steps)
             produced += steps
         tokens = buffers.out[: produced if end is None else end + 1].cpu()
@@ -419,26 +440,54 @@ class GreedyDecoder:
         buffers.token.copy_(token.view(1, 1))
         buffers.count.add_(1)
 
-    def _step(self, buffers: _Buffers) -> None:
-        """Feed ``buffers.token`` at slot ``buffers.position``, pick the next token, advance. No host sync: this is
-        what the CUDA graph holds."""
-        hidden = self._embed(buffers.token)
-        # text after the prompt has one rotary position on all three mrope axes
-        rope_position = (buffers.position + buffers.rope_delta).view(1, 1, 1).expand(3, 1, 1)
-        cos, sin = self._rotary(hidden, rope_position)
-        # the slots not yet written, as the additive mask SDPA would make of a boolean one, made once for all layers
-        unfilled = (buffers.slots > buffers.position).view(1, 1, 1, -1)
-        mask = torch.zeros(unfilled.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(unfilled, -math.inf)
-        for weights, keys, values in zip(self._weights, buffers.keys, buffers.values, strict=True):
-            hidden = self._decode_layer(hidden, (cos, sin), mask, buffers.position, keys, values, weights, self._shape)
-        logits = self._head(self._norm(hidden))
-        self._pick(logits[:, -1].float(), buffers)
-        buffers.position.add_(1)
+    def _step(self, buffers: _Buffers, length: int) -> None:
+        """Feed ``buffers.token`` at slot ``buffers.position`` (``length - 1``), pick the next token, advance."""
+        pieces = buffers.graphs
+        for index in range(len(self._layers) + 1):
+            if index:
+                attended = attend(
+                    buffers.query, buffers.keys[index - 1], buffers.values[index - 1], length, self._shape.scaling
+                )
+                buffers.attended.copy_(attended)
+            if pieces is None:
+                self._piece(index, buffers)
+            else:
+                pieces[index].replay()
 
-    # -- the cache and the graph --------------------------------------------------------------------------
+    def _piece(self, index: int, buffers: _Buffers) -> None:
+        """Piece ``index`` of a step, between two attentions (no host sync: this is what a CUDA graph holds).
+
+        Piece 0 embeds the token and makes the rotary tables; piece i finishes layer i - 1 from its attention's
+        output; every piece but the last goes on to the next layer's query, the last to the next token."""
+        if index == 0:
+            hidden = self._embed(buffers.token)
+            # text after the prompt has one rotary position on all three mrope axes
+            cos, sin = self._rotary(hidden, (buffers.position + buffers.rope_delta).view(1, 1, 1).expand(3, 1, 1))
+            buffers.cos.copy_(cos)
+            buffers.sin.copy_(sin)
+        else:
+            hidden = self._layer_output(buffers.hidden, buffers.attended, self._weights[index - 1], self._shape)
+        if index < len(self._layers):
+            buffers.hidden.copy_(hidden)
+            query = self._attention_inputs(
+                hidden,
+                (buffers.cos, buffers.sin),
+                buffers.position,
+                buffers.keys[index],
+                buffers.values[index],
+                self._weights[index],
+                self._shape,
+            )
+            buffers.query.copy_(query)
+        else:
+            self._pick(self._head(self._norm(hidden))[:, -1].float(), buffers)
+            buffers.position.add_(1)
+
+    # -- the cache and the graphs -------------------------------------------------------------------------
 
     def _buffers_for(self, length: int, penalty: float, device: torch.device) -> _Buffers:
-        """Buffers for ``length`` tokens (prompt and new), reused when they still fit; the step captured on CUDA."""
+        """Buffers for ``length`` tokens (prompt and new), reused when they still fit; the pieces captured on
+        CUDA."""
         # taken again each call: moving the model (between devices, to another dtype) can give it new tensors
         self._weights = [LayerWeights.of(layer) for layer in self._layers]
         weights = tuple(p.data_ptr() for p in self.model.parameters())
@@ -452,40 +501,45 @@ class GreedyDecoder:
         )
         if reusable:
             return buffers
-        self._buffers = None  # the old cache and graph go before the new ones are allocated
+        self._buffers = None  # the old cache and graphs go before the new ones are allocated
         buffers = self._allocate(math.ceil(length / CACHE_GRANULE) * CACHE_GRANULE, penalty, device)
         buffers.weights = weights
         if device.type == "cuda" and self.cuda_graph:
-            buffers.graph = self._capture(buffers)
+            buffers.graphs = self._capture(buffers)
         self._buffers = buffers
         return buffers
 
     def _allocate(self, capacity: int, penalty: float, device: torch.device) -> _Buffers:
         dtype = self._head.weight.dtype
-        shape = (1, self._shape.kv_heads, capacity, self._shape.head_dim)
+        shape = self._shape
+        cache = (1, shape.kv_heads, capacity, shape.head_dim)
 
-        def long(*size):
-            return torch.zeros(size, dtype=torch.long, device=device)
+        def zeros(*size, dtype=dtype):
+            return torch.zeros(size, dtype=dtype, device=device)
 
-        # zeros, not empty: a masked slot still meets the values in the attention's weighted sum (weight 0), and
-        # 0 * NaN from uninitialised memory would be NaN
+        # zeros, not empty: nothing a step reads may be uninitialised memory (NaN patterns) before the prefill
         return _Buffers(
-            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in self._layers],
-            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in self._layers],
-            slots=torch.arange(capacity, device=device),
-            token=long(1, 1),
-            position=long(1),
-            rope_delta=long(1),
-            count=long(),
-            min_new=long(),
-            seen=torch.zeros(1, self._vocab, dtype=torch.bool, device=device),
-            eos=torch.zeros(self._vocab, dtype=torch.bool, device=device),
-            out=long(capacity),
+            keys=[zeros(*cache) for _ in self._layers],
+            values=[zeros(*cache) for _ in self._layers],
+            token=zeros(1, 1, dtype=torch.long),
+            position=zeros(1, dtype=torch.long),
+            rope_delta=zeros(1, dtype=torch.long),
+            count=zeros(dtype=torch.long),
+            min_new=zeros(dtype=torch.long),
+            seen=zeros(1, self._vocab, dtype=torch.bool),
+            eos=zeros(self._vocab, dtype=torch.bool),
+            out=zeros(capacity, dtype=torch.long),
+            hidden=zeros(1, 1, self._head.in_features),
+            cos=zeros(1, 1, shape.head_dim),
+            sin=zeros(1, 1, shape.head_dim),
+            query=zeros(1, shape.heads, 1, shape.head_dim),
+            attended=zeros(1, shape.heads, 1, shape.head_dim),
             penalty=penalty,
         )
 
-    def _capture(self, buffers: _Buffers) -> torch.cuda.CUDAGraph | None:
-        """The step as a CUDA graph over ``buffers``; None (the step then runs eagerly) where capture fails.
+    def _capture(self, buffers: _Buffers) -> list[torch.cuda.CUDAGraph] | None:
+        """The pieces of a step as CUDA graphs over ``buffers`` (one memory pool); None (they then run eagerly)
+        where capture fails.
 
         The warm-up steps leave values in the buffers; the prefill overwrites every one that a later step reads."""
         device = buffers.out.device
@@ -493,17 +547,21 @@ class GreedyDecoder:
         stream.wait_stream(torch.cuda.current_stream(device))
         try:
             with torch.cuda.stream(stream):
-                for _ in range(2):  # compilation, kernel selection and library handles happen before the capture
-                    self._step(buffers)
+                for step in range(2):  # compilation, kernel selection and library handles happen before the capture
+                    self._step(buffers, step + 1)
             torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step(buffers)
+            pool = torch.cuda.graph_pool_handle()
+            graphs = []
+            for index in range(len(self._layers) + 1):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._piece(index, buffers)
+                graphs.append(graph)
         except RuntimeError as e:
-            logger.warning("caption: the decoding step could not be captured as a CUDA graph (%s); running eagerly", e)
+            logger.warning("caption: the decoding step could not be captured as CUDA graphs (%s); running eagerly", e)
             torch.cuda.synchronize(device)
             return None
-        return graph
+        return graphs
 
 
 class _Clock:
