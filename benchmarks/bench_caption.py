@@ -215,17 +215,22 @@ def main() -> None:
     print(header)
     steps = args.tokens - 1
     for label, seconds, held, agree in rows:
-        vision = seconds.get("vision", float("nan"))
-        prefill = seconds.get("prefill", float("nan")) - vision  # the decoder's prefill holds the vision tower
-        per_token = seconds["decode"] / steps * 1e3 if "decode" in seconds and steps else float("nan")
+        vision = seconds.get("vision")
+        # the decoder's prefill holds the vision tower; generate's phases are not told apart
+        prefill = seconds["prefill"] - vision if "prefill" in seconds else None
+        per_token = seconds["decode"] / steps * 1e3 if "decode" in seconds and steps else None
         print(
-            f"{label:<28} {vision:>8.3f} {prefill:>9.3f} {seconds.get('capture', float('nan')):>8.3f} "
-            f"{per_token:>8.2f} {seconds['total']:>8.3f} {'-' if held is None else f'{held:.0f}':>8}  {agree}"
+            f"{label:<28} {shown(vision, 3):>8} {shown(prefill, 3):>9} {shown(seconds.get('capture'), 3):>8} "
+            f"{shown(per_token, 2):>8} {shown(seconds['total'], 3):>8} {shown(held, 0):>8}  {agree}"
         )
     print(
-        "prefill: the prompt through the model without the vision tower; setup: cache and CUDA graph (and the "
-        "compilation) when built, 0 when reused; ms/token: the tokens after the first; generate's total holds all."
+        "prefill: the prompt through the model without the vision tower; setup: cache and CUDA graphs (and the "
+        "compilation) when built, 0 when reused; ms/token: the tokens after the first; total: the whole call."
     )
+
+
+def shown(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 if __name__ == "__main__":
