@@ -13,7 +13,7 @@ token at any step, so both paths get ``min_new_tokens`` equal to ``--tokens``: g
 the end tokens at -inf until then, so every run makes exactly ``--tokens`` tokens and stays comparable token for
 token.
 
-Each decoder variant runs twice: the first call builds its cache and captures its CUDA graph (and compiles, for
+Each decoder variant runs twice: the first call builds its cache and captures its CUDA graphs (and compiles, for
 "compiled"), the second reuses them. The vision tower is timed by hooks on it (with a GPU sync on each side), and
 is part of the prefill it is reported apart from.
 """
@@ -36,7 +36,7 @@ from layered_core.text import PromptEncoder
 from layered_core.tiny_models import tiny_text_encoder_set
 
 VARIANTS = {
-    "graph": {},  # the default: eager layers, the step captured as a CUDA graph (eager on the CPU)
+    "graph": {},  # the default: the pieces of a step as CUDA graphs around the attentions (all eager on the CPU)
     "eager": {"cuda_graph": False},
     "compiled": {"compile_step": True},
 }

@@ -64,7 +64,7 @@ NEUTRAL_SETTINGS = {
     "token_healing": (None, False),
 }
 
-# Cache lengths are rounded up to this, so captions of images with other aspect ratios reuse one captured graph.
+# Cache lengths are rounded up to this, so captions of images with other aspect ratios reuse the captured graphs.
 CACHE_GRANULE = 256
 # How many tokens run between two looks for the end token: each look waits for the GPU once.
 DEFAULT_CHECK_EVERY = 16
@@ -159,7 +159,7 @@ def _mlp_linears(mlp) -> tuple:
 
 
 class LayerWeights(NamedTuple):
-    """One decoder layer's tensors, what :func:`decode_layer` computes with."""
+    """One decoder layer's tensors, what :func:`attention_inputs` and :func:`layer_output` compute with."""
 
     input_norm: torch.Tensor
     q_weight: torch.Tensor
