@@ -261,7 +261,7 @@ def full_text_encoder(device, dtype: torch.dtype = torch.bfloat16, generate_on=N
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from layered_core.text import PromptEncoder
-    from layered_core.tiny_models import tiny_tokenizer
+    from layered_core.tiny_models import tiny_tokenizer, vision_token_ids
 
     try:
         from transformers.initialization import no_init_weights
@@ -272,7 +272,11 @@ def full_text_encoder(device, dtype: torch.dtype = torch.bfloat16, generate_on=N
             import contextlib
 
             no_init_weights = contextlib.nullcontext
-    config = Qwen2_5_VLConfig(text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION)
+    tokenizer = tiny_tokenizer()
+    # the image token ids of the tokenizer the prompts go through, so that a caption request finds its image
+    config = Qwen2_5_VLConfig(
+        text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION, **vision_token_ids(tokenizer)
+    )
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -281,7 +285,31 @@ def full_text_encoder(device, dtype: torch.dtype = torch.bfloat16, generate_on=N
     finally:
         torch.set_default_dtype(default)
     random_weights_(model, generate_on=generate_on)
-    return PromptEncoder(model.eval().requires_grad_(False), tiny_tokenizer())
+    return PromptEncoder(model.eval().requires_grad_(False), tokenizer)
+
+
+# Qwen2.5-VL-7B-Instruct's preprocessor_config.json: its pixel budget (the tiny set's is far smaller)
+QWEN25_VL_MIN_PIXELS = 56 * 56
+QWEN25_VL_MAX_PIXELS = 28 * 28 * 16384
+
+
+def full_caption_encoder(device, dtype: torch.dtype = torch.bfloat16):
+    """``full_text_encoder`` made ready to caption: the release's image processor settings and its generation
+    settings (repetition penalty 1.05, top_k 1; the end tokens are the offline tokenizer's <|im_end|> and
+    <|endoftext|>)."""
+    from layered_core.tiny_models import (
+        image_processor_from_config,
+        tiny_generation_config,
+        tiny_image_processor_config,
+    )
+
+    encoder = full_text_encoder(device, dtype)
+    config = tiny_image_processor_config()
+    config.update(min_pixels=QWEN25_VL_MIN_PIXELS, max_pixels=QWEN25_VL_MAX_PIXELS)
+    config["size"] = {"shortest_edge": QWEN25_VL_MIN_PIXELS, "longest_edge": QWEN25_VL_MAX_PIXELS}
+    encoder.image_processor = image_processor_from_config(config)
+    encoder.model.generation_config = tiny_generation_config(encoder.tokenizer)
+    return encoder
 
 
 PROMPT_WORDS = "a poster with a red title, a photo of a cat on a sofa, soft shadows and a white frame"

@@ -148,17 +148,34 @@ def tiny_image_processor_config() -> dict:
     }
 
 
-def tiny_image_processor():
-    """The image processor of the tiny set (torchvision backend when installed, else the PIL one)."""
+def image_processor_from_config(config: dict):
+    """The transformers image processor of a ``preprocessor_config.json``'s content (torchvision backend when
+    installed, else the PIL one)."""
     from transformers import AutoImageProcessor
 
     # Loading from a config file picks the backend the same way a real processor/ folder does.
     with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "preprocessor_config.json").write_text(json.dumps(tiny_image_processor_config()))
+        (Path(folder) / "preprocessor_config.json").write_text(json.dumps(config))
         return AutoImageProcessor.from_pretrained(folder, local_files_only=True)
 
 
+def tiny_image_processor():
+    """The image processor of the tiny set."""
+    return image_processor_from_config(tiny_image_processor_config())
+
+
 # --------------------------------------------------------------------------- Qwen2.5-VL
+
+
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    """The Qwen2.5-VL config's image and video token ids for ``tokenizer``'s vocabulary (keyword arguments of
+    Qwen2_5_VLConfig)."""
+    return {
+        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    }
 
 
 def tiny_qwen_vl_config(hidden_size: int = 48, tokenizer=None):
@@ -201,10 +218,7 @@ def tiny_qwen_vl_config(hidden_size: int = 48, tokenizer=None):
             "tokens_per_second": 2,
             "out_hidden_size": hidden_size,
         },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **vision_token_ids(tokenizer),
         tie_word_embeddings=False,
     )
 
