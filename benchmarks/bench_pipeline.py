@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.measure import peak_gib, reset_peak, sync
-from benchmarks.workloads import full_caption_encoder, noise_image, random_model, reference_model
+from benchmarks.workloads import full_caption_encoder, noise_image, prompt_of_length, random_model, reference_model
 from layered_core.batch import write_outputs
 from layered_core.caches import cache_folder
 from layered_core.compile_policy import COMPILE_SETTINGS, compile_choice
@@ -137,6 +137,7 @@ def main() -> None:
     peer = None
     if not args.no_diffusers:
         peer, peer_note = diffusers_pipeline(transformer.state_dict(), config, reference_vae, text_encoder)
+        print(f"diffusers: {peer_note or 'its own auto-caption'}", flush=True)
     if args.fp8:
         quantize_linears_fp8(transformer, lambda name, w: is_quantizable(name, w) and "_mod." not in name)
         set_fp8_compute(transformer, "auto", fast_accum=True)
@@ -168,7 +169,8 @@ def main() -> None:
             total = time.perf_counter() - start
             rows.append((f"ours, {label}", seconds, total, peak_gib() if device == "cuda" else float("nan")))
             print(f"ours, {label}: {total:.2f} s", flush=True)
-        caption = result.prompt
+        # random weights through the tiny tokenizer often decode to nothing, which diffusers would caption again
+        caption = result.prompt or prompt_of_length(text_encoder.tokenizer, args.caption_tokens)
         if peer is not None:
             reset_peak()
             peer_image = pipeline.prepare_image(image, options)

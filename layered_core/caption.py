@@ -28,8 +28,20 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 logger = logging.getLogger(__name__)
+
+# The decoding attentions on CUDA: every step has a new cached length, and cuDNN's attention builds a plan for each
+# new shape, which made a process's first caption several times slower than the later ones
+# (benchmarks/RESULTS.md); the flash and memory-efficient kernels need no plan.
+DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+ALL_ATTENTION = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 # Generation settings that add a logits processor, a stopping rule or another search to generate(), each with the
 # values under which it does nothing. A config holding anything else goes through generate().
@@ -442,6 +454,11 @@ class GreedyDecoder:
 
     def _step(self, buffers: _Buffers, length: int) -> None:
         """Feed ``buffers.token`` at slot ``buffers.position`` (``length - 1``), pick the next token, advance."""
+        backends = DECODE_ATTENTION if buffers.query.is_cuda else ALL_ATTENTION
+        with sdpa_kernel(backends):
+            self._layers_step(buffers, length)
+
+    def _layers_step(self, buffers: _Buffers, length: int) -> None:
         pieces = buffers.graphs
         for index in range(len(self._layers) + 1):
             if index:
