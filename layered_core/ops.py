@@ -185,8 +185,13 @@ class FP8Linear(nn.Module):
     def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         count = rows.shape[0]
-        if count == 0:  # an empty text stream: cuBLASLt finds no algorithm for zero rows
+        if count == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
+        # A short text stream (the negative prompt " " is a few tokens) is padded to a multiple of 16 rows: under
+        # torch.compile cuBLASLt found no fp8 algorithm for such a handful of rows. Zero rows add nothing.
+        padded = -count % 16
+        if padded:
+            rows = torch.cat([rows, rows.new_zeros(padded, self.in_features)])
         x_fp8, x_scale = quantize_rows_fp8(rows)
         # Rowwise scaling wants both scales as contiguous float32 2-D tensors: (M, 1) and (1, N); the
         # per-tensor weight scale is repeated along N.
@@ -204,7 +209,7 @@ class FP8Linear(nn.Module):
             out_dtype=torch.bfloat16,
             use_fast_accum=self.fast_accum,
         )
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out.narrow(0, 0, count).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
