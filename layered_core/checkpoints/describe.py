@@ -16,7 +16,8 @@ from ..mmdit import LATENT_CHANNELS
 from ..text import find_text_encoder
 from .files import CheckpointError, TensorSource, describe_keys, open_checkpoint
 from .models_folder import find_models, models_folder
-from .transformer import infer_mmdit_config, layered_prefix, quantized_layers, transformer_precision
+from .quantized import quantized_layers
+from .transformer import infer_mmdit_config, layered_prefix, transformer_precision
 from .vae import vae_prefix, vae_shape
 
 # the size the VAE's latent is shown for: the model's 640 bucket at 1:1
