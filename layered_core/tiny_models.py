@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 from .atomic import new_file_mode
 from .checkpoints import save_mmdit, save_vae
+from .checkpoints.qwen_vl_release import generation_config, image_processor, image_processor_config, mrope_section
 from .mmdit import MMDiTConfig, VLDMMDiT
 from .text import CAPTION_INSTRUCTIONS, ENCODE_TEMPLATE, TEMPLATE_PREFIX_TOKENS
 from .vae import RGBAVAE, VAEConfig
@@ -57,8 +57,6 @@ EXTRA_WORDS = (
 # no image gives more than 4x4, so captioning a tiny image stays cheap.
 TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 112 * 112
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -128,34 +126,12 @@ def tiny_tokenizer():
 
 def tiny_image_processor_config() -> dict:
     """preprocessor_config.json of the tiny set: the real Qwen2.5-VL one with a small pixel budget."""
-    return {
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2_5_VLProcessor",
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD,
-        "min_pixels": TINY_MIN_PIXELS,
-        "max_pixels": TINY_MAX_PIXELS,
-        "size": {"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS},
-        "merge_size": 2,
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-    }
+    return image_processor_config(TINY_MIN_PIXELS, TINY_MAX_PIXELS)
 
 
 def tiny_image_processor():
     """The image processor of the tiny set (torchvision backend when installed, else the PIL one)."""
-    from transformers import AutoImageProcessor
-
-    # Loading from a config file picks the backend the same way a real processor/ folder does.
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "preprocessor_config.json").write_text(json.dumps(tiny_image_processor_config()))
-        return AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    return image_processor(tiny_image_processor_config())
 
 
 # --------------------------------------------------------------------------- Qwen2.5-VL
@@ -169,10 +145,6 @@ def tiny_qwen_vl_config(hidden_size: int = 48, tokenizer=None):
         raise ValueError(f"hidden_size must be a multiple of 8 (4 heads of an even size), got {hidden_size}")
     tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
-    half_rotary = hidden_size // 4 // 2
-    # Same split as the real model's [16, 24, 24] of 64 rotary pairs: (time, height, width).
-    spatial = half_rotary * 3 // 8
-    mrope_section = [half_rotary - 2 * spatial, spatial, spatial]
     return Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
@@ -183,7 +155,11 @@ def tiny_qwen_vl_config(hidden_size: int = 48, tokenizer=None):
             "num_key_value_heads": 2,
             "max_position_embeddings": 4096,
             "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": mrope_section(hidden_size // 4),
+            },
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "tie_word_embeddings": False,
@@ -224,23 +200,6 @@ def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn
     return module
 
 
-def tiny_generation_config(tokenizer):
-    """The sampling settings Qwen2.5-VL-7B-Instruct ships (top_k 1, so sampling picks the argmax)."""
-    from transformers import GenerationConfig
-
-    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    return GenerationConfig(
-        bos_token_id=end_of_text,
-        pad_token_id=end_of_text,
-        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), end_of_text],
-        do_sample=True,
-        top_k=1,
-        top_p=0.001,
-        temperature=0.1,
-        repetition_penalty=1.05,
-    )
-
-
 def tiny_text_encoder_set(hidden_size: int = 48, seed: int = 0):
     """(model, tokenizer, image_processor): a random tiny Qwen2.5-VL in float32 eval mode and its inputs' makers."""
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -251,7 +210,7 @@ def tiny_text_encoder_set(hidden_size: int = 48, seed: int = 0):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
     randomize_(model, seed)
-    model.generation_config = tiny_generation_config(tokenizer)
+    model.generation_config = generation_config(tokenizer)
     return model.eval().requires_grad_(False), tokenizer, tiny_image_processor()
 
 
