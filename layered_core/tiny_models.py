@@ -23,6 +23,8 @@ import torch
 from .atomic import new_file_mode
 from .checkpoints import save_mmdit, save_vae
 from .checkpoints.qwen_vl_release import generation_config, image_processor, image_processor_config, mrope_section
+from .checkpoints.text_encoder import COMFY_FILE as COMFY_TEXT_ENCODER_FILE
+from .checkpoints.text_encoder import save_text_encoder_file
 from .mmdit import MMDiTConfig, VLDMMDiT
 from .text import CAPTION_INSTRUCTIONS, ENCODE_TEMPLATE, TEMPLATE_PREFIX_TOKENS
 from .vae import RGBAVAE, VAEConfig
@@ -320,13 +322,16 @@ COMFY_FILES = {
     "fp8": "diffusion_models/qwen_image_layered_fp8mixed.safetensors",
     "vae": "vae/qwen_image_layered_vae.safetensors",
     "text_encoder": "text_encoders/Qwen2.5-VL-7B-Instruct-tiny",
+    "text_encoder_file": COMFY_TEXT_ENCODER_FILE,
 }
 
 
 def write_comfy_models(models_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Tiny random models under ComfyUI's real file names in a ``models/`` folder: the transformer as
     the bf16 file and as the fp8mixed file (per-layer comfy_quant), the VAE in its Wan 3D layout, and
-    a transformers Qwen2.5-VL folder (text_encoder/, tokenizer/, processor/) for this pack's text nodes."""
+    a transformers Qwen2.5-VL folder (text_encoder/, tokenizer/, processor/) for this pack's text nodes, and the
+    same text encoder as ComfyUI's fp8 single file (with its head). That file's tokenizer is the folder's: a real
+    ComfyUI's own tokenizer has the full vocabulary, which the tiny model does not."""
     models_dir = Path(models_dir)
     written = {}
     transformer = tiny_transformer(seed)
@@ -336,5 +341,9 @@ def write_comfy_models(models_dir: str | Path, seed: int = 0) -> dict[str, Path]
             transformer.state_dict(), target, layout=layout, config=transformer.config, dtype=torch.bfloat16
         )
     written["vae"] = save_vae(tiny_vae(seed), models_dir / COMFY_FILES["vae"], layout="wan")
-    written["text_encoder"] = write_tiny_text_encoder(models_dir / COMFY_FILES["text_encoder"], seed=seed)
+    text_encoder, tokenizer, _ = tiny_text_encoder_set(seed=seed)
+    written["text_encoder"] = write_text_encoder_set(models_dir / COMFY_FILES["text_encoder"], text_encoder, tokenizer)
+    written["text_encoder_file"] = save_text_encoder_file(
+        text_encoder, models_dir / COMFY_FILES["text_encoder_file"], fp8=True
+    )
     return written
