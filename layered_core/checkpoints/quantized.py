@@ -21,8 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops import FP8_DTYPES
 from .files import CheckpointError, TensorSource
 
+PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 SUPPORTED_QUANT_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 SCALED_FP8_MARKER = "scaled_fp8"
 
@@ -107,3 +109,16 @@ def read_fp8_weight(
             "layouts) is read",
         )
     return tensor, scale.to(device=device, dtype=torch.float32).reshape(())
+
+
+def weights_precision(source: TensorSource, prefix: str) -> str:
+    """ "fp8" when weights under ``prefix`` are stored in float8 (ComfyUI's fp8 files), else the dtype most of
+    them have ("bf16", "fp16", "fp32"), from the tensor table alone."""
+    names = [k for k in source.keys() if k.startswith(prefix) and k.endswith(".weight")]
+    if any(source.dtypes[k] in FP8_DTYPES or source.dtypes[k] == torch.uint8 for k in names):
+        return "fp8"
+    counts: dict[torch.dtype, int] = {}
+    for name in names:
+        counts[source.dtypes[name]] = counts.get(source.dtypes[name], 0) + 1
+    dtype = max(counts, key=counts.get) if counts else None
+    return PRECISION_NAMES.get(dtype, str(dtype).removeprefix("torch."))

@@ -34,7 +34,14 @@ from torch import nn
 from ..ops import FP8_DTYPES, FP8Linear, dequantize_fp8, quantize_fp8
 from . import qwen_vl_release as release
 from .files import CheckpointError, TensorSource, describe_keys, key_set_problems, open_checkpoint, save_safetensors
-from .quantized import SCALED_FP8_MARKER, QuantizedLayer, auxiliary_keys, quantized_layers, read_fp8_weight
+from .quantized import (
+    SCALED_FP8_MARKER,
+    QuantizedLayer,
+    auxiliary_keys,
+    quantized_layers,
+    read_fp8_weight,
+    weights_precision,
+)
 
 COMFY_FILE = "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors"
 # Where ComfyUI keeps the Qwen2.5 tokenizer, relative to its own folder.
@@ -48,10 +55,7 @@ TRANSFORMERS_PREFIXES = ("model.language_model.", "model.visual.", "lm_head.")
 LANGUAGE = "model.language_model."
 VISION = "model.visual."
 HEAD = "lm_head.weight"
-NO_HEAD = (
-    "holds no language-model head (lm_head.weight), which the auto-caption needs to pick each word; prompt "
-    "embeddings do not use it"
-)
+NO_HEAD = "holds no language-model head (lm_head.weight), which prompt embeddings do not use"
 FP8_MODES = ("keep", "dequantize")
 
 
@@ -85,7 +89,8 @@ def is_qwen_vl_file(source: TensorSource) -> bool:
 
 @dataclass(frozen=True)
 class QwenVLShape:
-    """The model a single file holds, from its tensor shapes (and the settings no shape gives)."""
+    """The model a single file holds, from its tensor table: the shape (with the settings no shape gives), whether
+    the head is there, the precision of the language model's weights ("fp8", "bf16", ...)."""
 
     vocab_size: int
     hidden_size: int
@@ -103,6 +108,7 @@ class QwenVLShape:
     window_size: int
     full_attention_blocks: tuple[int, ...]
     has_lm_head: bool
+    precision: str
 
     @property
     def head_dim(self) -> int:
@@ -247,6 +253,7 @@ def infer_shape(source: TensorSource) -> QwenVLShape:
         window_size=int(settings.get("window_size", release.WINDOW_SIZE)),
         full_attention_blocks=tuple(int(b) for b in blocks),
         has_lm_head=head is not None,
+        precision=weights_precision(source, "model."),
     )
 
 
@@ -364,7 +371,9 @@ class MissingHead(nn.Module):
         self.path = str(path)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        raise CheckpointError(self.path, f"{NO_HEAD}; pass a prompt, or a text encoder that holds the head")
+        raise CheckpointError(
+            self.path, f"{NO_HEAD}, but a caption needs it to pick each word; pass a prompt, or a file that holds it"
+        )
 
 
 def _default_dtype(source: TensorSource, names: dict[str, str]) -> torch.dtype:

@@ -33,10 +33,9 @@ from .files import (
     open_checkpoint,
     save_safetensors,
 )
-from .quantized import auxiliary_keys, quantized_layers, read_fp8_weight
+from .quantized import auxiliary_keys, quantized_layers, read_fp8_weight, weights_precision
 
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
-PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FULL_TRANSFORMER_FILES = (
     "diffusion_models/qwen_image_layered_bf16.safetensors, diffusion_models/qwen_image_layered_fp8mixed.safetensors "
     "or the transformer/ folder of Qwen/Qwen-Image-Layered"
@@ -76,16 +75,8 @@ def open_transformer(path: str | os.PathLike) -> tuple[TensorSource, str]:
 
 
 def transformer_precision(source: TensorSource, prefix: str = "") -> str:
-    """ "fp8" when the block weights are stored in float8 (ComfyUI's fp8 files), else the dtype most of the
-    transformer's tensors have ("bf16", "fp16", "fp32"), from the tensor table alone."""
-    names = [k for k in source.keys() if k.startswith(f"{prefix}transformer_blocks.") and k.endswith(".weight")]
-    if any(source.dtypes[k] in FP8_DTYPES or source.dtypes[k] == torch.uint8 for k in names):
-        return "fp8"
-    counts: dict[torch.dtype, int] = {}
-    for name in names:
-        counts[source.dtypes[name]] = counts.get(source.dtypes[name], 0) + 1
-    dtype = max(counts, key=counts.get) if counts else None
-    return PRECISION_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    """The precision of the transformer's block weights (see :func:`.quantized.weights_precision`)."""
+    return weights_precision(source, f"{prefix}transformer_blocks.")
 
 
 def infer_mmdit_config(source: TensorSource, prefix: str = "") -> MMDiTConfig:
