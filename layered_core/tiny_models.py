@@ -24,7 +24,7 @@ from .atomic import new_file_mode
 from .checkpoints import save_mmdit, save_vae
 from .checkpoints.qwen_vl_release import generation_config, image_processor, image_processor_config, mrope_section
 from .checkpoints.text_encoder import COMFY_FILE as COMFY_TEXT_ENCODER_FILE
-from .checkpoints.text_encoder import save_text_encoder_file
+from .checkpoints.text_encoder import is_written_here, save_text_encoder_file
 from .mmdit import MMDiTConfig, VLDMMDiT
 from .text import CAPTION_INSTRUCTIONS, ENCODE_TEMPLATE, TEMPLATE_PREFIX_TOKENS
 from .vae import RGBAVAE, VAEConfig
@@ -331,7 +331,8 @@ def write_comfy_models(models_dir: str | Path, seed: int = 0) -> dict[str, Path]
     the bf16 file and as the fp8mixed file (per-layer comfy_quant), the VAE in its Wan 3D layout, and
     a transformers Qwen2.5-VL folder (text_encoder/, tokenizer/, processor/) for this pack's text nodes, and the
     same text encoder as ComfyUI's fp8 single file (with its head). That file's tokenizer is the folder's: a real
-    ComfyUI's own tokenizer has the full vocabulary, which the tiny model does not."""
+    ComfyUI's own tokenizer has the full vocabulary, which the tiny model does not. A text-encoder file already
+    there that this package did not write is left alone: Qwen-Image users hold the real one under that name."""
     models_dir = Path(models_dir)
     written = {}
     transformer = tiny_transformer(seed)
@@ -343,7 +344,9 @@ def write_comfy_models(models_dir: str | Path, seed: int = 0) -> dict[str, Path]
     written["vae"] = save_vae(tiny_vae(seed), models_dir / COMFY_FILES["vae"], layout="wan")
     text_encoder, tokenizer, _ = tiny_text_encoder_set(seed=seed)
     written["text_encoder"] = write_text_encoder_set(models_dir / COMFY_FILES["text_encoder"], text_encoder, tokenizer)
-    written["text_encoder_file"] = save_text_encoder_file(
-        text_encoder, models_dir / COMFY_FILES["text_encoder_file"], fp8=True
-    )
+    target = models_dir / COMFY_FILES["text_encoder_file"]
+    if target.exists() and not is_written_here(target):
+        logger.warning("%s: already there and not a tiny file (the real text encoder?); left as it is", target)
+    else:
+        written["text_encoder_file"] = save_text_encoder_file(text_encoder, target, fp8=True)
     return written

@@ -441,3 +441,16 @@ def test_comfyui_reads_this_layout(comfy_root, tmp_path):
     weights = {n: s for n, (s, _) in table.items() if not n.endswith(("scale_weight", "scale_input", "scaled_fp8"))}
     del weights["lm_head.weight"]
     assert answer["model"] == weights
+
+
+def test_tiny_models_leave_a_real_text_encoder_alone(tmp_path, comfy_root):
+    from layered_core.tiny_models import COMFY_FILES, write_comfy_models
+
+    real = tmp_path / "models" / COMFY_FILES["text_encoder_file"]
+    # a file this package did not write (no layered_core metadata), as ComfyUI's release
+    save_safetensors(load_file(variant(comfy_root, "fp8_scaled.safetensors")), real)
+    before = real.read_bytes()
+    written = write_comfy_models(tmp_path / "models")
+    assert "text_encoder_file" not in written and real.read_bytes() == before
+    real.unlink()
+    assert write_comfy_models(tmp_path / "models")["text_encoder_file"] == real and real.is_file()

@@ -33,7 +33,15 @@ from torch import nn
 
 from ..ops import FP8_DTYPES, FP8Linear, dequantize_fp8, quantize_fp8
 from . import qwen_vl_release as release
-from .files import CheckpointError, TensorSource, describe_keys, key_set_problems, open_checkpoint, save_safetensors
+from .files import (
+    CheckpointError,
+    TensorSource,
+    describe_keys,
+    key_set_problems,
+    open_checkpoint,
+    read_safetensors_header,
+    save_safetensors,
+)
 from .quantized import (
     SCALED_FP8_MARKER,
     QuantizedLayer,
@@ -255,6 +263,15 @@ def infer_shape(source: TensorSource) -> QwenVLShape:
         has_lm_head=head is not None,
         precision=weights_precision(source, "model."),
     )
+
+
+def is_written_here(path: Path) -> bool:
+    """Whether the safetensors file at ``path`` was written by :func:`save_text_encoder_file` (it carries the
+    settings metadata; ComfyUI's release does not)."""
+    try:
+        return SETTINGS_METADATA_KEY in read_safetensors_header(path)[1]
+    except CheckpointError:
+        return False
 
 
 def settings_metadata(config) -> dict[str, str]:
