@@ -202,9 +202,12 @@ def infer_shape(source: TensorSource) -> QwenVLShape:
         pattern = re.compile(rf"{re.escape(prefix)}(\d+)\.")
         return 1 + max((int(m.group(1)) for name in shapes if (m := pattern.match(name))), default=-1)
 
+    def require(holds: bool, problem: str) -> None:
+        if not holds:
+            raise CheckpointError(source.location, problem)
+
     def divide(total: int, part: int, what: str) -> int:
-        if part <= 0 or total % part:
-            raise CheckpointError(source.location, f"{what}: {total} is not a multiple of {part}")
+        require(part > 0 and total % part == 0, f"{what}: {total} is not a multiple of {part}")
         return total // part
 
     vocab_size, hidden_size = shape(f"{LANGUAGE}embed_tokens.weight", "token embedding")
@@ -212,38 +215,40 @@ def infer_shape(source: TensorSource) -> QwenVLShape:
     query_width = shape(f"{layer}self_attn.q_proj.weight", "query projection")[0]
     key_width = shape(f"{layer}self_attn.k_proj.weight", "key projection")[0]
     intermediate_size = shape(f"{layer}mlp.gate_proj.weight", "gated MLP")[0]
-    if query_width != hidden_size:
-        raise CheckpointError(
-            source.location, f"the query projection is {query_width} wide, not the model's {hidden_size}"
-        )
+    require(query_width == hidden_size, f"the query projection is {query_width} wide, not the model's {hidden_size}")
     head_dim = int(settings.get("head_dim", release.HEAD_DIM))
     num_heads = divide(hidden_size, head_dim, f"the width (heads of {head_dim})")
     num_kv_heads = divide(key_width, head_dim, f"the key projection (heads of {head_dim})")
     divide(num_heads, num_kv_heads, "the attention heads (shared by the key/value heads)")
 
     patch = shape(f"{VISION}patch_embed.proj.weight", "vision tower (visual.patch_embed)")
-    if len(patch) != 5 or patch[1] != 3 or patch[3] != patch[4]:
-        raise CheckpointError(source.location, f"the vision patch embedding is {list(patch)}, expected [C, 3, T, P, P]")
+    require(
+        len(patch) == 5 and patch[1] == 3 and patch[3] == patch[4],
+        f"the vision patch embedding is {list(patch)}, expected [C, 3, T, P, P]",
+    )
     vision_hidden_size, _, temporal_patch_size, patch_size, _ = patch
     vision_intermediate_size = shape(f"{VISION}blocks.0.mlp.gate_proj.weight", "gated vision MLP (Qwen2.5-VL's)")[0]
     merged = shape(f"{VISION}merger.mlp.0.weight", "vision merger")[1]
     spatial_merge_size = round((merged / vision_hidden_size) ** 0.5)
-    if spatial_merge_size**2 * vision_hidden_size != merged:
-        raise CheckpointError(source.location, f"the vision merger takes {merged} features, not a square of patches")
+    require(
+        spatial_merge_size**2 * vision_hidden_size == merged,
+        f"the vision merger takes {merged} features, not a square of patches",
+    )
     merger_out = shape(f"{VISION}merger.mlp.2.weight", "vision merger output")[0]
-    if merger_out != hidden_size:
-        raise CheckpointError(
-            source.location, f"the vision tower gives {merger_out} features, the language model takes {hidden_size}"
-        )
+    require(
+        merger_out == hidden_size,
+        f"the vision tower gives {merger_out} features, the language model takes {hidden_size}",
+    )
     vision_head_dim = int(settings.get("vision_head_dim", release.VISION_HEAD_DIM))
     vision_heads = divide(vision_hidden_size, vision_head_dim, f"the vision width (heads of {vision_head_dim})")
     vision_depth = count(f"{VISION}blocks.")
     blocks = settings.get("full_attention_blocks", release.full_attention_blocks(vision_depth))
 
     head = shapes.get(HEAD)
-    if head is not None and tuple(head) != (vocab_size, hidden_size):
-        expected = [vocab_size, hidden_size]
-        raise CheckpointError(source.location, f"lm_head.weight is {list(head)}, expected {expected}")
+    require(
+        head is None or tuple(head) == (vocab_size, hidden_size),
+        f"lm_head.weight is {list(head or ())}, expected {[vocab_size, hidden_size]}",
+    )
     return QwenVLShape(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
