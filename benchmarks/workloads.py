@@ -260,6 +260,7 @@ def full_text_encoder(device, dtype: torch.dtype = torch.bfloat16, generate_on=N
     the rotary buffers computed at construction are right."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    from layered_core.checkpoints.qwen_vl_release import vision_token_ids
     from layered_core.text import PromptEncoder
     from layered_core.tiny_models import tiny_tokenizer
 
@@ -272,7 +273,11 @@ def full_text_encoder(device, dtype: torch.dtype = torch.bfloat16, generate_on=N
             import contextlib
 
             no_init_weights = contextlib.nullcontext
-    config = Qwen2_5_VLConfig(text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION)
+    tokenizer = tiny_tokenizer()
+    # the image token ids of the tokenizer the prompts go through, so that a caption request finds its image
+    config = Qwen2_5_VLConfig(
+        text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION, **vision_token_ids(tokenizer)
+    )
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -281,7 +286,19 @@ def full_text_encoder(device, dtype: torch.dtype = torch.bfloat16, generate_on=N
     finally:
         torch.set_default_dtype(default)
     random_weights_(model, generate_on=generate_on)
-    return PromptEncoder(model.eval().requires_grad_(False), tiny_tokenizer())
+    return PromptEncoder(model.eval().requires_grad_(False), tokenizer)
+
+
+def full_caption_encoder(device, dtype: torch.dtype = torch.bfloat16):
+    """``full_text_encoder`` made ready to caption: the release's image processor settings and its generation
+    settings (repetition penalty 1.05, top_k 1; the end tokens are the offline tokenizer's <|im_end|> and
+    <|endoftext|>)."""
+    from layered_core.checkpoints.qwen_vl_release import generation_config, image_processor
+
+    encoder = full_text_encoder(device, dtype)
+    encoder.image_processor = image_processor()
+    encoder.model.generation_config = generation_config(encoder.tokenizer)
+    return encoder
 
 
 PROMPT_WORDS = "a poster with a red title, a photo of a cat on a sofa, soft shadows and a white frame"

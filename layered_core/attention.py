@@ -22,6 +22,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .caches import cache_folder
+
 BACKENDS = ("auto", "sdpa", "flash4")
 _backend = os.environ.get("QWEN_LAYERED_ATTENTION", "auto")
 if _backend not in BACKENDS:
@@ -88,14 +90,13 @@ def _enable_flash4_disk_cache() -> None:
     folder cannot be made. FA4 reads the switch when first imported, so this runs before that import."""
     if "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED" in os.environ:
         return
-    folder = os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
+    folder = os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR") or cache_folder("flash-attention-cute")
     if folder is None:
-        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        folder = os.path.join(root, "qwen-layered", "flash-attention-cute")
+        return  # no writable cache folder: FA4 compiles in every process, as it does by default
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError:
-        return  # no writable cache folder: FA4 compiles in every process, as it does by default
+        return
     os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] = folder
     os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"
 

@@ -39,6 +39,7 @@ try:
         images_in_subfolders,
         run_batch,
     )
+    from .caches import keep_compiled_code
     from .checkpoints import CheckpointError, open_checkpoint, open_transformer
     from .checkpoints.describe import describe
     from .checkpoints.models_folder import find_models, models_folder
@@ -46,6 +47,7 @@ try:
     from .checkpoints.text_encoder import COMFY_TOKENIZER, check_text_encoder_file
     from .checkpoints.transformer import transformer_precision
     from .checkpoints.vae import vae_prefix, vae_shape
+    from .compile_policy import COMPILE_SETTINGS, MIN_COMPILED_STEPS, compile_choice
     from .edit_command import add_edit_parser, edit_command
     from .evaluate import EvaluationError, evaluate, format_table, write_json
     from .image import IMAGE_SUFFIXES
@@ -163,9 +165,13 @@ def add_decompose_parser(sub) -> None:
     )
     p.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile the transformer blocks: faster steps after some seconds of compilation on the first "
-        "(benchmarks/RESULTS.md has the figures)",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=COMPILE_SETTINGS,
+        help="torch.compile the transformer blocks: auto (the default) compiles on a CUDA GPU with Triton for runs of "
+        f"{MIN_COMPILED_STEPS} steps or more, not on the CPU or under --vram-budget; the compiled code is kept in "
+        "~/.cache/qwen-layered, so later runs start fast (benchmarks/RESULTS.md has the figures)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="more detail, and a failed image's traceback")
 
@@ -389,6 +395,14 @@ def _decompose(args, progress: TerminalProgress) -> int:
         progress.note(line)
     # transformers draws a bar per file it loads: our own progress says what is loading
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        compile_blocks, why = compile_choice(args.compile, plan.device, args.steps, args.vram_budget is not None)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    progress.note(f"compile: {why}")
+    if compile_blocks:
+        keep_compiled_code()
     progress.stage(f"loading models on {plan.device}")
     started = time.monotonic()
     try:
@@ -401,7 +415,7 @@ def _decompose(args, progress: TerminalProgress) -> int:
             dtype=DTYPES[args.dtype],
             fp8=args.fp8,
             vram_budget_gb=args.vram_budget,
-            compile=args.compile,
+            compile=compile_blocks,
         )
     except (CheckpointError, ValueError, OSError) as e:
         progress.close()

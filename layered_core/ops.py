@@ -184,6 +184,9 @@ class FP8Linear(nn.Module):
 
     def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        count = rows.shape[0]
+        if count == 0:  # an empty text stream: cuBLASLt finds no algorithm for zero rows
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         x_fp8, x_scale = quantize_rows_fp8(rows)
         # Rowwise scaling wants both scales as contiguous float32 2-D tensors: (M, 1) and (1, N); the
         # per-tensor weight scale is repeated along N.

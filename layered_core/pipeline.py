@@ -244,6 +244,8 @@ class LayeredPipeline:
                 if is_blank_prompt(prompt):
                     prompt = self.caption(prepared, options.caption_language)
                     logger.debug("auto-caption: %s", prompt)
+                    seconds["caption"] = time.perf_counter() - start
+                    start = time.perf_counter()
                 positive = self.encode_text([prompt], options.max_sequence_length)
                 negative = None
                 if options.cfg_scale > 1:

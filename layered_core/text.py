@@ -21,12 +21,13 @@ import inspect
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .caption import FastPathUnavailable, GreedyDecoder, greedy_settings
 from .checkpoints import qwen_vl_release
 from .checkpoints.files import PICKLE_SUFFIXES, CheckpointError, read_safetensors_header
 from .checkpoints.text_encoder import (
@@ -122,6 +123,8 @@ class PromptEncoder:
     ``tokenizer`` encodes prompts (the diffusers folder's ``tokenizer/``). Captions need
     ``image_processor`` and use ``caption_tokenizer`` (both from ``processor/``; the tokenizer falls
     back to ``tokenizer``). From a transformers processor, pass its ``image_processor`` and ``tokenizer``.
+    ``fast_caption`` False captions through transformers' ``generate`` instead of the greedy decoder of
+    ``caption.py`` (the same tokens, slower).
     """
 
     model: Any  # transformers.Qwen2_5_VLForConditionalGeneration
@@ -129,6 +132,9 @@ class PromptEncoder:
     image_processor: Any | None = None
     caption_tokenizer: Any | None = None
     source: str = "<in memory>"
+    fast_caption: bool = True
+    # its key/value cache and CUDA graph are kept for the next caption
+    _decoder: GreedyDecoder | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         prefix = ENCODE_TEMPLATE.split("{}")[0]
@@ -220,17 +226,30 @@ class PromptEncoder:
                 f"{self.source}: captioning needs the image processor (processor/preprocessor_config.json), "
                 "and none was loaded; pass a prompt instead or load a folder that has processor/"
             )
-        inputs = self.caption_inputs(image, language)
-        prompt_length = inputs["input_ids"].shape[1]
-        inputs = {name: value.to(self.device) for name, value in inputs.items()}
-        generated = self.model.generate(**inputs, generation_config=self._greedy_config(max_new_tokens))
+        inputs = {name: value.to(self.device) for name, value in self.caption_inputs(image, language).items()}
+        tokens = self.caption_tokens(inputs, self.greedy_config(max_new_tokens))
         tokenizer = self.caption_tokenizer or self.tokenizer
-        text = tokenizer.decode(
-            generated[0, prompt_length:], skip_special_tokens=True, clean_up_tokenization_spaces=False
-        ).strip()
+        text = tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
         if not text:
             logger.warning("%s: the caption came out empty", self.source)
         return text
+
+    @torch.inference_mode()
+    def caption_tokens(self, inputs: dict[str, torch.Tensor], generation_config) -> torch.Tensor:
+        """The new tokens (1-D, on the CPU) of ``model.generate(**inputs, generation_config=generation_config)``
+        after the prompt, end token included where one was reached: through the greedy decoder where it gives
+        exactly generate's tokens, else through generate, saying why in the log."""
+        try:
+            if not self.fast_caption:
+                raise FastPathUnavailable("fast_caption is off")
+            settings = greedy_settings(self.model, generation_config, inputs)
+            if self._decoder is None or self._decoder.model is not self.model:
+                self._decoder = GreedyDecoder(self.model)
+            return self._decoder.generate(inputs, settings)
+        except FastPathUnavailable as reason:
+            logger.info("%s: captioning through transformers' generate: %s", self.source, reason)
+        generated = self.model.generate(**inputs, generation_config=generation_config)
+        return generated[0, inputs["input_ids"].shape[1] :].cpu()
 
     def caption_inputs(self, image, language: str = "en") -> dict[str, torch.Tensor]:
         """The model inputs of a caption request, as the Qwen2-VL processor builds them for one image.
@@ -256,7 +275,8 @@ class PromptEncoder:
             inputs["mm_token_type_ids"] = (tokens.input_ids == self.model.config.image_token_id).long()
         return inputs
 
-    def _greedy_config(self, max_new_tokens: int):
+    def greedy_config(self, max_new_tokens: int):
+        """The model's generation config for a caption: greedy (see :meth:`caption`), its other settings kept."""
         config = copy.deepcopy(self.model.generation_config)
         config.do_sample = False
         # Neutral values rather than None: generate() fills None from the model's sampling settings.

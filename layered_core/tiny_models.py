@@ -22,7 +22,13 @@ import torch
 
 from .atomic import new_file_mode
 from .checkpoints import save_mmdit, save_vae
-from .checkpoints.qwen_vl_release import generation_config, image_processor, image_processor_config, mrope_section
+from .checkpoints.qwen_vl_release import (
+    generation_config,
+    image_processor,
+    image_processor_config,
+    mrope_section,
+    vision_token_ids,
+)
 from .checkpoints.text_encoder import COMFY_FILE as COMFY_TEXT_ENCODER_FILE
 from .checkpoints.text_encoder import is_written_here, save_text_encoder_file
 from .mmdit import MMDiTConfig, VLDMMDiT
@@ -179,10 +185,7 @@ def tiny_qwen_vl_config(hidden_size: int = 48, tokenizer=None):
             "tokens_per_second": 2,
             "out_hidden_size": hidden_size,
         },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **vision_token_ids(tokenizer),
         tie_word_embeddings=False,
     )
 

@@ -19,12 +19,13 @@ from psd_tools.constants import Tag
 
 from layered_core import edits
 from layered_core.export import load_png_zip
-from layered_core.layers import Layer, LayerStack, attach_split, composite
+from layered_core.layers import attach_split, composite
 from layered_core.psd import save_psd
 from layered_core.psd_read import load_psd
 from layered_core.synthetic import synthetic_design
 
 from .comfy_server import REPO, Server, missing_comfyui, prepare_base
+from .conftest import halves
 
 if missing_comfyui():
     pytest.skip(missing_comfyui(), allow_module_level=True)
@@ -34,14 +35,7 @@ DESIGN = "designs/poster.psd"  # in input/: the pack's own PSD of a synthetic de
 
 def _design():
     stack = synthetic_design(96, 80, layer_count=6, seed=5)
-    target = stack[3]
-    half = target.width // 2
-    halves = LayerStack(
-        target.width,
-        target.height,
-        (Layer(target.pixels[:, :half], "left"), Layer(target.pixels[:, half:], "right", (half, 0))),
-    )
-    return attach_split(stack, 3, halves)
+    return attach_split(stack, 3, halves(stack[3], ("upper", "lower")))
 
 
 def _other_writers_psd(path):
@@ -100,7 +94,7 @@ def test_a_loaded_psd_saves_back_with_every_layer_bit_identical(server):
         assert np.array_equal(old.pixels, new.pixels), path
     # the node shows the tree, top layer first, with 1-based paths
     text = history["outputs"]["1"]["text"][0]
-    assert text.splitlines()[1].startswith("6: 'shape 5'") and "4/2: 'right'" in text
+    assert text.splitlines()[1].startswith("6: 'shape 5'") and "4/2: 'lower'" in text
 
 
 def test_the_edit_chain_changes_only_its_targets(server):

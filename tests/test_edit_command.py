@@ -11,24 +11,19 @@ from psd_tools import PSDImage
 from layered_core import edits
 from layered_core.cli import main
 from layered_core.export import load_png_zip
-from layered_core.layers import Layer, LayerStack, attach_split, composite
+from layered_core.layers import attach_split, composite
 from layered_core.psd import save_psd
 from layered_core.psd_read import load_psd
 from layered_core.synthetic import synthetic_design
+
+from .conftest import halves
 
 
 @pytest.fixture
 def poster(tmp_path):
     """A pack PSD as decompose writes it: the input as a hidden bottom layer, then 5 layers, layer 4 split."""
     stack = synthetic_design(160, 120, layer_count=5, seed=3)
-    target = stack[3]
-    half = target.height // 2
-    halves = LayerStack(
-        target.width,
-        target.height,
-        (Layer(target.pixels[:half], "top half"), Layer(target.pixels[half:], "bottom half", (0, half))),
-    )
-    stack = attach_split(stack, 3, halves)
+    stack = attach_split(stack, 3, halves(stack[3], ("top half", "bottom half")))
     return save_psd(stack, tmp_path / "poster.psd", input_image=composite(stack))
 
 

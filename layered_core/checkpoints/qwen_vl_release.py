@@ -62,6 +62,12 @@ def token_id(tokenizer, token: str) -> int:
     return ids[0]
 
 
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    """The config's image and video token ids in ``tokenizer``'s vocabulary (keyword arguments of
+    Qwen2_5_VLConfig); KeyError naming a token the tokenizer does not have as one token."""
+    return {name: token_id(tokenizer, token) for name, token in VISION_TOKENS.items()}
+
+
 def generation_config(tokenizer):
     """generation_config.json of the release: sampling at top_k 1 (so it picks the argmax), repetition penalty
     1.05, ending at ``<|im_end|>`` or ``<|endoftext|>``."""

@@ -127,7 +127,7 @@ class QwenVLShape:
         from transformers import Qwen2_5_VLConfig
 
         try:
-            ids = {name: release.token_id(tokenizer, token) for name, token in release.VISION_TOKENS.items()}
+            ids = release.vision_token_ids(tokenizer)
             end_of_text = release.token_id(tokenizer, release.END_OF_TEXT)
             end_of_turn = release.token_id(tokenizer, release.END_OF_TURN)
         except KeyError as e:

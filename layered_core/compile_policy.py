@@ -1,0 +1,46 @@
+"""Whether to ``torch.compile`` the transformer's blocks for a run: on where it pays back within the run, off by
+itself where it cannot (no CUDA GPU, a GPU Triton does not support, too few steps, streamed blocks).
+
+The figures behind the choice (a compiled step against an eager one, the first call from a cold and from a warm
+cache) are in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+COMPILE_SETTINGS = ("auto", "on", "off")
+
+MIN_COMPILED_STEPS = 8
+"""Below this many sampling steps a run cannot win back even a warm cache's compilation."""
+
+MIN_CAPABILITY = (7, 0)
+"""The oldest CUDA compute capability Triton generates code for."""
+
+
+def compile_choice(setting: str, device: str | torch.device, steps: int, streamed: bool = False) -> tuple[bool, str]:
+    """(compile or not, why) for ``--compile`` ``setting`` (auto, on or off) on ``device``, for decompositions
+    of ``steps`` sampling steps, with the blocks streamed under a VRAM budget or not."""
+    if setting not in COMPILE_SETTINGS:
+        raise ValueError(f"compile: expected one of {', '.join(COMPILE_SETTINGS)}, got {setting!r}")
+    if setting == "off":
+        return False, "off, as asked"
+    if streamed:
+        if setting == "on":
+            raise ValueError("--compile on and --vram-budget together are not supported yet: choose one")
+        return False, "off: the blocks are streamed under the VRAM budget, which runs them eagerly"
+    if setting == "on":
+        return True, "on, as asked"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"off: compiling pays on a CUDA GPU, and this run is on {device.type}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        return False, f"off: compute capability {capability[0]}.{capability[1]} is older than Triton supports"
+    if importlib.util.find_spec("triton") is None:
+        return False, "off: Triton is not installed"
+    if steps < MIN_COMPILED_STEPS:
+        return False, f"off: {steps} steps are too few to win back the compilation"
+    return True, "on: a CUDA GPU with Triton and enough steps to win the compilation back"

@@ -1,0 +1,31 @@
+"""When a run compiles the transformer's blocks: on where it pays, off by itself where it cannot, as asked."""
+
+import pytest
+import torch
+
+from layered_core.compile_policy import MIN_COMPILED_STEPS, compile_choice
+
+
+def test_auto_is_off_on_the_cpu_and_under_a_vram_budget():
+    assert compile_choice("auto", "cpu", 50) == (False, "off: compiling pays on a CUDA GPU, and this run is on cpu")
+    compiled, why = compile_choice("auto", "cuda", 50, streamed=True)
+    assert not compiled and "streamed under the VRAM budget" in why
+
+
+def test_on_and_off_are_obeyed_and_on_refuses_a_streamed_run():
+    assert compile_choice("on", "cpu", 1) == (True, "on, as asked")
+    assert compile_choice("off", "cuda", 50) == (False, "off, as asked")
+    with pytest.raises(ValueError, match="--compile on and --vram-budget together"):
+        compile_choice("on", "cuda", 50, streamed=True)
+    with pytest.raises(ValueError, match="expected one of auto, on, off"):
+        compile_choice("sometimes", "cpu", 50)
+
+
+def test_auto_on_a_cuda_gpu_weighs_the_steps(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
+    assert compile_choice("auto", "cuda", MIN_COMPILED_STEPS)[0]
+    compiled, why = compile_choice("auto", "cuda", MIN_COMPILED_STEPS - 1)
+    assert not compiled and f"{MIN_COMPILED_STEPS - 1} steps are too few" in why
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
+    assert compile_choice("auto", "cuda", 50) == (False, "off: compute capability 6.1 is older than Triton supports")
