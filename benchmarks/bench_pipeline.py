@@ -39,7 +39,7 @@ from layered_core.mmdit import MMDiTConfig, VLDMMDiT
 from layered_core.ops import is_quantizable, quantize_linears_fp8, set_fp8_compute
 from layered_core.pipeline import DecomposeOptions, LayeredPipeline
 from layered_core.text import PromptEncoder
-from layered_core.tiny_models import tiny_generation_config, tiny_text_encoder_set
+from layered_core.tiny_models import tiny_text_encoder_set
 from layered_core.vae import VAEConfig
 
 STAGES = ("caption", "text", "encode image", "sampling", "decode", "save")
@@ -126,7 +126,6 @@ def main() -> None:
         torch.manual_seed(0)
         transformer = VLDMMDiT(config).eval().requires_grad_(False)
         model, tokenizer, image_processor = tiny_text_encoder_set(config.text_dim)
-        model.generation_config = tiny_generation_config(tokenizer)
         text_encoder = PromptEncoder(model, tokenizer, image_processor)
     else:
         transformer = random_model(config, dtype, device)

@@ -260,8 +260,9 @@ def full_text_encoder(device, dtype: torch.dtype = torch.bfloat16, generate_on=N
     the rotary buffers computed at construction are right."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    from layered_core.checkpoints.qwen_vl_release import vision_token_ids
     from layered_core.text import PromptEncoder
-    from layered_core.tiny_models import tiny_tokenizer, vision_token_ids
+    from layered_core.tiny_models import tiny_tokenizer
 
     try:
         from transformers.initialization import no_init_weights
@@ -288,27 +289,15 @@ def full_text_encoder(device, dtype: torch.dtype = torch.bfloat16, generate_on=N
     return PromptEncoder(model.eval().requires_grad_(False), tokenizer)
 
 
-# Qwen2.5-VL-7B-Instruct's preprocessor_config.json: its pixel budget (the tiny set's is far smaller)
-QWEN25_VL_MIN_PIXELS = 56 * 56
-QWEN25_VL_MAX_PIXELS = 28 * 28 * 16384
-
-
 def full_caption_encoder(device, dtype: torch.dtype = torch.bfloat16):
     """``full_text_encoder`` made ready to caption: the release's image processor settings and its generation
     settings (repetition penalty 1.05, top_k 1; the end tokens are the offline tokenizer's <|im_end|> and
     <|endoftext|>)."""
-    from layered_core.tiny_models import (
-        image_processor_from_config,
-        tiny_generation_config,
-        tiny_image_processor_config,
-    )
+    from layered_core.checkpoints.qwen_vl_release import generation_config, image_processor
 
     encoder = full_text_encoder(device, dtype)
-    config = tiny_image_processor_config()
-    config.update(min_pixels=QWEN25_VL_MIN_PIXELS, max_pixels=QWEN25_VL_MAX_PIXELS)
-    config["size"] = {"shortest_edge": QWEN25_VL_MIN_PIXELS, "longest_edge": QWEN25_VL_MAX_PIXELS}
-    encoder.image_processor = image_processor_from_config(config)
-    encoder.model.generation_config = tiny_generation_config(encoder.tokenizer)
+    encoder.image_processor = image_processor()
+    encoder.model.generation_config = generation_config(encoder.tokenizer)
     return encoder
 
 

@@ -133,6 +133,10 @@ def _check_model(model) -> None:
     language_model = getattr(getattr(model, "model", None), "language_model", None)
     if language_model is None or not hasattr(language_model, "layers") or not hasattr(model, "lm_head"):
         raise FastPathUnavailable("the model lacks model.language_model.layers or lm_head (another transformers?)")
+    if type(model.lm_head) is not torch.nn.Linear:
+        # a quantised head computes something else than its weight; a single file without one has a placeholder
+        # that refuses in generate, naming the file
+        raise FastPathUnavailable(f"the language-model head is a {type(model.lm_head).__name__}, not torch.nn.Linear")
     if model.training:
         raise FastPathUnavailable("the model is in training mode")
     text_config = language_model.config

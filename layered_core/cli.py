@@ -43,6 +43,8 @@ try:
     from .checkpoints import CheckpointError, open_checkpoint, open_transformer
     from .checkpoints.describe import describe
     from .checkpoints.models_folder import find_models, models_folder
+    from .checkpoints.text_encoder import COMFY_FILE as COMFY_TEXT_ENCODER_FILE
+    from .checkpoints.text_encoder import COMFY_TOKENIZER, check_text_encoder_file
     from .checkpoints.transformer import transformer_precision
     from .checkpoints.vae import vae_prefix, vae_shape
     from .compile_policy import COMPILE_SETTINGS, MIN_COMPILED_STEPS, compile_choice
@@ -108,7 +110,14 @@ def add_decompose_parser(sub) -> None:
     p.add_argument("--vae", help="VAE file or folder (overrides --model)")
     p.add_argument(
         "--text-encoder",
-        help="folder with text_encoder/ and tokenizer/, and processor/ for auto-captions (overrides --model)",
+        help="folder with text_encoder/ and tokenizer/ (processor/ for auto-captions), or ComfyUI's single file "
+        f"{COMFY_TEXT_ENCODER_FILE} (overrides --model)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="the tokenizer of a single-file text encoder: a folder with tokenizer.json or vocab.json + merges.txt "
+        "(and preprocessor_config.json), or a diffusers folder with tokenizer/ (default: the --model diffusers "
+        f"folder, else {COMFY_TOKENIZER.as_posix()} of the ComfyUI folder the file is in)",
     )
     p.add_argument(
         "--layers", type=int, default=d.layer_count, help=f"layer count, 1..{MAX_LAYERS} (default %(default)s)"
@@ -145,7 +154,7 @@ def add_decompose_parser(sub) -> None:
         "--fp8",
         choices=("keep", "dequantize"),
         default="keep",
-        help="for fp8 transformer files (default %(default)s)",
+        help="for fp8 transformer and text-encoder files (default %(default)s)",
     )
     p.add_argument(
         "--vram-budget",
@@ -194,6 +203,8 @@ class ModelFiles:
     text_encoder: Path
     lines: list[str] = field(default_factory=list)  # what was chosen, for the user
     precision: str = ""
+    tokenizer: Path | None = None  # a single-file text encoder's
+    text_encoder_precision: str = ""  # a single-file text encoder's
 
 
 def _caption_reason(settings: BatchSettings) -> str:
@@ -206,6 +217,7 @@ def find_model_files(args, settings: BatchSettings) -> ModelFiles:
     """The three models the flags name, checked from their headers and configs (nothing loaded): explicit
     flags first, then ``--model`` (a diffusers folder, or a ComfyUI models folder searched by content)."""
     transformer, vae, text_encoder = args.transformer, args.vae, args.text_encoder
+    tokenizer = args.tokenizer
     lines: list[str] = []
     if args.model:
         folder = models_folder(args.model)
@@ -214,7 +226,7 @@ def find_model_files(args, settings: BatchSettings) -> ModelFiles:
                 k for k, v in (("transformer", transformer), ("vae", vae), ("text_encoder", text_encoder)) if v is None
             )
             need_processor = settings.needs_caption() and text_encoder is None
-            found = find_models(folder, missing, need_processor=need_processor)
+            found = find_models(folder, missing, need_processor=need_processor, tokenizer_folder=tokenizer)
             transformer = transformer or found.transformer
             vae = vae or found.vae
             text_encoder = text_encoder or found.text_encoder
@@ -226,6 +238,8 @@ def find_model_files(args, settings: BatchSettings) -> ModelFiles:
             )
         else:
             transformer, vae, text_encoder = transformer or args.model, vae or args.model, text_encoder or args.model
+            # a single file given with --text-encoder takes the diffusers folder's tokenizer/ and processor/
+            tokenizer = tokenizer or args.model
     if transformer is None or vae is None:
         raise UsageError(
             "need a transformer and a VAE: pass --model (a diffusers or ComfyUI models folder), or "
@@ -234,8 +248,8 @@ def find_model_files(args, settings: BatchSettings) -> ModelFiles:
     if text_encoder is None:
         # every image needs it (prompt embeddings, and the caption when --prompt is empty)
         raise UsageError(
-            "no text encoder: pass --model (the diffusers folder) or --text-encoder (a folder with "
-            "text_encoder/ and tokenizer/); ComfyUI's single-file text encoders are not read by this command"
+            "no text encoder: pass --model (the diffusers folder) or --text-encoder (a folder with text_encoder/ and "
+            f"tokenizer/, or ComfyUI's {COMFY_TEXT_ENCODER_FILE})"
         )
     transformer_flag = "--transformer" if args.transformer else "--model"
     try:
@@ -253,21 +267,32 @@ def find_model_files(args, settings: BatchSettings) -> ModelFiles:
     except (CheckpointError, ValueError) as e:
         raise UsageError(f"{vae_flag}: {e}") from None
     text_flag = "--text-encoder" if args.text_encoder else "--model"
+    single_file = Path(text_encoder).is_file()
+    if args.tokenizer and not single_file:
+        raise UsageError(
+            f"--tokenizer {args.tokenizer}: the text encoder {text_encoder} is a folder with its own tokenizer; "
+            f"--tokenizer goes with a single-file text encoder ({COMFY_TEXT_ENCODER_FILE})"
+        )
     try:
-        parts = find_text_encoder(text_encoder)
+        parts = find_text_encoder(text_encoder, tokenizer if single_file else None)
     except CheckpointError as e:
         raise UsageError(f"{text_flag}: {e}") from None
-    if settings.needs_caption() and parts.processor is None:
+    if settings.needs_caption() and parts.caption_problem:
         reason = _caption_reason(settings)
         fix = "copy processor/ from Qwen/Qwen-Image-Layered beside it"
+        if single_file:
+            fix = "use a text encoder that holds it"
         if reason.startswith("--prompt"):
             fix += ", or pass --prompt"
         raise UsageError(
-            f"{text_flag} {text_encoder}: no processor/ (preprocessor_config.json) beside text_encoder/ and "
-            f"tokenizer/, and the auto-caption needs it ({reason}): {fix}"
+            f"{text_flag} {text_encoder}: {parts.caption_problem}, and the auto-caption needs it ({reason}): {fix}"
         )
-    resolved = (Path(p).expanduser().resolve() for p in (transformer, vae, text_encoder))
-    return ModelFiles(*resolved, lines=lines, precision=precision)
+    transformer, vae, text_encoder = (Path(p).expanduser().resolve() for p in (transformer, vae, text_encoder))
+    models = ModelFiles(transformer, vae, text_encoder, lines=lines, precision=precision)
+    if single_file:
+        models.tokenizer = parts.tokenizer.resolve()
+        models.text_encoder_precision = check_text_encoder_file(text_encoder).precision
+    return models
 
 
 def _no_images_message(args) -> str:
@@ -322,7 +347,9 @@ def plan_decompose(args) -> Plan:
         "text_encoder": str(models.text_encoder),
         "dtype": args.dtype,
     }
-    if models.precision == "fp8":
+    if models.tokenizer is not None:
+        settings.models["tokenizer"] = str(models.tokenizer)
+    if "fp8" in (models.precision, models.text_encoder_precision):
         settings.models["fp8"] = args.fp8
     return Plan(settings, images, out, device, models)
 
@@ -383,6 +410,7 @@ def _decompose(args, progress: TerminalProgress) -> int:
             transformer=str(plan.models.transformer),
             vae=str(plan.models.vae),
             text_encoder=str(plan.models.text_encoder),
+            tokenizer=None if plan.models.tokenizer is None else str(plan.models.tokenizer),
             device=plan.device,
             dtype=DTYPES[args.dtype],
             fp8=args.fp8,

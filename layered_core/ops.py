@@ -134,7 +134,7 @@ class FP8Linear(nn.Module):
         return self
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.weight.to(torch.float32) * self.weight_scale).to(dtype)
+        return dequantize_fp8(self.weight, self.weight_scale, dtype)
 
     def fp8_matmul_problem(self, x: torch.Tensor) -> str | None:
         """Why the fp8 matmul cannot run on ``x`` here, or None when it can.
@@ -236,6 +236,11 @@ def quantize_fp8(weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn)
     amax = weight.detach().abs().max().to(torch.float32).clamp(min=1e-12)
     scale = amax / torch.finfo(dtype).max
     return (weight.to(torch.float32) / scale).to(dtype), scale
+
+
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The real weight of a scaled float8 tensor, in ``dtype``: ``weight.float() * scale``."""
+    return (weight.to(torch.float32) * scale).to(dtype)
 
 
 def is_quantizable(name: str, tensor: torch.Tensor) -> bool:

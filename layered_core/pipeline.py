@@ -109,8 +109,12 @@ class LayeredPipeline:
         fp8: str = "keep",
         vram_budget_gb: float | None = None,
         compile: bool = False,
+        tokenizer: str | None = None,
     ) -> LayeredPipeline:
         """Load from a diffusers pipeline folder (``model``) and/or single files for each component.
+
+        ``tokenizer`` is the tokenizer folder of a single-file text encoder (ComfyUI's; see
+        :func:`~layered_core.text.load_text_encoder`); ``fp8`` applies to fp8 transformer and text-encoder files.
 
         ``vram_budget_gb`` (GiB) runs within that much GPU memory: the models load on the CPU and the
         transformer's blocks stream to ``device`` (see :class:`~layered_core.offload.VRAMBudget`).
@@ -123,18 +127,24 @@ class LayeredPipeline:
             raise ValueError("need a transformer and a VAE: pass a diffusers folder, or both files")
         if compile and vram_budget_gb is not None:
             raise ValueError("compile and vram_budget_gb together are not supported yet: choose one")
+
+        def load_text(on: str | torch.device):
+            if text_encoder is None:
+                return None
+            return load_text_encoder(text_encoder, dtype=dtype, device=on, tokenizer_folder=tokenizer, fp8=fp8)
+
         if vram_budget_gb is not None:
             budget = gib(vram_budget_gb)  # checked before minutes of loading
             models = (
                 load_mmdit(transformer, dtype=dtype, device="cpu", fp8=fp8),
                 load_vae(vae, dtype=dtype, device="cpu"),
-                None if text_encoder is None else load_text_encoder(text_encoder, dtype=dtype, device="cpu"),
+                load_text("cpu"),
             )
             return cls(*models, vram_budget=VRAMBudget(*models, device=device, budget=budget))
         pipeline = cls(
             load_mmdit(transformer, dtype=dtype, device=device, fp8=fp8),
             load_vae(vae, dtype=dtype, device=device),
-            None if text_encoder is None else load_text_encoder(text_encoder, dtype=dtype, device=device),
+            load_text(device),
         )
         if compile:
             pipeline.transformer.compile_blocks()

@@ -9,8 +9,9 @@ The caption is what the reference pipeline writes when the prompt is empty: Qwen
 with a fixed image-annotator instruction (English or Chinese), to describe the resized input image.
 
 Loading reads a diffusers folder (``text_encoder/`` + ``tokenizer/`` + optional ``processor/``),
-its ``text_encoder/`` folder, or a single folder holding model and tokenizer files (the layout of
-``Qwen/Qwen2.5-VL-7B-Instruct``). Only safetensors weights are read, never from a hub.
+its ``text_encoder/`` folder, a single folder holding model and tokenizer files (the layout of
+``Qwen/Qwen2.5-VL-7B-Instruct``), or ComfyUI's single file ``qwen_2.5_vl_7b_fp8_scaled.safetensors`` with a
+tokenizer from elsewhere (:mod:`.checkpoints.text_encoder`). Only safetensors weights are read, never from a hub.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from typing import Any
 import torch
 
 from .caption import FastPathUnavailable, GreedyDecoder, greedy_settings
+from .checkpoints import qwen_vl_release
 from .checkpoints.files import PICKLE_SUFFIXES, CheckpointError, read_safetensors_header
+from .checkpoints.text_encoder import (
+    NO_HEAD,
+    check_text_encoder_file,
+    find_tokenizer,
+    has_tokenizer,
+    load_text_encoder_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +108,6 @@ CAPTION_INSTRUCTIONS = {
     ),
 }
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 WEIGHT_INDEX = "model.safetensors.index.json"
 
 
@@ -284,25 +292,31 @@ class PromptEncoder:
 # --------------------------------------------------------------------------- loading
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / name).is_file() for name in TOKENIZER_FILES)
+NO_PROCESSOR = "no processor/ (preprocessor_config.json) beside text_encoder/ and tokenizer/"
 
 
 @dataclass(frozen=True)
 class TextEncoderFolders:
-    """Where a text encoder's parts are: the model (config.json + safetensors), the tokenizer, and the image
-    processor that captions need (None when there is none)."""
+    """Where a text encoder's parts are: the model (a folder with config.json + safetensors, or ComfyUI's single
+    file), the tokenizer, the image processor (None: a folder has none, a single file uses the release's
+    settings), and why captions cannot be made (None when they can)."""
 
     model: Path
     tokenizer: Path
     processor: Path | None
+    caption_problem: str | None = None
 
 
-def find_text_encoder(path: str | os.PathLike) -> TextEncoderFolders:
-    """The folders of the text encoder at ``path`` (see :func:`load_text_encoder`), checked without loading
+def find_text_encoder(path: str | os.PathLike, tokenizer_folder: str | os.PathLike | None = None) -> TextEncoderFolders:
+    """The parts of the text encoder at ``path`` (see :func:`load_text_encoder`), checked without loading
     anything: the config is Qwen2.5-VL's, the weights are readable safetensors, a tokenizer is there.
+    ``tokenizer_folder`` is where a single file's tokenizer is (see :func:`~.checkpoints.text_encoder.find_tokenizer`).
     Raises :class:`CheckpointError` naming the folder or file."""
     path = Path(path)
+    if path.is_file():
+        shape = check_text_encoder_file(path)
+        tokenizer_dir, processor_dir = find_tokenizer(path, tokenizer_folder)
+        return TextEncoderFolders(path, tokenizer_dir, processor_dir, None if shape.has_lm_head else NO_HEAD)
     model_dir, tokenizer_dir, processor_dir = _locate(path)
     if tokenizer_dir is None:
         raise CheckpointError(
@@ -311,7 +325,7 @@ def find_text_encoder(path: str | os.PathLike) -> TextEncoderFolders:
             "tokenizer.json or vocab.json + merges.txt",
         )
     _check_text_encoder_folder(model_dir)
-    return TextEncoderFolders(model_dir, tokenizer_dir, processor_dir)
+    return TextEncoderFolders(model_dir, tokenizer_dir, processor_dir, None if processor_dir else NO_PROCESSOR)
 
 
 def _locate(path: Path) -> tuple[Path, Path | None, Path | None]:
@@ -325,8 +339,8 @@ def _locate(path: Path) -> tuple[Path, Path | None, Path | None]:
     if not path.is_dir():
         raise CheckpointError(
             path,
-            "not a folder; the text encoder loads from a diffusers folder (text_encoder/ + tokenizer/) or its "
-            "text_encoder/ folder (a single-file Qwen2.5-VL checkpoint is not supported here)",
+            "not a folder or a file; the text encoder loads from a diffusers folder (text_encoder/ + tokenizer/), its "
+            "text_encoder/ folder, or ComfyUI's single file",
         )
     if (path / "text_encoder").is_dir():
         model_dir, siblings = path / "text_encoder", path
@@ -338,7 +352,7 @@ def _locate(path: Path) -> tuple[Path, Path | None, Path | None]:
             "neither a text_encoder/ subfolder nor a config.json here; expected a Qwen-Image-Layered diffusers "
             "folder or its text_encoder/ folder",
         )
-    tokenizer_dir = next((d for d in (siblings / "tokenizer", model_dir) if _has_tokenizer(d)), None)
+    tokenizer_dir = next((d for d in (siblings / "tokenizer", model_dir) if has_tokenizer(d)), None)
     processor_dir = next(
         (d for d in (siblings / "processor", model_dir) if (d / "preprocessor_config.json").is_file()), None
     )
@@ -401,23 +415,29 @@ def load_text_encoder(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     load_processor: bool = True,
+    tokenizer_folder: str | os.PathLike | None = None,
+    fp8: str = "dequantize",
 ) -> PromptEncoder:
     """Load Qwen2.5-VL, its tokenizer and (for captions) its image processor, offline.
 
     ``path``: a diffusers Qwen-Image-Layered folder, its ``text_encoder/`` folder (the tokenizer is
-    then looked for in ``../tokenizer``), or one folder holding model and tokenizer files.
-    ``dtype`` defaults to the checkpoint's own; ``device`` to CPU. Every problem raises
-    :class:`CheckpointError` naming the folder or file.
+    then looked for in ``../tokenizer``), one folder holding model and tokenizer files, or ComfyUI's single file
+    (``tokenizer_folder`` says where its tokenizer is; ``fp8`` keeps its fp8 linears in float8 or widens them, see
+    :func:`~.checkpoints.text_encoder.load_text_encoder_file`). ``dtype`` defaults to the checkpoint's own;
+    ``device`` to CPU. Every problem raises :class:`CheckpointError` naming the folder or file.
     """
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     path = Path(path)
-    folders = find_text_encoder(path)
+    folders = find_text_encoder(path, tokenizer_folder)
     model_dir, tokenizer_dir, processor_dir = folders.model, folders.tokenizer, folders.processor
 
     tokenizer = _load_part("tokenizer", AutoTokenizer, tokenizer_dir)
-    kwargs = {"use_safetensors": True, "dtype": dtype if dtype is not None else "auto"}
-    model = _load_part("text encoder", Qwen2_5_VLForConditionalGeneration, model_dir, **kwargs)
+    if model_dir.is_file():
+        model = load_text_encoder_file(model_dir, tokenizer, dtype=dtype, device=device, fp8=fp8)
+    else:
+        kwargs = {"use_safetensors": True, "dtype": dtype if dtype is not None else "auto"}
+        model = _load_part("text encoder", Qwen2_5_VLForConditionalGeneration, model_dir, **kwargs)
     # moved after loading: transformers' device_map would need accelerate, which is no dependency here
     if device is not None:
         model.to(torch.device(device))
@@ -426,8 +446,10 @@ def load_text_encoder(
     image_processor = caption_tokenizer = None
     if load_processor and processor_dir is not None:
         image_processor = _load_part("image processor", AutoImageProcessor, processor_dir)
-        if _has_tokenizer(processor_dir) and processor_dir != tokenizer_dir:
+        if has_tokenizer(processor_dir) and processor_dir != tokenizer_dir:
             caption_tokenizer = _load_part("tokenizer", AutoTokenizer, processor_dir)
+    elif load_processor and model_dir.is_file():
+        image_processor = qwen_vl_release.image_processor()
     elif load_processor:
         logger.info("%s: no processor/ folder; auto-captions are unavailable", path)
     return PromptEncoder(model, tokenizer, image_processor, caption_tokenizer, source=str(path))

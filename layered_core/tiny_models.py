@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -23,6 +22,15 @@ import torch
 
 from .atomic import new_file_mode
 from .checkpoints import save_mmdit, save_vae
+from .checkpoints.qwen_vl_release import (
+    generation_config,
+    image_processor,
+    image_processor_config,
+    mrope_section,
+    vision_token_ids,
+)
+from .checkpoints.text_encoder import COMFY_FILE as COMFY_TEXT_ENCODER_FILE
+from .checkpoints.text_encoder import is_written_here, save_text_encoder_file
 from .mmdit import MMDiTConfig, VLDMMDiT
 from .text import CAPTION_INSTRUCTIONS, ENCODE_TEMPLATE, TEMPLATE_PREFIX_TOKENS
 from .vae import RGBAVAE, VAEConfig
@@ -57,8 +65,6 @@ EXTRA_WORDS = (
 # no image gives more than 4x4, so captioning a tiny image stays cheap.
 TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 112 * 112
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -128,54 +134,15 @@ def tiny_tokenizer():
 
 def tiny_image_processor_config() -> dict:
     """preprocessor_config.json of the tiny set: the real Qwen2.5-VL one with a small pixel budget."""
-    return {
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2_5_VLProcessor",
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD,
-        "min_pixels": TINY_MIN_PIXELS,
-        "max_pixels": TINY_MAX_PIXELS,
-        "size": {"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS},
-        "merge_size": 2,
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-    }
-
-
-def image_processor_from_config(config: dict):
-    """The transformers image processor of a ``preprocessor_config.json``'s content (torchvision backend when
-    installed, else the PIL one)."""
-    from transformers import AutoImageProcessor
-
-    # Loading from a config file picks the backend the same way a real processor/ folder does.
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "preprocessor_config.json").write_text(json.dumps(config))
-        return AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    return image_processor_config(TINY_MIN_PIXELS, TINY_MAX_PIXELS)
 
 
 def tiny_image_processor():
-    """The image processor of the tiny set."""
-    return image_processor_from_config(tiny_image_processor_config())
+    """The image processor of the tiny set (torchvision backend when installed, else the PIL one)."""
+    return image_processor(tiny_image_processor_config())
 
 
 # --------------------------------------------------------------------------- Qwen2.5-VL
-
-
-def vision_token_ids(tokenizer) -> dict[str, int]:
-    """The Qwen2.5-VL config's image and video token ids for ``tokenizer``'s vocabulary (keyword arguments of
-    Qwen2_5_VLConfig)."""
-    return {
-        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    }
 
 
 def tiny_qwen_vl_config(hidden_size: int = 48, tokenizer=None):
@@ -186,10 +153,6 @@ def tiny_qwen_vl_config(hidden_size: int = 48, tokenizer=None):
         raise ValueError(f"hidden_size must be a multiple of 8 (4 heads of an even size), got {hidden_size}")
     tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
-    half_rotary = hidden_size // 4 // 2
-    # Same split as the real model's [16, 24, 24] of 64 rotary pairs: (time, height, width).
-    spatial = half_rotary * 3 // 8
-    mrope_section = [half_rotary - 2 * spatial, spatial, spatial]
     return Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
@@ -200,7 +163,11 @@ def tiny_qwen_vl_config(hidden_size: int = 48, tokenizer=None):
             "num_key_value_heads": 2,
             "max_position_embeddings": 4096,
             "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": mrope_section(hidden_size // 4),
+            },
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "tie_word_embeddings": False,
@@ -238,23 +205,6 @@ def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn
     return module
 
 
-def tiny_generation_config(tokenizer):
-    """The sampling settings Qwen2.5-VL-7B-Instruct ships (top_k 1, so sampling picks the argmax)."""
-    from transformers import GenerationConfig
-
-    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    return GenerationConfig(
-        bos_token_id=end_of_text,
-        pad_token_id=end_of_text,
-        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), end_of_text],
-        do_sample=True,
-        top_k=1,
-        top_p=0.001,
-        temperature=0.1,
-        repetition_penalty=1.05,
-    )
-
-
 def tiny_text_encoder_set(hidden_size: int = 48, seed: int = 0):
     """(model, tokenizer, image_processor): a random tiny Qwen2.5-VL in float32 eval mode and its inputs' makers."""
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -265,7 +215,7 @@ def tiny_text_encoder_set(hidden_size: int = 48, seed: int = 0):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
     randomize_(model, seed)
-    model.generation_config = tiny_generation_config(tokenizer)
+    model.generation_config = generation_config(tokenizer)
     return model.eval().requires_grad_(False), tokenizer, tiny_image_processor()
 
 
@@ -375,13 +325,17 @@ COMFY_FILES = {
     "fp8": "diffusion_models/qwen_image_layered_fp8mixed.safetensors",
     "vae": "vae/qwen_image_layered_vae.safetensors",
     "text_encoder": "text_encoders/Qwen2.5-VL-7B-Instruct-tiny",
+    "text_encoder_file": COMFY_TEXT_ENCODER_FILE,
 }
 
 
 def write_comfy_models(models_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Tiny random models under ComfyUI's real file names in a ``models/`` folder: the transformer as
     the bf16 file and as the fp8mixed file (per-layer comfy_quant), the VAE in its Wan 3D layout, and
-    a transformers Qwen2.5-VL folder (text_encoder/, tokenizer/, processor/) for this pack's text nodes."""
+    a transformers Qwen2.5-VL folder (text_encoder/, tokenizer/, processor/) for this pack's text nodes, and the
+    same text encoder as ComfyUI's fp8 single file (with its head). That file's tokenizer is the folder's: a real
+    ComfyUI's own tokenizer has the full vocabulary, which the tiny model does not. A text-encoder file already
+    there that this package did not write is left alone: Qwen-Image users hold the real one under that name."""
     models_dir = Path(models_dir)
     written = {}
     transformer = tiny_transformer(seed)
@@ -391,5 +345,11 @@ def write_comfy_models(models_dir: str | Path, seed: int = 0) -> dict[str, Path]
             transformer.state_dict(), target, layout=layout, config=transformer.config, dtype=torch.bfloat16
         )
     written["vae"] = save_vae(tiny_vae(seed), models_dir / COMFY_FILES["vae"], layout="wan")
-    written["text_encoder"] = write_tiny_text_encoder(models_dir / COMFY_FILES["text_encoder"], seed=seed)
+    text_encoder, tokenizer, _ = tiny_text_encoder_set(seed=seed)
+    written["text_encoder"] = write_text_encoder_set(models_dir / COMFY_FILES["text_encoder"], text_encoder, tokenizer)
+    target = models_dir / COMFY_FILES["text_encoder_file"]
+    if target.exists() and not is_written_here(target):
+        logger.warning("%s: already there and not a tiny file (the real text encoder?); left as it is", target)
+    else:
+        written["text_encoder_file"] = save_text_encoder_file(text_encoder, target, fp8=True)
     return written

@@ -341,3 +341,71 @@ def test_the_license_is_an_spdx_expression():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["license"] == "Apache-2.0"
+
+
+# --------------------------------------------------------------------------- ComfyUI's single-file text encoder
+
+TEXT_ENCODER_FILE = "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors"
+
+
+@pytest.fixture(scope="module")
+def comfy_single_file(comfy_models, tmp_path_factory):
+    """A ComfyUI folder whose only text encoder is the single file, with ComfyUI's own tokenizer (the tiny one)."""
+    root = tmp_path_factory.mktemp("single") / "ComfyUI"
+    shutil.copytree(comfy_models, root / "models", ignore=shutil.ignore_patterns(Path(TEXT_ENCODER).name))
+    shutil.copytree(comfy_models / TEXT_ENCODER / "tokenizer", root / "comfy/text_encoders/qwen25_tokenizer")
+    return root
+
+
+def test_a_comfyui_folder_with_the_single_file_is_all_decompose_needs(comfy_single_file, tmp_path, capsys):
+    noise_image(48, 40).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    args = ["decompose", str(tmp_path / "a.png"), "--out", str(out), "--model", str(comfy_single_file / "models")]
+    # no --prompt: the auto-caption runs on the file's head
+    assert main([*args, "--layers", "2", "--steps", "1", "--device", "cpu", "--format", "png"]) == 0
+    err = capsys.readouterr().err
+    assert f"  text encoder: {TEXT_ENCODER_FILE} (fp8 single file)" in err
+    settings = json.loads((out / "a" / "done.json").read_text())["settings"]
+    assert settings["text_encoder"] == str(comfy_single_file / "models" / TEXT_ENCODER_FILE)
+    assert settings["tokenizer"] == str(comfy_single_file / "comfy/text_encoders/qwen25_tokenizer")
+    assert settings["fp8"] == "keep" and settings["prompt"] is None
+
+
+def test_single_file_mistakes_are_refused_before_loading(comfy_models, tmp_path, capsys, no_loading):
+    from layered_core.checkpoints.text_encoder import save_text_encoder_file
+    from layered_core.tiny_models import tiny_text_encoder_set
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    model = tiny_text_encoder_set()[0]
+    headless = save_text_encoder_file(model, tmp_path / "headless.safetensors", fp8=True, lm_head=False)
+    base = ["decompose", str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    base += ["--transformer", str(comfy_models / "diffusion_models/qwen_image_layered_bf16.safetensors")]
+    base += ["--vae", str(comfy_models / "vae/qwen_image_layered_vae.safetensors")]
+    tokenizer = ["--tokenizer", str(comfy_models / TEXT_ENCODER)]
+
+    def refused(*args: str) -> str:
+        assert main([*base, *args]) == 2
+        return capsys.readouterr().err
+
+    message = refused("--text-encoder", str(headless), *tokenizer)
+    assert f"--text-encoder {headless}: holds no language-model head (lm_head.weight)" in message
+    assert "needs it (--prompt is empty): use a text encoder that holds it, or pass --prompt" in message
+    assert "holds no tokenizer (ComfyUI keeps it in its own comfy/text_encoders/qwen25_tokenizer)" in refused(
+        "--text-encoder", str(headless), "--prompt", "x"
+    )
+    folder = comfy_models / TEXT_ENCODER
+    assert "is a folder with its own tokenizer" in refused("--text-encoder", str(folder), *tokenizer, "--prompt", "x")
+    with pytest.raises(Loaded):  # a prompt needs no head
+        main([*base, "--text-encoder", str(headless), *tokenizer, "--prompt", "x"])
+
+
+def test_inspect_describes_the_single_file(comfy_single_file, capsys):
+    assert main(["inspect", str(comfy_single_file / "models" / TEXT_ENCODER_FILE)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["holds"] == "a text encoder (Qwen2.5-VL), ComfyUI's single file"
+    assert (info["precision"], info["fp8_layers"], info["lm_head"], info["captions"]) == ("fp8", 26, True, True)
+    assert (info["layers"], info["width"], info["attention_heads"], info["key_value_heads"]) == (2, 48, 4, 2)
+    assert info["vision_tower"] == {"blocks": 2, "width": 32} and info["vocabulary"] == 908
+    assert info["tokenizer"] == str(comfy_single_file / "comfy/text_encoders/qwen25_tokenizer")
+    assert main(["inspect", str(comfy_single_file / "models")]) == 0
+    assert json.loads(capsys.readouterr().out)["text_encoder"]["holds"].endswith("ComfyUI's single file")

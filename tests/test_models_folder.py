@@ -91,3 +91,46 @@ def test_a_text_encoder_without_processor_will_not_do_for_captions(comfy_root, t
         find_models(models, kinds=("text_encoder",), need_processor=True)
     assert "qwen-vl: no processor/: no auto-captions" in str(error.value)
     assert "processor/ for the auto-caption" in str(error.value)
+
+
+def single_file_root(root, tokenizer_from=None, lm_head=True):
+    """A ComfyUI folder holding ComfyUI's single-file text encoder, its tokenizer where ComfyUI keeps it."""
+    from layered_core.checkpoints.text_encoder import save_text_encoder_file
+    from layered_core.tiny_models import tiny_text_encoder_set
+
+    model, tokenizer, _ = tiny_text_encoder_set()
+    save_text_encoder_file(model, root / "models/text_encoders/te.safetensors", fp8=True, lm_head=lm_head)
+    tokenizer.save_pretrained(root / "comfy/text_encoders/qwen25_tokenizer")
+    return root / "models"
+
+
+def test_the_single_file_text_encoder_is_found_by_its_header(comfy_root, tmp_path, headers_only):
+    models = single_file_root(tmp_path / "ComfyUI")
+    found = find_models(models, kinds=("text_encoder",), need_processor=True)
+    assert found.text_encoder == models / "text_encoders/te.safetensors"
+    assert found.summary()[1] == "  text encoder: text_encoders/te.safetensors (fp8 single file)"
+
+    # beside a folder that can caption, the folder is chosen and the file offered
+    shutil.copytree(comfy_root / "models/text_encoders/qwen-vl", models / "text_encoders/qwen-vl")
+    found = find_models(models, kinds=("text_encoder",))
+    assert found.text_encoder == models / "text_encoders/qwen-vl"
+    assert found.summary()[1] == (
+        "  text encoder: text_encoders/qwen-vl (with processor/); also there: text_encoders/te.safetensors "
+        "(fp8 single file) (pass --text-encoder PATH to use another)"
+    )
+
+
+def test_a_single_file_without_head_or_tokenizer_is_said_why(tmp_path, headers_only):
+    models = single_file_root(tmp_path / "ComfyUI", lm_head=False)
+    assert find_models(models, kinds=("text_encoder",)).text_encoder == models / "text_encoders/te.safetensors"
+    with pytest.raises(CheckpointError, match=r"te\.safetensors: fp8 single file, no lm_head: no auto-captions"):
+        find_models(models, kinds=("text_encoder",), need_processor=True)
+    shutil.rmtree(tmp_path / "ComfyUI/comfy")
+    with pytest.raises(CheckpointError, match=r"te\.safetensors: holds no tokenizer \(ComfyUI keeps it in its own"):
+        find_models(models, kinds=("text_encoder",))
+    # a tokenizer given is used instead
+    tokenizer = tmp_path / "tokenizer"
+    single_file_root(tmp_path / "other")
+    shutil.copytree(tmp_path / "other/comfy/text_encoders/qwen25_tokenizer", tokenizer)
+    found = find_models(models, kinds=("text_encoder",), tokenizer_folder=tokenizer)
+    assert found.text_encoder == models / "text_encoders/te.safetensors"

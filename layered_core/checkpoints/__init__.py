@@ -10,7 +10,8 @@ naming the file.
 """
 
 from .files import CheckpointError, describe_keys, open_checkpoint, read_safetensors_header
-from .transformer import infer_mmdit_config, load_mmdit, open_transformer, quantized_layers, save_mmdit
+from .quantized import quantized_layers
+from .transformer import infer_mmdit_config, load_mmdit, open_transformer, save_mmdit
 from .vae import load_vae, save_vae
 
 __all__ = [

@@ -2,8 +2,8 @@
 config files only: no tensor is loaded.
 
 A transformer gets its config and fp8 layers, a VAE its channels, latent size and layout, a text encoder
-folder its layers, width, vision tower and whether the processor for captions is there; a diffusers pipeline
-folder and a ComfyUI models folder get each of their models described.
+(a folder, or ComfyUI's single file) its layers, width, vision tower and whether it can caption; a diffusers
+pipeline folder and a ComfyUI models folder get each of their models described.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from ..mmdit import LATENT_CHANNELS
 from ..text import find_text_encoder
 from .files import CheckpointError, TensorSource, describe_keys, open_checkpoint
 from .models_folder import find_models, models_folder
-from .transformer import infer_mmdit_config, layered_prefix, quantized_layers, transformer_precision
+from .quantized import quantized_layers
+from .text_encoder import comfyui_tokenizer, infer_shape, is_qwen_vl_file
+from .transformer import infer_mmdit_config, layered_prefix, transformer_precision
 from .vae import vae_prefix, vae_shape
 
 # the size the VAE's latent is shown for: the model's 640 bucket at 1:1
@@ -78,7 +80,33 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
         info.update(describe_vae(source, prefix))
         if prefix:
             info["prefix"] = prefix
+    elif source.location.is_file() and is_qwen_vl_file(source):
+        info.update(describe_text_encoder_file(source))
     return info
+
+
+def describe_text_encoder_file(source: TensorSource) -> dict:
+    """Layers, width, heads, vision tower, precision and head of ComfyUI's single-file Qwen2.5-VL, and the
+    tokenizer it would be read with."""
+    try:
+        shape = infer_shape(source)
+    except CheckpointError as e:
+        return {"problem": e.problem}
+    tokenizer = comfyui_tokenizer(source.location)
+    return {
+        "holds": "a text encoder (Qwen2.5-VL), ComfyUI's single file",
+        "precision": shape.precision,
+        "fp8_layers": len(quantized_layers(source, "")),
+        "layers": shape.num_layers,
+        "width": shape.hidden_size,
+        "attention_heads": shape.num_heads,
+        "key_value_heads": shape.num_kv_heads,
+        "vocabulary": shape.vocab_size,
+        "vision_tower": {"blocks": shape.vision_depth, "width": shape.vision_hidden_size},
+        "lm_head": shape.has_lm_head,
+        "tokenizer": None if tokenizer is None else str(tokenizer),
+        "captions": shape.has_lm_head,
+    }
 
 
 def describe_text_encoder(path: str | os.PathLike) -> dict:
@@ -131,7 +159,8 @@ def describe_models_folder(folder: Path) -> dict:
             info[key] = {"problem": e.problem}
             continue
         chosen = getattr(found, kind)
-        info[key] = describe_text_encoder(chosen) if kind == "text_encoder" else describe_checkpoint(chosen)
+        folder_encoder = kind == "text_encoder" and chosen.is_dir()
+        info[key] = describe_text_encoder(chosen) if folder_encoder else describe_checkpoint(chosen)
         info[key]["chosen_from"] = [str(c.path) for c in next(iter(found.looked_at.values())) if c.usable]
     return info
 

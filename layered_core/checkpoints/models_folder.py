@@ -5,7 +5,11 @@ A ComfyUI user holds ``models/diffusion_models/`` (or the older ``unet/``), ``mo
 its tensor table alone (headers only, no tensor is read): the Qwen-Image-Layered transformer has
 ``time_text_embed.addition_t_embedding``, the RGBA-VAE a 4-channel Wan-style encoder. The text encoder is a
 transformers folder of Qwen2.5-VL (``text_encoder/``, ``tokenizer/``, ``processor/``), as ``tiny-models`` writes
-it and this pack's loader node reads it; ComfyUI's single-file text encoders are not read by this package.
+it and this pack's loader node reads it, or ComfyUI's single file (``qwen_2.5_vl_7b_fp8_scaled.safetensors``, told
+by its Qwen2.5 tensors) with the tokenizer of the ComfyUI folder it sits in (or the one given).
+
+A folder that can caption is chosen over a single file (it is complete, and what the results are compared
+against), a single file with its language-model head over a folder or file that cannot caption.
 
 When several files qualify, a full-precision transformer (bf16, then fp32, fp16) is chosen over an fp8 one: bf16
 is what the model was released in and what the results are compared against; pass the fp8 file yourself to use
@@ -21,6 +25,7 @@ from pathlib import Path
 from ..mmdit import LATENT_CHANNELS
 from ..text import find_text_encoder
 from .files import CheckpointError, TensorSource, describe_keys, open_checkpoint
+from .text_encoder import COMFY_FILE, COMFY_TOKENIZER, check_text_encoder_file, is_qwen_vl_file
 from .transformer import layered_prefix, transformer_precision
 from .vae import vae_prefix, vae_shape
 
@@ -70,7 +75,7 @@ class FoundModels:
         chosen_by_kind = (
             ("transformer", self.transformer, "--transformer FILE"),
             ("VAE", self.vae, "--vae FILE"),
-            ("text encoder", self.text_encoder, "--text-encoder FOLDER"),
+            ("text encoder", self.text_encoder, "--text-encoder PATH"),
         )
         for kind, chosen, flag in chosen_by_kind:
             if chosen is None:
@@ -146,7 +151,9 @@ def _vae_candidate(path: Path) -> Candidate:
     return Candidate(path, f"{LAYOUT_NAMES[shape['layout']]} layout", rank=(str(path),))
 
 
-def _text_encoder_candidates(folders: list[Path], need_processor: bool) -> list[Candidate]:
+def _text_encoder_candidates(
+    folders: list[Path], need_processor: bool, tokenizer_folder: Path | None = None
+) -> list[Candidate]:
     candidates = []
     for folder in folders:
         if not folder.is_dir():
@@ -155,20 +162,36 @@ def _text_encoder_candidates(folders: list[Path], need_processor: bool) -> list[
             if entry.name.startswith("."):
                 continue
             if entry.is_dir():
-                try:
-                    parts = find_text_encoder(entry)
-                except CheckpointError as e:
-                    candidates.append(Candidate(entry, e.problem, usable=False))
-                    continue
-                has_processor = parts.processor is not None
-                detail = "with processor/" if has_processor else "no processor/: no auto-captions"
-                usable = has_processor or not need_processor
-                candidates.append(Candidate(entry, detail, usable=usable, rank=(not has_processor, str(entry))))
+                candidates.append(_text_encoder_folder_candidate(entry, need_processor))
             elif entry.name.endswith(".safetensors"):
-                source, problem = _open(entry)
-                what = problem or describe_keys(source.keys())
-                candidates.append(Candidate(entry, f"{what}; a single file is not read here", usable=False))
+                candidates.append(_text_encoder_file_candidate(entry, need_processor, tokenizer_folder))
     return candidates
+
+
+def _text_encoder_folder_candidate(folder: Path, need_processor: bool) -> Candidate:
+    try:
+        parts = find_text_encoder(folder)
+    except CheckpointError as e:
+        return Candidate(folder, e.problem, usable=False)
+    captions = parts.caption_problem is None
+    detail = "with processor/" if captions else "no processor/: no auto-captions"
+    return Candidate(folder, detail, usable=captions or not need_processor, rank=(not captions, 0, str(folder)))
+
+
+def _text_encoder_file_candidate(path: Path, need_processor: bool, tokenizer_folder: Path | None) -> Candidate:
+    source, problem = _open(path)
+    if source is None:
+        return Candidate(path, problem, usable=False)
+    if not is_qwen_vl_file(source):
+        return Candidate(path, describe_keys(source.keys()), usable=False)
+    try:
+        shape = check_text_encoder_file(path)
+        parts = find_text_encoder(path, tokenizer_folder)
+    except CheckpointError as e:
+        return Candidate(path, e.problem, usable=False)
+    captions = parts.caption_problem is None
+    detail = f"{shape.precision} single file" + ("" if captions else ", no lm_head: no auto-captions")
+    return Candidate(path, detail, usable=captions or not need_processor, rank=(not captions, 1, str(path)))
 
 
 def _best(candidates: list[Candidate]) -> Path | None:
@@ -189,11 +212,13 @@ def find_models(
     folder: str | os.PathLike,
     kinds: tuple[str, ...] = ("transformer", "vae", "text_encoder"),
     need_processor: bool = False,
+    tokenizer_folder: str | os.PathLike | None = None,
 ) -> FoundModels:
     """The Qwen-Image-Layered transformer, RGBA-VAE and text encoder in a ComfyUI models folder (the ``kinds``
-    asked for), chosen as the module docstring says. ``need_processor``: only a text encoder with ``processor/``
-    will do (captions need it). A kind that is not there raises :class:`CheckpointError` naming the folder, what
-    was looked at, and what to put there."""
+    asked for), chosen as the module docstring says. ``need_processor``: only a text encoder that can caption
+    will do. ``tokenizer_folder``: the tokenizer of a single-file text encoder, when not ComfyUI's own. A kind
+    that is not there raises :class:`CheckpointError` naming the folder, what was looked at, and what to put
+    there."""
     folder = Path(folder)
     found = FoundModels(folder)
     if "transformer" in kinds:
@@ -213,16 +238,18 @@ def find_models(
             hint = "Put qwen_image_layered_vae.safetensors there, or pass --vae."
             raise CheckpointError(folder, _none_found(folder, "RGBA-VAE", VAE_FOLDERS, candidates, hint))
     if "text_encoder" in kinds:
-        candidates = _text_encoder_candidates([folder / f for f in TEXT_ENCODER_FOLDERS], need_processor)
+        tokenizer = None if tokenizer_folder is None else Path(tokenizer_folder)
+        candidates = _text_encoder_candidates([folder / f for f in TEXT_ENCODER_FOLDERS], need_processor, tokenizer)
         found.looked_at["text encoder"] = candidates
         found.text_encoder = _best(candidates)
         if found.text_encoder is None:
             hint = (
                 "Put a transformers folder of Qwen2.5-VL-7B-Instruct there (text_encoder/, tokenizer/"
                 + (", processor/ for the auto-caption" if need_processor else ", processor/")
-                + "; the diffusers folder of Qwen/Qwen-Image-Layered has them), or pass --text-encoder."
+                + f"; the diffusers folder of Qwen/Qwen-Image-Layered has them), or ComfyUI's {COMFY_FILE} in a "
+                f"ComfyUI folder (its tokenizer is {COMFY_TOKENIZER.as_posix()}), or pass --text-encoder."
             )
             raise CheckpointError(
-                folder, _none_found(folder, "usable text encoder folder", TEXT_ENCODER_FOLDERS, candidates, hint)
+                folder, _none_found(folder, "usable text encoder", TEXT_ENCODER_FOLDERS, candidates, hint)
             )
     return found

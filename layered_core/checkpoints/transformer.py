@@ -6,7 +6,8 @@
   ``comfy_quant`` + ``weight_scale``/``input_scale``, and the older ``scaled_fp8`` marker +
   ``scale_weight``/``scale_input``).
 
-Models are built on the meta device and the memory-mapped tensors assigned.
+Models are built on the meta device and the memory-mapped tensors assigned. The fp8 layouts themselves are read by
+:mod:`.quantized`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..mmdit import MMDiTConfig, VLDMMDiT
-from ..ops import FP8_DTYPES, FP8Linear, is_quantizable, quantize_fp8
+from ..ops import FP8_DTYPES, FP8Linear, dequantize_fp8, is_quantizable, quantize_fp8
 from .files import (
     CONFIG_METADATA_KEY,
     LAYERED_MARKER,
@@ -33,10 +33,9 @@ from .files import (
     open_checkpoint,
     save_safetensors,
 )
+from .quantized import auxiliary_keys, quantized_layers, read_fp8_weight, weights_precision
 
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
-SUPPORTED_QUANT_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
-PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FULL_TRANSFORMER_FILES = (
     "diffusion_models/qwen_image_layered_bf16.safetensors, diffusion_models/qwen_image_layered_fp8mixed.safetensors "
     "or the transformer/ folder of Qwen/Qwen-Image-Layered"
@@ -76,77 +75,8 @@ def open_transformer(path: str | os.PathLike) -> tuple[TensorSource, str]:
 
 
 def transformer_precision(source: TensorSource, prefix: str = "") -> str:
-    """ "fp8" when the block weights are stored in float8 (ComfyUI's fp8 files), else the dtype most of the
-    transformer's tensors have ("bf16", "fp16", "fp32"), from the tensor table alone."""
-    names = [k for k in source.keys() if k.startswith(f"{prefix}transformer_blocks.") and k.endswith(".weight")]
-    if any(source.dtypes[k] in FP8_DTYPES or source.dtypes[k] == torch.uint8 for k in names):
-        return "fp8"
-    counts: dict[torch.dtype, int] = {}
-    for name in names:
-        counts[source.dtypes[name]] = counts.get(source.dtypes[name], 0) + 1
-    dtype = max(counts, key=counts.get) if counts else None
-    return PRECISION_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-
-
-@dataclass(frozen=True)
-class QuantizedLayer:
-    fmt: str
-    weight_scale: str
-    input_scale: str | None
-
-
-def quantized_layers(source: TensorSource, prefix: str) -> dict[str, QuantizedLayer]:
-    """Layers stored in fp8 with scales, in either of ComfyUI's layouts, by layer name (no prefix)."""
-    layers: dict[str, QuantizedLayer] = {}
-    keys = set(source.keys())
-    quant_meta = source.metadata.get("_quantization_metadata")
-    confs: dict[str, dict] = {}
-    if quant_meta:
-        try:
-            confs = {name: conf for name, conf in json.loads(quant_meta)["layers"].items()}
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(source.location, f"unreadable _quantization_metadata: {e}") from None
-    for key in keys:
-        if key.endswith(".comfy_quant"):
-            raw = source.get(key)
-            try:
-                confs[key[: -len(".comfy_quant")]] = json.loads(bytes(raw.tolist()).decode("utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise CheckpointError(source.location, f"unreadable quantisation config '{key}': {e}") from None
-    for name, conf in confs.items():
-        fmt = conf.get("format")
-        if fmt not in SUPPORTED_QUANT_FORMATS:
-            raise CheckpointError(
-                source.location,
-                f"layer '{name}' is quantised as '{fmt}', which this loader does not read "
-                f"(supported: {', '.join(SUPPORTED_QUANT_FORMATS)}); use the bf16 or fp8 e4m3 file",
-            )
-        if f"{name}.weight_scale" not in keys:
-            raise CheckpointError(source.location, f"quantised layer '{name}' has no weight_scale tensor")
-        input_scale = f"{name}.input_scale" if f"{name}.input_scale" in keys else None
-        layers[name[len(prefix) :] if name.startswith(prefix) else name] = QuantizedLayer(
-            fmt, f"{name}.weight_scale", input_scale
-        )
-    marker = f"{prefix}scaled_fp8"
-    if marker in keys or "scaled_fp8" in keys:
-        marker = marker if marker in keys else "scaled_fp8"
-        fmt = "float8_e5m2" if source.dtypes[marker] == torch.float8_e5m2 else "float8_e4m3fn"
-        for key in keys:
-            if key.endswith(".scale_weight"):
-                name = key[: -len(".scale_weight")]
-                input_scale = f"{name}.scale_input" if f"{name}.scale_input" in keys else None
-                layers[name[len(prefix) :] if name.startswith(prefix) else name] = QuantizedLayer(fmt, key, input_scale)
-    return layers
-
-
-def _auxiliary_keys(source: TensorSource, prefix: str, quantized: dict[str, QuantizedLayer]) -> set[str]:
-    aux = {k for k in source.keys() if k.endswith(".comfy_quant")}
-    aux |= {k for k in (f"{prefix}scaled_fp8", "scaled_fp8") if k in source}
-    for layer in quantized.values():
-        aux.add(layer.weight_scale)
-        if layer.input_scale:
-            aux.add(layer.input_scale)
-    return aux
+    """The precision of the transformer's block weights (see :func:`.quantized.weights_precision`)."""
+    return weights_precision(source, f"{prefix}transformer_blocks.")
 
 
 def infer_mmdit_config(source: TensorSource, prefix: str = "") -> MMDiTConfig:
@@ -210,7 +140,7 @@ def load_mmdit(
     keys = source.keys()
     config = config or infer_mmdit_config(source, prefix)
     quantized = quantized_layers(source, prefix)
-    aux = _auxiliary_keys(source, prefix, quantized)
+    aux = auxiliary_keys(source, prefix, quantized)
 
     with torch.device("meta"):
         model = VLDMMDiT(config, dtype=dtype, operations=operations)
@@ -228,18 +158,17 @@ def load_mmdit(
     # GPU never builds the 41 GB bf16 model in host memory.
     state = {}
     for name in expected:
-        tensor = source.get(prefix + name).to(device)
         layer = quantized.get(name.rpartition(".")[0]) if name.endswith(".weight") else None
         if layer is not None:
-            if tensor.dtype == torch.uint8:  # older files store the fp8 bytes as uint8
-                tensor = tensor.view(SUPPORTED_QUANT_FORMATS[layer.fmt])
-            scale = source.get(layer.weight_scale).to(device=device, dtype=torch.float32).reshape(())
+            tensor, scale = read_fp8_weight(source, prefix + name, layer, device)
             if fp8 == "keep":
                 state[name] = tensor
                 state[name.rpartition(".")[0] + ".weight_scale"] = scale
             else:
-                state[name] = (tensor.to(torch.float32) * scale).to(dtype)
-        elif tensor.dtype.is_floating_point:
+                state[name] = dequantize_fp8(tensor, scale, dtype)
+            continue
+        tensor = source.get(prefix + name).to(device)
+        if tensor.dtype.is_floating_point:
             state[name] = tensor.to(dtype)
         else:
             state[name] = tensor
