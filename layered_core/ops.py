@@ -52,6 +52,10 @@ def fp8_matmul_supported(device: torch.device) -> bool:
     return (properties.major, properties.minor) >= (8, 9)
 
 
+FUSED_BIAS_MIN_ROWS = 256
+"""From this many rows on the fp8 product adds the bias in its epilogue (the row counts it was run at)."""
+
+
 def quantize_rows_fp8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (per-token) dynamic e4m3 quantisation of a 2-D activation.
 
@@ -184,14 +188,8 @@ class FP8Linear(nn.Module):
 
     def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        count = rows.shape[0]
-        if count == 0:
+        if rows.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        # A short text stream (the negative prompt " " is a few tokens) is padded to a multiple of 16 rows: under
-        # torch.compile cuBLASLt found no fp8 algorithm for such a handful of rows. Zero rows add nothing.
-        padded = -count % 16
-        if padded:
-            rows = torch.cat([rows, rows.new_zeros(padded, self.in_features)])
         x_fp8, x_scale = quantize_rows_fp8(rows)
         # Rowwise scaling wants both scales as contiguous float32 2-D tensors: (M, 1) and (1, N); the
         # per-tensor weight scale is repeated along N.
@@ -200,16 +198,22 @@ class FP8Linear(nn.Module):
             .expand(1, self.out_features)
             .clone(memory_format=torch.contiguous_format)
         )
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        # cuBLASLt has no rowwise-scaled fp8 algorithm with a bias epilogue for a few rows (the text stream of a
+        # short negative prompt): there the bias is added after the product.
+        fused_bias = bias if rows.shape[0] >= FUSED_BIAS_MIN_ROWS else None
         out = torch._scaled_mm(
             x_fp8.contiguous(),  # row-major (M, K)
             self.weight.t(),  # column-major (K, N): a view of the (N, K) weight, no copy
             scale_a=x_scale,
             scale_b=weight_scale,
-            bias=None if self.bias is None else self.bias.to(torch.bfloat16),
+            bias=fused_bias,
             out_dtype=torch.bfloat16,
             use_fast_accum=self.fast_accum,
         )
-        return out.narrow(0, 0, count).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        if bias is not None and fused_bias is None:
+            out = out + bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (

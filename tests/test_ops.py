@@ -158,18 +158,20 @@ def test_forced_fp8_calls_scaled_mm_with_rowwise_operands(scaled_mm_calls):
         linear(x)
     assert len(scaled_mm_calls) == 1
     (mat_a, mat_b), kwargs = scaled_mm_calls[0]
-    # 74 rows padded to 80, a multiple of 16 (cuBLASLt has no fp8 algorithm for a few rows under compile)
-    assert mat_a.dtype == torch.float8_e4m3fn and mat_a.shape == (80, 256) and mat_a.stride() == (256, 1)
-    assert not mat_a[74:].float().any()
+    assert mat_a.dtype == torch.float8_e4m3fn and mat_a.shape == (74, 256) and mat_a.stride() == (256, 1)
     # The weight goes in as a column-major view of itself: no copy, no transpose kernel.
     assert mat_b.shape == (256, 384) and mat_b.stride() == (1, 256)
     assert mat_b.data_ptr() == linear.weight.data_ptr()
-    assert kwargs["scale_a"].shape == (80, 1) and kwargs["scale_a"].dtype == torch.float32
+    assert kwargs["scale_a"].shape == (74, 1) and kwargs["scale_a"].dtype == torch.float32
     assert kwargs["scale_b"].shape == (1, 384) and kwargs["scale_b"].dtype == torch.float32
     assert kwargs["scale_a"].is_contiguous() and kwargs["scale_b"].is_contiguous()
     assert torch.equal(kwargs["scale_b"], linear.weight_scale.expand(1, 384))
-    assert kwargs["bias"].dtype == torch.bfloat16 and kwargs["out_dtype"] == torch.bfloat16
+    # 74 rows: too few for the bias epilogue, so the bias is added after the product
+    assert kwargs["bias"] is None and kwargs["out_dtype"] == torch.bfloat16
     assert kwargs["use_fast_accum"] is True  # the default
+    with torch.no_grad():
+        out = linear(activations(2, 150, 256))  # 300 rows: the bias goes in the product's epilogue
+    assert scaled_mm_calls[1][1]["bias"].dtype == torch.bfloat16 and out.shape == (2, 150, 384)
 
 
 @pytest.mark.parametrize("compute", ["auto", "dequantize"])
@@ -256,7 +258,7 @@ def test_auto_picks_the_fp8_matmul_on_cuda_where_it_qualifies(case, fake_cuda, s
     if expected:
         (mat_a, mat_b), kwargs = scaled_mm_calls[0]
         assert mat_a.is_contiguous() and mat_b.t().is_contiguous()
-        assert kwargs["bias"].dtype == torch.bfloat16 == kwargs["out_dtype"]
+        assert kwargs["bias"] is None and kwargs["out_dtype"] == torch.bfloat16  # few rows: bias added after
         linear.compute = "dequantize"
         assert not linear.uses_fp8_matmul(x)
     elif dtype == torch.bfloat16:
