@@ -16,6 +16,8 @@ PREFIX = "QwenLayered"
 CATEGORY = "Qwen-Image-Layered"
 LayerStackType = io.Custom("QWEN_LAYER_STACK")
 TextEncoderType = io.Custom("QWEN_LAYERED_TEXT_ENCODER")
+# core's LoadImage gives a file without alpha a mask of zeros of this size (height, width), whatever the image's
+OPAQUE_PLACEHOLDER_SIZE = (64, 64)
 STACK_TOOLTIP = "the layers as a tree (split layers hold their sub-layers): for Save PSD, Save PNG zip, Split Layer"
 
 
@@ -62,11 +64,44 @@ def layer_outputs() -> list:
 # -- values --------------------------------------------------------------------------------------------------
 
 
-def single_image(image: torch.Tensor, node: str):
-    """One IMAGE as a straight-RGBA PIL image; a batch is refused rather than cut to its first image."""
+def mask_input():
+    """The optional MASK that carries an image's alpha, as core's LoadImage splits a transparent file."""
+    return io.Mask.Input(
+        "mask",
+        optional=True,
+        tooltip="the image's transparency, 1 = transparent (connect LoadImage's MASK); replaces the image's alpha",
+    )
+
+
+def single_image(image: torch.Tensor, node: str, mask: torch.Tensor | None = None):
+    """One IMAGE as a straight-RGBA PIL image, its alpha ``1 - mask`` where a MASK comes with it (see
+    :func:`with_mask_alpha`); a batch is refused rather than cut to its first image."""
     if image.shape[0] != 1:
         raise ValueError(f"{node} takes one image at a time, got a batch of {image.shape[0]}")
+    if mask is not None:
+        image = with_mask_alpha(image, mask, node)
     return rgba_to_pil(rgba_from_bhwc(image))
+
+
+def with_mask_alpha(image: torch.Tensor, mask: torch.Tensor, node: str) -> torch.Tensor:
+    """IMAGE [1, H, W, C] and MASK [1, H, W] or [H, W] (1 = transparent) as RGBA [1, H, W, 4] with alpha
+    ``1 - mask``: the RGBA file that core's LoadImage split in two. LoadImage gives a file without alpha a
+    placeholder mask, :data:`OPAQUE_PLACEHOLDER_SIZE` zeros whatever the image's size; that one leaves the
+    image as it is. Any other mask must have the image's size."""
+    masks = mask[None] if mask.ndim == 2 else mask
+    height, width = image.shape[1], image.shape[2]
+    if masks.ndim != 3 or masks.shape[0] != 1:
+        raise ValueError(f"{node}: expected one mask [H, W] or [1, H, W] for the image, got shape {tuple(mask.shape)}")
+    mask_size = (masks.shape[1], masks.shape[2])
+    if mask_size != (height, width):
+        if mask_size == OPAQUE_PLACEHOLDER_SIZE and not bool(masks.any()):
+            return image
+        raise ValueError(
+            f"{node}: the mask is {mask_size[1]}x{mask_size[0]} but the image is {width}x{height}; connect the MASK "
+            "that came with this image (core's LoadImage gives both)"
+        )
+    alpha = (1.0 - masks.to(image.device, image.dtype)).clamp(0, 1)
+    return torch.cat([image[..., :3], alpha[..., None]], dim=-1)
 
 
 def is_ours(vae) -> bool:

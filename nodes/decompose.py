@@ -25,6 +25,7 @@ from .common import (
     is_ours,
     layer_outputs,
     layers_input,
+    mask_input,
     resolution_input,
     seed_input,
     single_image,
@@ -45,6 +46,7 @@ class EncodeImage(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="the RGBA-VAE (this pack's loader or core's VAELoader)"),
                 io.Image.Input("image", tooltip="RGB or RGBA; opaque input gets alpha 1"),
                 resolution_input(),
+                mask_input(),
             ],
             outputs=[
                 io.Latent.Output(display_name="condition", tooltip="connect to Decompose or ReferenceLatent"),
@@ -53,8 +55,8 @@ class EncodeImage(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, vae, image, resolution) -> io.NodeOutput:
-        pil = single_image(image, "Encode Image for Layers")
+    def execute(cls, vae, image, resolution, mask=None) -> io.NodeOutput:
+        pil = single_image(image, "Encode Image for Layers", mask)
         pil = resize_rgba(pil, bucket_size(*pil.size, int(resolution)))
         pixels = image_to_bchw(pil)  # (1, 4, H, W)
         if is_ours(vae):

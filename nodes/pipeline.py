@@ -18,6 +18,7 @@ from .common import (
     is_ours,
     layer_outputs,
     layers_input,
+    mask_input,
     resolution_input,
     seed_input,
     single_image,
@@ -58,6 +59,7 @@ class ImageToLayers(io.ComfyNode):
                 cfg_normalize_input(),
                 resolution_input(),
                 seed_input(),
+                mask_input(),
             ],
             outputs=[
                 *layer_outputs(),
@@ -71,7 +73,7 @@ class ImageToLayers(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, model, vae, text_encoder, image, prompt, layers, steps, cfg, cfg_normalize, resolution, seed
+        cls, model, vae, text_encoder, image, prompt, layers, steps, cfg, cfg_normalize, resolution, seed, mask=None
     ) -> io.NodeOutput:
         _require_pack_vae(vae, "Image to Layers")
         pipeline = _pipeline(model, vae, text_encoder)
@@ -85,7 +87,7 @@ class ImageToLayers(io.ComfyNode):
         )
         callback = step_callback(model, steps)
 
-        result = pipeline(single_image(image, "Image to Layers"), prompt, options, callback=callback)
+        result = pipeline(single_image(image, "Image to Layers", mask), prompt, options, callback=callback)
         images = result.layer_images.permute(0, 2, 3, 1)
         composite = result.composite.permute(1, 2, 0)[None]
         return io.NodeOutput(

@@ -23,6 +23,7 @@ PYTHON = COMFYUI / ".venv" / "bin" / "python"
 BATCH = "batch"  # the input folder of the batch workflow (workflows/batch_folder)
 # the images write_inputs puts there, by name, and their size (width, height) once EXIF orientation is applied
 BATCH_SIZES = {"cutout": (128, 72), "photo": (80, 112)}
+TRANSPARENT = "transparent.png"  # in input/: an RGBA PNG for core's LoadImage (its alpha in LoadImage's MASK)
 
 
 def missing_comfyui() -> str | None:
@@ -54,11 +55,20 @@ def prepare_base(base: Path) -> None:
 
 
 def write_inputs(input_dir: Path) -> None:
-    """input/example.png (the single-image workflows' input) and the batch folder."""
+    """input/example.png (the single-image workflows' input), input/transparent.png (an RGBA picture with a
+    transparent strip and soft alpha) and the batch folder."""
     input_dir.mkdir()
     pixels = np.random.default_rng(0).integers(0, 256, (72, 128, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(input_dir / "example.png")
+    Image.fromarray(transparent_pixels(96, 64, seed=3), "RGBA").save(input_dir / TRANSPARENT)
     batch_folder(input_dir / BATCH)
+
+
+def transparent_pixels(width: int, height: int, seed: int) -> np.ndarray:
+    """Seeded uint8 RGBA noise whose left quarter is fully transparent and the rest of soft alpha."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 4), dtype=np.uint8)
+    pixels[:, : width // 4, 3] = 0
+    return pixels
 
 
 def batch_folder(folder: Path) -> None:

@@ -22,7 +22,18 @@ from PIL import Image, ImageOps
 from layered_core.image import bucket_size
 from layered_core.tiny_models import COMFY_FILES
 
-from .comfy_server import BATCH, BATCH_SIZES, COMFYUI, PYTHON, REPO, Server, batch_folder, missing_comfyui, prepare_base
+from .comfy_server import (
+    BATCH,
+    BATCH_SIZES,
+    COMFYUI,
+    PYTHON,
+    REPO,
+    TRANSPARENT,
+    Server,
+    batch_folder,
+    missing_comfyui,
+    prepare_base,
+)
 
 NODE_IDS = {
     "QwenLayeredLoadMMDiT",
@@ -187,6 +198,106 @@ def test_workflow_runs(server, name):
     _check_psds(workflow, base, _psds(base) - before)
 
 
+def _encode_workflow(image: str, prefix: str, mask: list | None = None) -> dict:
+    """Load RGBA-VAE and LoadImage -> Encode Image for Layers (its mask input given ``mask``, a link, or not
+    connected) -> core's SaveLatent under ``prefix``, as node 31 for :func:`_saved_latent`."""
+    encode = {"vae": ["1", 0], "image": ["2", 0], "resolution": "640"}
+    return {
+        "1": {"class_type": "QwenLayeredLoadRGBAVAE", "inputs": {"vae_name": Path(COMFY_FILES["vae"]).name}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "3": {"class_type": "QwenLayeredEncodeImage", "inputs": encode if mask is None else {**encode, "mask": mask}},
+        "31": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": prefix}},
+    }
+
+
+def _library_condition(base: Path, image: Image.Image):
+    """The condition latent the library (and the command line) makes of ``image``: the same bucket resize and
+    the same VAE file, in float32 as ComfyUI runs it on the CPU; raw, as a LATENT holds it."""
+    import torch
+
+    from layered_core.checkpoints import load_vae
+    from layered_core.pipeline import DecomposeOptions, LayeredPipeline
+
+    vae = load_vae(base / "models" / COMFY_FILES["vae"], dtype=torch.float32)
+    pipeline = LayeredPipeline(None, vae)
+    condition = pipeline.encode_image(pipeline.prepare_image(image, DecomposeOptions()))
+    return vae.denormalize_latent(condition)[:, :, None]
+
+
+def test_a_transparent_png_reaches_the_model_with_its_alpha(server):
+    """core's LoadImage splits a transparent PNG into IMAGE (RGB) and MASK (1 - alpha); Encode Image with that
+    MASK gives the condition latent the library gives for the file itself (read as RGBA), and without it the
+    latent of the same picture made opaque, as the workflows gave before they connected the MASK."""
+    from layered_core.image import open_image_with_alpha
+
+    running, base = server
+    rgba, transparent = open_image_with_alpha(base / "input" / TRANSPARENT)
+    assert transparent
+    expected = _library_condition(base, rgba)
+    with_mask = _saved_latent(running, base, _encode_workflow(TRANSPARENT, "alpha/with_mask", ["2", 1]))
+    without_mask = _saved_latent(running, base, _encode_workflow(TRANSPARENT, "alpha/without_mask"))
+    opaque = rgba.copy()
+    opaque.putalpha(255)
+
+    assert with_mask.shape == expected.shape
+    assert _relative_difference(with_mask, expected) <= 1e-5
+    assert _relative_difference(without_mask, _library_condition(base, opaque)) <= 1e-5
+    assert _relative_difference(without_mask, expected) > 1e-2
+
+
+def test_an_opaque_image_is_unchanged_by_load_images_placeholder_mask(server):
+    """For a file without alpha core's LoadImage gives a 64x64 mask of zeros whatever the image's size: Encode
+    Image keeps the image opaque with it connected, the same latent as without. Any other mask of another size
+    than the image is refused, naming both sizes."""
+    running, base = server
+    with Image.open(base / "input" / "example.png") as image:
+        assert image.mode == "RGB" and image.size != (64, 64)
+        expected = _library_condition(base, image.convert("RGBA"))
+    with_mask = _saved_latent(running, base, _encode_workflow("example.png", "opaque/with_mask", ["2", 1]))
+    without_mask = _saved_latent(running, base, _encode_workflow("example.png", "opaque/without_mask"))
+    assert bool((with_mask == without_mask).all())
+    assert _relative_difference(with_mask, expected) <= 1e-5
+
+    for value, width, height in ((0.0, 32, 32), (0.5, 64, 64), (0.0, 128, 71)):
+        workflow = _encode_workflow("example.png", f"opaque/mismatch_{width}", ["4", 0])
+        workflow["4"] = {"class_type": "SolidMask", "inputs": {"value": value, "width": width, "height": height}}
+        status = running.run(workflow)["status"]
+        (error,) = [m[1] for m in status["messages"] if m[0] == "execution_error"]
+        assert error["node_id"] == "3", error
+        assert f"the mask is {width}x{height} but the image is 128x72" in error["exception_message"], error
+
+
+def test_image_to_layers_takes_the_alpha_from_the_mask(server):
+    """Image to Layers on LoadImage's IMAGE and MASK decomposes the same RGBA as on the file loaded whole by
+    Load Image Folder (4 channels): the same layers; without the MASK, other layers."""
+    running, base = server
+    folder = base / "input" / "alpha_folder"
+    folder.mkdir()
+    shutil.copy(base / "input" / TRANSPARENT, folder / TRANSPARENT)
+    full = _fast(json.loads((REPO / "workflows" / "api" / "split_layer.json").read_text()))
+    to_layers = {key: value for key, value in full["5"]["inputs"].items() if key != "mask"}
+    to_layers.update(prompt="a test card", layers=2)
+
+    def layers_of(source: dict, mask: list | None, prefix: str) -> list[np.ndarray]:
+        inputs = {**to_layers, "image": ["4", 0]} if mask is None else {**to_layers, "image": ["4", 0], "mask": mask}
+        workflow = {key: full[key] for key in ("1", "2", "3")}
+        workflow["4"] = source
+        workflow["5"] = {"class_type": "QwenLayeredImageToLayers", "inputs": inputs}
+        workflow["6"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": prefix}}
+        saved = _saved_images(running.run(workflow), "6")
+        return [np.asarray(Image.open(base / "output" / name)) for name in saved]
+
+    load_image = {"class_type": "LoadImage", "inputs": {"image": TRANSPARENT}}
+    with_mask = layers_of(load_image, ["4", 1], "alpha_layers/with_mask")
+    whole = layers_of(
+        {"class_type": "QwenLayeredLoadImageFolder", "inputs": {"folder": "alpha_folder"}}, None, "alpha_layers/whole"
+    )
+    without_mask = layers_of(load_image, None, "alpha_layers/without_mask")
+    assert len(with_mask) == len(whole) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(with_mask, whole, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(with_mask, without_mask, strict=True))
+
+
 def test_rerun_with_another_seed_writes_a_new_file_and_keeps_the_old(server):
     running, base = server
     workflow = _fast(json.loads((REPO / "workflows" / "api" / "image_to_layers.json").read_text()))
@@ -214,9 +325,9 @@ def _folder_workflow(folder: str, prefix: str, **options) -> dict:
     }
 
 
-def _saved_images(history: dict) -> list[str]:
+def _saved_images(history: dict, node_id: str = "3") -> list[str]:
     assert history["status"]["status_str"] == "success", history["status"]
-    return [f"{entry['subfolder']}/{entry['filename']}" for entry in history["outputs"]["3"]["images"]]
+    return [f"{entry['subfolder']}/{entry['filename']}" for entry in history["outputs"][node_id]["images"]]
 
 
 def test_load_image_folder_gives_every_image_with_its_name(server):
