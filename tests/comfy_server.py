@@ -1,12 +1,13 @@
 """A real ComfyUI server for the integration tests (tests/test_comfyui.py, tests/test_browser.py): started
 from ${COMFYUI_PATH:-$HOME/ComfyUI} with its own .venv, on a temporary base directory that holds this pack
 (symlinked into custom_nodes), tiny random models under the real file names, and the input files the shared
-workflows read."""
+workflows read; and what the save nodes report."""
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 import socket
 import subprocess
 import time
@@ -23,6 +24,7 @@ PYTHON = COMFYUI / ".venv" / "bin" / "python"
 BATCH = "batch"  # the input folder of the batch workflow (workflows/batch_folder)
 # the images write_inputs puts there, by name, and their size (width, height) once EXIF orientation is applied
 BATCH_SIZES = {"cutout": (128, 72), "photo": (80, 112)}
+SAVE_NODES = {"QwenLayeredSavePSD", "QwenLayeredSaveLayerPNGs"}
 TRANSPARENT = "transparent.png"  # in input/: an RGBA PNG for core's LoadImage (its alpha in LoadImage's MASK)
 
 
@@ -142,3 +144,26 @@ class Server:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+def layer_files(base: Path) -> set[Path]:
+    """The PSDs and PNG zips in a base directory's output folder."""
+    output = base / "output"
+    return {path for suffix in ("*.psd", "*.zip") for path in output.rglob(suffix)} if output.exists() else set()
+
+
+def reported_files(workflow: dict, history: dict, output_dir: Path) -> list[Path]:
+    """The files the save nodes of ``workflow`` listed under "files" in their /history output, as paths in
+    ``output_dir``. Each save node lists its files (type "output", as core's SaveImage lists its images), shows
+    each as the text "saved <subfolder>/<filename>" and previews each as one image in the temp folder."""
+    reported = []
+    for node_id, node in workflow.items():
+        if node["class_type"] not in SAVE_NODES:
+            continue
+        output = history["outputs"][node_id]
+        files = output["files"]
+        assert files and all(entry["type"] == "output" for entry in files), output
+        assert output["text"] == [f"saved {posixpath.join(f['subfolder'], f['filename'])}" for f in files], output
+        assert len(output["images"]) == len(files) and {i["type"] for i in output["images"]} == {"temp"}, output
+        reported += [output_dir / entry["subfolder"] / entry["filename"] for entry in files]
+    return reported

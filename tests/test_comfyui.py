@@ -31,8 +31,10 @@ from .comfy_server import (
     TRANSPARENT,
     Server,
     batch_folder,
+    layer_files,
     missing_comfyui,
     prepare_base,
+    reported_files,
 )
 
 NODE_IDS = {
@@ -188,14 +190,18 @@ def _check_psds(workflow: dict, base: Path, written: set[Path]) -> None:
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_workflow_runs(server, name):
+    """Each workflow writes its PSDs (and ZIPs), and its save nodes report exactly the files written."""
     running, base = server
     workflow = _fast(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
-    before = _psds(base)
+    before = layer_files(base)
     history = running.run(workflow)
     status = history["status"]
     errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
     assert status["status_str"] == "success", errors
-    _check_psds(workflow, base, _psds(base) - before)
+    written = layer_files(base) - before
+    reported = reported_files(workflow, history, base / "output")
+    assert len(reported) == len(set(reported)) and set(reported) == written, (reported, written)
+    _check_psds(workflow, base, {path for path in written if path.suffix == ".psd"})
 
 
 def _encode_workflow(image: str, prefix: str, mask: list | None = None) -> dict:
@@ -778,7 +784,14 @@ TEXTAREA_MIN_HEIGHT = 50  # a multiline STRING: a DOM textarea, at least 50 px
 PREVIEW_MIN_HEIGHT = 220  # the image preview widget the editor adds when a node has images to show
 # Nodes that show a read-only text (a textarea) on the node after a run: this pack's, added by its JS, and
 # core's Get Image Size (its progress text).
-TEXT_AFTER_RUN = {"QwenLayeredCaption", "QwenLayeredImageToLayers", "QwenLayeredLoadImageFolder", "GetImageSize"}
+TEXT_AFTER_RUN = {
+    "QwenLayeredCaption",
+    "QwenLayeredImageToLayers",
+    "QwenLayeredLoadImageFolder",
+    "QwenLayeredSavePSD",
+    "QwenLayeredSaveLayerPNGs",
+    "GetImageSize",
+}
 
 
 def _title_font(px: int = 14):
