@@ -4,6 +4,7 @@ outputs several nodes declare alike, and the small conversions between ComfyUI's
 from __future__ import annotations
 
 import comfy.model_management as mm
+import comfy.utils
 import latent_preview
 import torch
 from comfy_api.latest import io
@@ -107,6 +108,19 @@ def with_mask_alpha(image: torch.Tensor, mask: torch.Tensor, node: str) -> torch
 def is_ours(vae) -> bool:
     """Whether a VAE input is this pack's RGBA-VAE (Load RGBA-VAE) rather than core's VAE."""
     return isinstance(vae, VAEPatcher)
+
+
+def progress_reporter():
+    """A ComfyUI progress bar as layered_core's ``progress(done, total)`` callback, for the work between
+    sampling steps (decoding, writing files): a client sees it move, and a cancel stops the work at the next
+    report."""
+    bar = comfy.utils.ProgressBar(1)
+
+    def report(done: int, total: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total)
+
+    return report
 
 
 def step_callback(model, steps: int):

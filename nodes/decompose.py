@@ -26,6 +26,7 @@ from .common import (
     layer_outputs,
     layers_input,
     mask_input,
+    progress_reporter,
     resolution_input,
     seed_input,
     single_image,
@@ -165,13 +166,16 @@ class DecodeLayers(io.ComfyNode):
         if latent.shape[0] != 1:
             raise ValueError(f"Decode Layers takes one decomposition at a time, got a batch of {latent.shape[0]}")
         frames = latent[0].transpose(0, 1)  # (N+1, LATENT_CHANNELS, h, w), decoded independently
+        progress = progress_reporter()
         if is_ours(vae):
             # our VAE decodes normalised latents; ComfyUI's LATENT holds them raw
-            images = decode_frames(lambda chunk: vae.decode(vae.normalize_latent(chunk)), frames)
+            images = decode_frames(lambda chunk: vae.decode(vae.normalize_latent(chunk)), frames, progress=progress)
             images = images.permute(0, 2, 3, 1)
         else:
-            decoded = vae.decode(frames[:, :, None])  # core's VAE: [N+1, 1, H, W, C]
+            progress(0, len(frames))
+            decoded = vae.decode(frames[:, :, None])  # core's VAE: [N+1, 1, H, W, C], batched as it decides
             images = decoded.reshape(-1, *decoded.shape[-3:])
+            progress(len(frames), len(frames))
         images = images.float().clamp(0, 1).cpu()
         layers, composite = images[1:], images[:1]
         if layers.shape[-1] == 3:

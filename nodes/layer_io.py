@@ -19,7 +19,7 @@ from ..layered_core.export import save_png_zip
 from ..layered_core.image import ImageError, find_image_files, image_to_bchw, open_image_with_alpha
 from ..layered_core.layers import LayerStack, composite, rgba_to_bhwc
 from ..layered_core.psd import save_psd
-from .common import CATEGORY, PREFIX, LayerStackType
+from .common import CATEGORY, PREFIX, LayerStackType, progress_reporter
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class _SaveStack(io.ComfyNode):
     SUFFIX = ""
 
     @staticmethod
-    def write(stack: LayerStack, path: Path) -> None:
+    def write(stack: LayerStack, path: Path, *, progress) -> None:
         raise NotImplementedError
 
     @classmethod
@@ -59,7 +59,7 @@ class _SaveStack(io.ComfyNode):
     @classmethod
     def execute(cls, stack, filename_prefix) -> io.NodeOutput:
         path, subfolder = _unused_output_path(filename_prefix, cls.SUFFIX, stack.width, stack.height)
-        cls.write(stack, path)
+        cls.write(stack, path, progress=progress_reporter())
         saved = ui.SavedResult(path.name, subfolder, io.FolderType.output)
         preview = ui.PreviewImage(rgba_to_bhwc(composite(stack)), cls=cls).as_dict()
         shown = f"saved {posixpath.join(subfolder, path.name)}"

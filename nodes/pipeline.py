@@ -19,6 +19,7 @@ from .common import (
     layer_outputs,
     layers_input,
     mask_input,
+    progress_reporter,
     resolution_input,
     seed_input,
     single_image,
@@ -87,7 +88,13 @@ class ImageToLayers(io.ComfyNode):
         )
         callback = step_callback(model, steps)
 
-        result = pipeline(single_image(image, "Image to Layers", mask), prompt, options, callback=callback)
+        result = pipeline(
+            single_image(image, "Image to Layers", mask),
+            prompt,
+            options,
+            callback=callback,
+            decode_progress=progress_reporter(),
+        )
         images = result.layer_images.permute(0, 2, 3, 1)
         composite = result.composite.permute(1, 2, 0)[None]
         return io.NodeOutput(
@@ -130,4 +137,7 @@ class SplitLayer(io.ComfyNode):
         options = DecomposeOptions(steps=steps, cfg_scale=cfg, seed=seed)
         callback = step_callback(model, steps)
 
-        return io.NodeOutput(pipeline.split(stack, index, layers, prompt=prompt, options=options, callback=callback))
+        split = pipeline.split(
+            stack, index, layers, prompt=prompt, options=options, callback=callback, decode_progress=progress_reporter()
+        )
+        return io.NodeOutput(split)

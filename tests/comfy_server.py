@@ -1,7 +1,7 @@
 """A real ComfyUI server for the integration tests (tests/test_comfyui.py, tests/test_browser.py): started
 from ${COMFYUI_PATH:-$HOME/ComfyUI} with its own .venv, on a temporary base directory that holds this pack
 (symlinked into custom_nodes), tiny random models under the real file names, and the input files the shared
-workflows read; and what the save nodes report."""
+workflows read; a websocket client of it; and what the save nodes report."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
+import websocket
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,6 +146,50 @@ class Server:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+class Listener:
+    """A websocket client of a Server, as a program driving it would be: prompts queued under its client id,
+    so the server sends it their progress; :meth:`receive` gives each JSON message as (type, data). Binary
+    messages (latent previews) are given as ("binary", None)."""
+
+    def __init__(self, server: Server, timeout: float = 120):
+        self.server = server
+        self.client_id = uuid.uuid4().hex
+        self.socket = websocket.create_connection(
+            f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}", timeout=timeout
+        )
+
+    def queue(self, workflow: dict) -> str:
+        """POST /prompt under this client's id; the prompt's id."""
+        return self.server.post("/prompt", {"prompt": workflow, "client_id": self.client_id})["prompt_id"]
+
+    def receive(self) -> tuple[str, dict | None]:
+        message = self.socket.recv()
+        if isinstance(message, bytes):
+            return "binary", None
+        parsed = json.loads(message)
+        return parsed["type"], parsed.get("data")
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+# the messages after which ComfyUI runs nothing more of a prompt
+PROMPT_ENDS = {"execution_success", "execution_error", "execution_interrupted"}
+
+
+def messages_until_done(listener: Listener, prompt_id: str, timeout: float = 300) -> list[tuple[str, dict | None]]:
+    """Every JSON message about ``prompt_id`` (its data naming it) until it ends."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        kind, data = listener.receive()
+        if data and data.get("prompt_id") == prompt_id:
+            seen.append((kind, data))
+            if kind in PROMPT_ENDS:
+                return seen
+    raise TimeoutError(f"prompt {prompt_id} did not end in {timeout} s; seen {[kind for kind, _ in seen]}")
 
 
 def layer_files(base: Path) -> set[Path]:

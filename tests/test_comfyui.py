@@ -28,10 +28,13 @@ from .comfy_server import (
     COMFYUI,
     PYTHON,
     REPO,
+    SAVE_NODES,
     TRANSPARENT,
+    Listener,
     Server,
     batch_folder,
     layer_files,
+    messages_until_done,
     missing_comfyui,
     prepare_base,
     reported_files,
@@ -302,6 +305,52 @@ def test_image_to_layers_takes_the_alpha_from_the_mask(server):
     assert len(with_mask) == len(whole) == 2
     assert all(np.array_equal(a, b) for a, b in zip(with_mask, whole, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(with_mask, without_mask, strict=True))
+
+
+def _progress_by_node(messages) -> dict[str, list[tuple[int, int]]]:
+    progress: dict[str, list[tuple[int, int]]] = {}
+    for kind, data in messages:
+        if kind == "progress":
+            progress.setdefault(data["node"], []).append((data["value"], data["max"]))
+    return progress
+
+
+@pytest.mark.parametrize("name", ["image_to_layers", "split_layer"])
+def test_each_long_stage_sends_progress(server, name):
+    """A websocket client sees each long stage move: the samplers' steps, then the frames decoded (N+1: the
+    composite and N layers), and the save nodes' layers encoded and file written; each bar ends full."""
+    running, base = server
+    workflow = _fast(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
+    for node in workflow.values():
+        if "seed" in node["inputs"]:
+            node["inputs"]["seed"] = 4242  # not run before: nothing cached
+        if node["inputs"].get("prompt") == "":
+            node["inputs"]["prompt"] = "a test card"  # no auto-caption: faster
+        if node["class_type"] == "QwenLayeredCaption":
+            node["inputs"]["max_new_tokens"] = 8
+    listener = Listener(running)
+    try:
+        messages = messages_until_done(listener, listener.queue(workflow))
+    finally:
+        listener.close()
+    assert messages[-1][0] == "execution_success", messages[-1]
+    progress = _progress_by_node(messages)
+    for node_id, node in workflow.items():
+        kind, inputs = node["class_type"], node["inputs"]
+        bars = progress.get(node_id, [])
+        maxima = {total for _, total in bars}
+        if kind in SAVE_NODES:
+            assert len(maxima) == 1 and bars[-1][0] == bars[-1][1] >= 2, (node_id, kind, bars)
+        elif kind == "QwenLayeredDecodeLayers":
+            frames = workflow[inputs["samples"][0]]["inputs"]["layers"] + 1
+            assert maxima == {frames} and bars[-1] == (frames, frames), (node_id, kind, bars)
+        elif kind in ("QwenLayeredDecompose", "QwenLayeredImageToLayers", "QwenLayeredSplitLayer"):
+            frames = inputs["layers"] + 1
+            expected = {inputs["steps"]} if kind == "QwenLayeredDecompose" else {inputs["steps"], frames}
+            assert maxima == expected, (node_id, kind, bars)
+            assert (inputs["steps"], inputs["steps"]) in bars, (node_id, kind, bars)
+            if kind != "QwenLayeredDecompose":
+                assert bars[-1] == (frames, frames), (node_id, kind, bars)
 
 
 def test_rerun_with_another_seed_writes_a_new_file_and_keeps_the_old(server):
