@@ -1,19 +1,22 @@
-"""A real ComfyUI server for the integration tests (tests/test_comfyui.py, tests/test_browser.py): started
-from ${COMFYUI_PATH:-$HOME/ComfyUI} with its own .venv, on a temporary base directory that holds this pack
-(symlinked into custom_nodes), tiny random models under the real file names, and the input files the shared
-workflows read; a websocket client of it; and what the save nodes report."""
+"""A real ComfyUI server for the integration tests (tests/test_comfyui.py, tests/test_comfyui_queue.py,
+tests/test_browser.py): started from ${COMFYUI_PATH:-$HOME/ComfyUI} with its own .venv, on a temporary base
+directory that holds this pack (symlinked into custom_nodes), tiny random models under the real file names, and
+the input files the shared workflows read; a websocket client of it; and what the save nodes report."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import shutil
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,21 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(base: Path, prepare: Callable[[Path], None] | None = None) -> Iterator[Server]:
+    """A Server on a new base directory (:func:`prepare_base`, then ``prepare(base)``), stopped afterwards; the
+    link to this pack goes with it, so nothing that cleans up the base later reaches the repository through it."""
+    prepare_base(base)
+    if prepare is not None:
+        prepare(base)
+    running = Server(base)
+    try:
+        yield running
+    finally:
+        running.stop()
+        shutil.rmtree(base / "custom_nodes", ignore_errors=True)
 
 
 def prepare_base(base: Path) -> None:
@@ -139,6 +157,13 @@ class Server:
 
     def run(self, workflow: dict, timeout: float = 300) -> dict:
         return self.wait_for(self.post("/prompt", {"prompt": workflow})["prompt_id"], timeout)
+
+    def resident_bytes(self) -> int:
+        """The server process's resident memory (VmRSS), in bytes."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no VmRSS in /proc/{self.process.pid}/status")
 
     def stop(self):
         self.process.terminate()

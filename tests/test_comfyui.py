@@ -36,8 +36,8 @@ from .comfy_server import (
     layer_files,
     messages_until_done,
     missing_comfyui,
-    prepare_base,
     reported_files,
+    serving,
 )
 
 NODE_IDS = {
@@ -76,12 +76,8 @@ if missing_comfyui():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui")
-    prepare_base(base)
-    _write_lora(base / "models")
-    running = Server(base)
-    yield running, base
-    running.stop()
-    shutil.rmtree(base / "custom_nodes", ignore_errors=True)
+    with serving(base, lambda base: _write_lora(base / "models")) as running:
+        yield running, base
 
 
 def _write_lora(models: Path) -> None:
