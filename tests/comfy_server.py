@@ -6,6 +6,7 @@ the input files the shared workflows read; a websocket client of it; and what th
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import posixpath
@@ -31,6 +32,14 @@ BATCH = "batch"  # the input folder of the batch workflow (workflows/batch_folde
 BATCH_SIZES = {"cutout": (128, 72), "photo": (80, 112)}
 SAVE_NODES = {"QwenLayeredSavePSD", "QwenLayeredSaveLayerPNGs"}
 TRANSPARENT = "transparent.png"  # in input/: an RGBA PNG for core's LoadImage (its alpha in LoadImage's MASK)
+
+
+def ui_from_api_module():
+    """workflows/ui_from_api.py (a script beside the workflows, in no package) as a module."""
+    spec = importlib.util.spec_from_file_location("ui_from_api", REPO / "workflows" / "ui_from_api.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def missing_comfyui() -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -38,6 +39,7 @@ from .comfy_server import (
     missing_comfyui,
     reported_files,
     serving,
+    ui_from_api_module,
 )
 
 NODE_IDS = {
@@ -626,13 +628,9 @@ def test_ui_workflow_is_its_api_twin(server, tmp_path, name):
 def test_comfy_cli_runs_a_workflow(server, tmp_path, name):
     """`comfy run --workflow` on a UI-format file (made by workflows/ui_from_api.py, with 2 steps and a
     seed not run before, so nothing is cached) writes the workflow's PSDs."""
-    import importlib.util
-
     running, base = server
     comfy = _comfy_cli()
-    spec = importlib.util.spec_from_file_location("ui_from_api", REPO / "workflows" / "ui_from_api.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = ui_from_api_module()
     workflow = _fast(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
     for node in workflow.values():
         if "seed" in node["inputs"]:
@@ -827,16 +825,17 @@ SLOT_HEIGHT = 20
 WIDGET_HEIGHT = 20
 TEXTAREA_MIN_HEIGHT = 50  # a multiline STRING: a DOM textarea, at least 50 px
 PREVIEW_MIN_HEIGHT = 220  # the image preview widget the editor adds when a node has images to show
-# Nodes that show a read-only text (a textarea) on the node after a run: this pack's, added by its JS, and
-# core's Get Image Size (its progress text).
-TEXT_AFTER_RUN = {
-    "QwenLayeredCaption",
-    "QwenLayeredImageToLayers",
-    "QwenLayeredLoadImageFolder",
-    "QwenLayeredSavePSD",
-    "QwenLayeredSaveLayerPNGs",
-    "GetImageSize",
-}
+# Nodes that show a read-only text (a textarea) on the node after a run, as ui_from_api.py lays them out (checked
+# against the pack's JS by test_the_nodes_laid_out_with_text_are_those_that_show_it)
+TEXT_AFTER_RUN = ui_from_api_module().SHOWS_TEXT_AFTER_RUN
+
+
+def test_the_nodes_laid_out_with_text_are_those_that_show_it():
+    """ui_from_api.py keeps room for text below the nodes that show it: this pack's, by nodes/web/show_text.js,
+    and core's Get Image Size."""
+    script = (REPO / "nodes" / "web" / "show_text.js").read_text()
+    (listed,) = re.findall(r"const NODES_WITH_TEXT = new Set\(\[(.*?)\]\)", script, re.DOTALL)
+    assert TEXT_AFTER_RUN == {*re.findall(r'"(\w+)"', listed), "GetImageSize"}
 
 
 def _title_font(px: int = 14):
@@ -912,12 +911,8 @@ def test_editor_workflows_are_what_ui_from_api_writes(server):
     """Each editor file is what workflows/ui_from_api.py makes of its API file with this server's /object_info
     (its layout, sizes and pinned seeds included): after changing an API file or a node's inputs, regenerate
     them as workflows/README.md says."""
-    import importlib.util
-
     running, base = server
-    spec = importlib.util.spec_from_file_location("ui_from_api", REPO / "workflows" / "ui_from_api.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = ui_from_api_module()
     info = running.get("/object_info")
     for name, graph in _editor_workflows().items():
         api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
