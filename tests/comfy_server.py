@@ -56,13 +56,14 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(base: Path, prepare: Callable[[Path], None] | None = None) -> Iterator[Server]:
-    """A Server on a new base directory (:func:`prepare_base`, then ``prepare(base)``), stopped afterwards; the
-    link to this pack goes with it, so nothing that cleans up the base later reaches the repository through it."""
+def serving(base: Path, prepare: Callable[[Path], None] | None = None, **options) -> Iterator[Server]:
+    """A Server (with ``options``) on a new base directory (:func:`prepare_base`, then ``prepare(base)``), stopped
+    afterwards; the link to this pack goes with it, so nothing that cleans up the base later reaches the
+    repository through it."""
     prepare_base(base)
     if prepare is not None:
         prepare(base)
-    running = Server(base)
+    running = Server(base, **options)
     try:
         yield running
     finally:
@@ -120,7 +121,7 @@ def batch_folder(folder: Path) -> None:
 class Server:
     """ComfyUI on the CPU (or with --lowvram) on a free port of 127.0.0.1, its log in base/comfyui.log."""
 
-    def __init__(self, base: Path, extra_args=()):
+    def __init__(self, base: Path, extra_args=(), env: dict[str, str] | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = base / "comfyui.log"
@@ -129,7 +130,11 @@ class Server:
         command = [str(PYTHON), "main.py", *device, "--listen", "127.0.0.1", "--port", str(self.port)]
         command += ["--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
         self.process = subprocess.Popen(
-            [*command, *extra_args], cwd=COMFYUI, stdout=self.log.open("w"), stderr=subprocess.STDOUT
+            [*command, *extra_args],
+            cwd=COMFYUI,
+            env={**os.environ, **(env or {})},
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
