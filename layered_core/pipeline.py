@@ -201,14 +201,18 @@ class LayeredPipeline:
             return self.text_encoder.caption(image, language=language)
 
     def decode(
-        self, latents: torch.Tensor, frames_per_batch: int = DEFAULT_FRAMES_PER_BATCH
+        self,
+        latents: torch.Tensor,
+        frames_per_batch: int = DEFAULT_FRAMES_PER_BATCH,
+        progress: Callable[[int, int], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, 16, N+1, h, w) latents -> (layers (N, 4, H, W), composite (4, H, W)), on the CPU.
 
-        Frames are decoded independently, ``frames_per_batch`` at a time (see :func:`decode_frames`)."""
+        Frames are decoded independently, ``frames_per_batch`` at a time, ``progress(frames decoded, N+1)``
+        after each batch (see :func:`decode_frames`)."""
         frames = latents[0].transpose(0, 1)  # (N+1, 16, h, w)
         with self._on_device(self.vae):
-            images = decode_frames(self.vae.decode, frames, frames_per_batch)
+            images = decode_frames(self.vae.decode, frames, frames_per_batch, progress)
         return images[1:], images[0]
 
     # -- the whole path ------------------------------------------------------------------------------------
@@ -220,11 +224,13 @@ class LayeredPipeline:
         options: DecomposeOptions | None = None,
         callback: Callable[[StepInfo], bool | None] | None = None,
         prompt_embeddings: tuple[PromptEmbeddings, PromptEmbeddings | None] | None = None,
+        decode_progress: Callable[[int, int], None] | None = None,
     ) -> Decomposition:
         """Decompose ``image`` into ``options.layer_count`` RGBA layers.
 
         An empty prompt is replaced by an auto-caption of the resized image. ``prompt_embeddings``
-        (cond, uncond) skips the text encoder.
+        (cond, uncond) skips the text encoder. ``callback`` is called after each sampling step,
+        ``decode_progress(frames decoded, N+1)`` while the frames decode (see :meth:`decode`).
         """
         options = options or DecomposeOptions()
         seconds: dict[str, float] = {}
@@ -278,7 +284,7 @@ class LayeredPipeline:
         seconds["sampling"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        layer_images, composite = self.decode(latents)
+        layer_images, composite = self.decode(latents, progress=decode_progress)
         if options.keep_input_size:
             both = resize_layers(torch.cat([layer_images, composite[None]]), original_size)
             layer_images, composite = both[:-1], both[-1]
@@ -295,11 +301,13 @@ class LayeredPipeline:
         options: DecomposeOptions | None = None,
         callback: Callable[[StepInfo], bool | None] | None = None,
         max_depth: int = 3,
+        decode_progress: Callable[[int, int], None] | None = None,
     ) -> LayerStack:
         """Split the layer at ``path`` into ``count`` sub-layers: a new stack whose tree holds them.
 
         The layer's own pixels (its alpha box) are decomposed with their alpha kept, and the sub-layers
         are brought back to the layer's size and position, so flattening the tree redraws the layer.
+        ``callback`` and ``decode_progress`` report as in :meth:`__call__`.
         """
         resolved = stack.resolve(path)
         if len(resolved) > max_depth:
@@ -310,7 +318,7 @@ class LayeredPipeline:
         if layer.width < 8 or layer.height < 8 or not np.any(layer.pixels[..., 3]):
             raise ValueError(f"layer {layer.name!r} is empty or smaller than 8x8 pixels: nothing to split")
         options = replace(options or DecomposeOptions(), layer_count=count, keep_input_size=True, background=None)
-        result = self(rgba_to_pil(layer.pixels), prompt, options, callback)
+        result = self(rgba_to_pil(layer.pixels), prompt, options, callback, decode_progress=decode_progress)
         names = [f"{layer.name} / {index + 1}" for index in range(count)]
         sub_stack = stack_from_bhwc(result.layer_images.permute(0, 2, 3, 1), names=names)
         return attach_split(stack, resolved, sub_stack)

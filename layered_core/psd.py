@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -208,29 +209,37 @@ def save_psd(
     *,
     input_image: np.ndarray | Image.Image | None = None,
     input_name: str = "Input image",
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write ``stack`` as a layered RGBA PSD at ``path`` (written to a temporary file, then renamed).
 
     ``input_image`` (uint8 RGB(A) array or PIL image, canvas-sized), if given, becomes a hidden bottom layer
-    named ``input_name``. Raises :class:`~layered_core.export.ExportError` (a ValueError) for what PSD cannot
-    hold, before writing anything. Returns the path.
+    named ``input_name``. ``progress(done, total)`` is called after each layer is encoded and once more when
+    the file is written (``done == total``). Raises :class:`~layered_core.export.ExportError` (a ValueError) for
+    what PSD cannot hold, before writing anything. Returns the path.
     """
     started = time.perf_counter()
     path = Path(path)
     inputs = None if input_image is None else check_input_image(stack, input_image, path)
     plan = _plan(stack, path, inputs is not None)
+    report = progress or (lambda done, total: None)
+    encoded_layers, total = 0, sum(1 for item in plan if item[0] == "pixels") + (inputs is not None) + 1
 
     records, channel_data = LayerRecords(), ChannelImageData()
     if inputs is not None:
         record, channels = _pixel_record(_fit_name(input_name, path), inputs, 0, 0, visible=False)
         records.append(record)
         channel_data.append(channels)
+        encoded_layers += 1
+        report(encoded_layers, total)
     for item in plan:
         if item[0] == "pixels":
             _, name, layer = item
             record, channels = _pixel_record(name, layer.pixels, *layer.offset, layer.visible, layer.opacity)
             records.append(record)
             channel_data.append(channels)
+            encoded_layers += 1
+            report(encoded_layers, total)
         else:
             record, channels = _group_record(*item)
             records.append(record)
@@ -256,6 +265,7 @@ def save_psd(
         image_data=image_data,
     )
     atomic_write(path, document.write)
+    report(total, total)
     logger.debug(
         "%s: %d records; layers encoded in %.3f s, preview in %.3f s, written in %.3f s",
         path,

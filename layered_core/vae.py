@@ -418,9 +418,11 @@ def decode_frames(
     decode_fn: Callable[[torch.Tensor], torch.Tensor],
     frames: torch.Tensor,
     frames_per_batch: int = DEFAULT_FRAMES_PER_BATCH,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Decode latent frames (F, C, h, w) a few at a time: ``decode_fn`` on each chunk of at most
-    ``frames_per_batch`` frames, each result moved to the CPU, concatenated along the batch.
+    ``frames_per_batch`` frames, each result moved to the CPU, concatenated along the batch;
+    ``progress(frames decoded, F)`` after each chunk.
 
     The layers of a decomposition decode independently, and the decoder's activations grow with the batch, so
     all 20 layers in one batch would not fit beside the transformer.
@@ -429,4 +431,9 @@ def decode_frames(
     """
     if isinstance(frames_per_batch, bool) or not isinstance(frames_per_batch, Integral) or frames_per_batch < 1:
         raise ValueError(f"frames_per_batch must be a positive int, got {frames_per_batch!r}")
-    return torch.cat([decode_fn(chunk).cpu() for chunk in frames.split(int(frames_per_batch))])
+    decoded = []
+    for chunk in frames.split(int(frames_per_batch)):
+        decoded.append(decode_fn(chunk).cpu())
+        if progress is not None:
+            progress(sum(len(images) for images in decoded), len(frames))
+    return torch.cat(decoded)

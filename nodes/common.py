@@ -4,6 +4,7 @@ outputs several nodes declare alike, and the small conversions between ComfyUI's
 from __future__ import annotations
 
 import comfy.model_management as mm
+import comfy.utils
 import latent_preview
 import numpy as np
 import torch
@@ -17,6 +18,8 @@ PREFIX = "QwenLayered"
 CATEGORY = "Qwen-Image-Layered"
 LayerStackType = io.Custom("QWEN_LAYER_STACK")
 TextEncoderType = io.Custom("QWEN_LAYERED_TEXT_ENCODER")
+# core's LoadImage gives a file without alpha a mask of zeros of this size (height, width), whatever the image's
+OPAQUE_PLACEHOLDER_SIZE = (64, 64)
 STACK_TOOLTIP = "the layers as a tree (split layers hold their sub-layers): for Save PSD, Save PNG zip, Split Layer"
 
 
@@ -63,52 +66,72 @@ def layer_outputs() -> list:
 # -- values --------------------------------------------------------------------------------------------------
 
 
-def single_image(image: torch.Tensor, node: str):
-    """One IMAGE as a straight-RGBA PIL image; a batch is refused rather than cut to its first image."""
+def mask_input():
+    """The optional MASK that carries an image's alpha, as core's LoadImage splits a transparent file."""
+    return io.Mask.Input(
+        "mask",
+        optional=True,
+        tooltip="the image's transparency, 1 = transparent (connect LoadImage's MASK); replaces the image's alpha",
+    )
+
+
+def single_image(image: torch.Tensor, node: str, mask: torch.Tensor | None = None):
+    """One IMAGE as a straight-RGBA PIL image, its alpha ``1 - mask`` where a MASK comes with it (see
+    :func:`with_mask_alpha`); a batch is refused rather than cut to its first image."""
     if image.shape[0] != 1:
         raise ValueError(f"{node} takes one image at a time, got a batch of {image.shape[0]}")
+    if mask is not None:
+        image = with_mask_alpha(image, mask, node)
     return rgba_to_pil(rgba_from_bhwc(image))
 
 
-def rgba_from_image_and_mask(image: torch.Tensor, mask: torch.Tensor | None, node: str) -> tuple[np.ndarray, bool]:
-    """One IMAGE (+ an optional MASK in core's convention, 1 = transparent) as uint8 straight RGBA, and whether
-    it carries transparency (a MASK, or an IMAGE with 4 channels).
+def with_mask_alpha(image: torch.Tensor, mask: torch.Tensor, node: str) -> torch.Tensor:
+    """IMAGE [1, H, W, C] and MASK [1, H, W] or [H, W] (1 = transparent) as RGBA [1, H, W, 4] with alpha
+    ``1 - mask``: the RGBA file that core's LoadImage split in two. LoadImage gives a file without alpha a
+    placeholder mask, :data:`OPAQUE_PLACEHOLDER_SIZE` zeros whatever the image's size; that one leaves the
+    image as it is. Any other mask must have the image's size."""
+    masks = mask[None] if mask.ndim == 2 else mask
+    height, width = image.shape[1], image.shape[2]
+    if masks.ndim != 3 or masks.shape[0] != 1:
+        raise ValueError(f"{node}: expected one mask [H, W] or [1, H, W] for the image, got shape {tuple(mask.shape)}")
+    mask_size = (masks.shape[1], masks.shape[2])
+    if mask_size != (height, width):
+        if mask_size == OPAQUE_PLACEHOLDER_SIZE and not bool(masks.any()):
+            return image
+        raise ValueError(
+            f"{node}: the mask is {mask_size[1]}x{mask_size[0]} but the image is {width}x{height}; connect the MASK "
+            "that came with this image (core's LoadImage gives both)"
+        )
+    alpha = (1.0 - masks.to(image.device, image.dtype)).clamp(0, 1)
+    return torch.cat([image[..., :3], alpha[..., None]], dim=-1)
 
-    A mask of another size than the image is refused, except one that is all 0 (nothing transparent): LoadImage
-    gives that 64x64 placeholder for an image without alpha, and it changes nothing.
-    """
+
+def rgba_from_image_and_mask(image: torch.Tensor, mask: torch.Tensor | None, node: str) -> tuple[np.ndarray, bool]:
+    """One IMAGE (+ an optional MASK in core's convention, 1 = transparent, as :func:`with_mask_alpha` takes it)
+    as uint8 straight RGBA, and whether it carries transparency (a MASK, or an IMAGE with 4 channels)."""
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(f"{node} takes one image at a time, got an IMAGE of shape {tuple(image.shape)}")
-    pixels = rgba_from_bhwc(image)
-    has_alpha = image.shape[-1] == 4
-    if mask is None:
-        return pixels, has_alpha
-    if mask.ndim == 3 and mask.shape[0] != 1:
-        raise ValueError(f"{node} takes one mask at a time, got a batch of {mask.shape[0]}")
-    if mask.ndim not in (2, 3):
-        raise ValueError(f"{node}: expected one MASK [1, H, W], got shape {tuple(mask.shape)}")
-    values = mask.detach().float().cpu().reshape(mask.shape[-2:])
-    if tuple(values.shape) != pixels.shape[:2]:
-        if not values.any():
-            return pixels, has_alpha
-        raise ValueError(
-            f"{node}: the mask is {values.shape[1]}x{values.shape[0]} but the image is "
-            f"{pixels.shape[1]}x{pixels.shape[0]}; connect the mask that came with the image"
-        )
-    pixels = pixels.copy()
-    pixels[..., 3] = np.clip(np.floor((1 - values.numpy()) * 255 + 0.5), 0, 255).astype(np.uint8)
-    return pixels, True
-
-
-def image_with_mask(image: torch.Tensor, mask: torch.Tensor | None, node: str):
-    """One IMAGE as a straight-RGBA PIL image, its alpha from ``mask`` (1 = transparent) when one is given;
-    see :func:`rgba_from_image_and_mask`."""
-    return rgba_to_pil(rgba_from_image_and_mask(image, mask, node)[0])
+    if mask is not None:
+        image = with_mask_alpha(image, mask, node)
+    return rgba_from_bhwc(image), image.shape[-1] == 4
 
 
 def is_ours(vae) -> bool:
     """Whether a VAE input is this pack's RGBA-VAE (Load RGBA-VAE) rather than core's VAE."""
     return isinstance(vae, VAEPatcher)
+
+
+def progress_reporter():
+    """A ComfyUI progress bar as layered_core's ``progress(done, total)`` callback, for the work between
+    sampling steps (decoding, writing files): a client sees it move, and a cancel stops the work at the next
+    report."""
+    bar = comfy.utils.ProgressBar(1)
+
+    def report(done: int, total: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total)
+
+    return report
 
 
 def step_callback(model, steps: int):

@@ -25,6 +25,8 @@ from .common import (
     is_ours,
     layer_outputs,
     layers_input,
+    mask_input,
+    progress_reporter,
     resolution_input,
     seed_input,
     single_image,
@@ -45,6 +47,7 @@ class EncodeImage(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="the RGBA-VAE (this pack's loader or core's VAELoader)"),
                 io.Image.Input("image", tooltip="RGB or RGBA; opaque input gets alpha 1"),
                 resolution_input(),
+                mask_input(),
             ],
             outputs=[
                 io.Latent.Output(display_name="condition", tooltip="connect to Decompose or ReferenceLatent"),
@@ -53,8 +56,8 @@ class EncodeImage(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, vae, image, resolution) -> io.NodeOutput:
-        pil = single_image(image, "Encode Image for Layers")
+    def execute(cls, vae, image, resolution, mask=None) -> io.NodeOutput:
+        pil = single_image(image, "Encode Image for Layers", mask)
         pil = resize_rgba(pil, bucket_size(*pil.size, int(resolution)))
         pixels = image_to_bchw(pil)  # (1, 4, H, W)
         if is_ours(vae):
@@ -163,13 +166,16 @@ class DecodeLayers(io.ComfyNode):
         if latent.shape[0] != 1:
             raise ValueError(f"Decode Layers takes one decomposition at a time, got a batch of {latent.shape[0]}")
         frames = latent[0].transpose(0, 1)  # (N+1, LATENT_CHANNELS, h, w), decoded independently
+        progress = progress_reporter()
         if is_ours(vae):
             # our VAE decodes normalised latents; ComfyUI's LATENT holds them raw
-            images = decode_frames(lambda chunk: vae.decode(vae.normalize_latent(chunk)), frames)
+            images = decode_frames(lambda chunk: vae.decode(vae.normalize_latent(chunk)), frames, progress=progress)
             images = images.permute(0, 2, 3, 1)
         else:
-            decoded = vae.decode(frames[:, :, None])  # core's VAE: [N+1, 1, H, W, C]
+            progress(0, len(frames))
+            decoded = vae.decode(frames[:, :, None])  # core's VAE: [N+1, 1, H, W, C], batched as it decides
             images = decoded.reshape(-1, *decoded.shape[-3:])
+            progress(len(frames), len(frames))
         images = images.float().clamp(0, 1).cpu()
         layers, composite = images[1:], images[:1]
         if layers.shape[-1] == 3:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 import warnings
 from pathlib import Path
@@ -21,19 +22,26 @@ from ..layered_core.layer_files import LAYER_FILE_SUFFIXES, load_layer_file
 from ..layered_core.layers import LayerStack, composite, rgba_to_bhwc, stack_to_bhwc
 from ..layered_core.psd import save_psd
 from ..layered_core.psd_read import PSDReadWarning
-from .common import CATEGORY, PREFIX, STACK_TOOLTIP, LayerStackType
+from .common import CATEGORY, PREFIX, STACK_TOOLTIP, LayerStackType, progress_reporter
 
 logger = logging.getLogger(__name__)
 
 
+# The key of a save node's output (in "executed" and /history) that lists the files it wrote, each as core's save
+# nodes list theirs ({filename, subfolder, type: "output"}). Not "images": the editor would draw a PSD as a
+# broken picture and its queue panel would offer it as one; under another key they are listed and not drawn.
+SAVED_FILES = "files"
+
+
 class _SaveStack(io.ComfyNode):
     """Save Layered PSD and Save Layers (PNG zip): the same inputs, a new numbered file in the output folder
-    written by :meth:`write`, and the stack's composite as the preview; only the file format differs."""
+    written by :meth:`write`, reported under :data:`SAVED_FILES` and as the node's text, and the stack's
+    composite as the preview; only the file format differs."""
 
     SUFFIX = ""
 
     @staticmethod
-    def write(stack: LayerStack, path: Path) -> None:
+    def write(stack: LayerStack, path: Path, *, progress) -> None:
         raise NotImplementedError
 
     @classmethod
@@ -53,8 +61,12 @@ class _SaveStack(io.ComfyNode):
 
     @classmethod
     def execute(cls, stack, filename_prefix) -> io.NodeOutput:
-        cls.write(stack, _unused_output_path(filename_prefix, cls.SUFFIX, stack.width, stack.height))
-        return io.NodeOutput(ui=ui.PreviewImage(rgba_to_bhwc(composite(stack)), cls=cls))
+        path, subfolder = _unused_output_path(filename_prefix, cls.SUFFIX, stack.width, stack.height)
+        cls.write(stack, path, progress=progress_reporter())
+        saved = ui.SavedResult(path.name, subfolder, io.FolderType.output)
+        preview = ui.PreviewImage(rgba_to_bhwc(composite(stack)), cls=cls).as_dict()
+        shown = f"saved {posixpath.join(subfolder, path.name)}"
+        return io.NodeOutput(ui={**preview, SAVED_FILES: [saved], "text": [shown]})
 
 
 class SavePSD(_SaveStack):
@@ -86,18 +98,18 @@ class SaveLayerPNGs(_SaveStack):
         )
 
 
-def _unused_output_path(filename_prefix: str, suffix: str, width: int, height: int) -> Path:
-    """A new file in ComfyUI's output folder: core's naming (prefix_00001_), a path outside it refused
-    (core checks that), and an existing file never overwritten. The number follows the files of the same
-    suffix only, so the PSD and the ZIP of one image share it."""
+def _unused_output_path(filename_prefix: str, suffix: str, width: int, height: int) -> tuple[Path, str]:
+    """A new file in ComfyUI's output folder, and its subfolder there as core reports it: core's naming
+    (prefix_00001_), a path outside it refused (core checks that), and an existing file never overwritten. The
+    number follows the files of the same suffix only, so the PSD and the ZIP of one image share it."""
     output_dir = folder_paths.get_output_directory()
-    folder, filename, _, _, _ = folder_paths.get_save_image_path(filename_prefix, output_dir, width, height)
+    folder, filename, _, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir, width, height)
     numbered = re.compile(rf"{re.escape(filename)}_(\d{{5,}})_{re.escape(suffix)}")
     used = [int(match[1]) for name in os.listdir(folder) if (match := numbered.fullmatch(name))]
     counter = max(used, default=0) + 1
     while (path := Path(folder) / f"{filename}_{counter:05}_{suffix}").exists():
         counter += 1
-    return path
+    return path, subfolder
 
 
 def _input_folder(folder: str) -> tuple[Path, Path]:

@@ -6,7 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..layered_core.image import resize_rgba
 from ..layered_core.metrics import fidelity
-from .common import CATEGORY, PREFIX, LayerStackType, image_with_mask
+from .common import CATEGORY, PREFIX, LayerStackType, single_image
 
 
 class RecomposePSNR(io.ComfyNode):
@@ -38,7 +38,7 @@ class RecomposePSNR(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, stack, mask=None) -> io.NodeOutput:
-        picture = image_with_mask(image, mask, "Recompose PSNR")
+        picture = single_image(image, mask, "Recompose PSNR")
         resized = ""
         if picture.size != stack.size:
             resized = f" (the image resized from {picture.width}x{picture.height})"

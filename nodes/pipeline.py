@@ -19,6 +19,8 @@ from .common import (
     is_ours,
     layer_outputs,
     layers_input,
+    mask_input,
+    progress_reporter,
     resolution_input,
     seed_input,
     single_image,
@@ -59,6 +61,7 @@ class ImageToLayers(io.ComfyNode):
                 cfg_normalize_input(),
                 resolution_input(),
                 seed_input(),
+                mask_input(),
             ],
             outputs=[
                 *layer_outputs(),
@@ -72,7 +75,7 @@ class ImageToLayers(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, model, vae, text_encoder, image, prompt, layers, steps, cfg, cfg_normalize, resolution, seed
+        cls, model, vae, text_encoder, image, prompt, layers, steps, cfg, cfg_normalize, resolution, seed, mask=None
     ) -> io.NodeOutput:
         _require_pack_vae(vae, "Image to Layers")
         pipeline = _pipeline(model, vae, text_encoder)
@@ -86,7 +89,13 @@ class ImageToLayers(io.ComfyNode):
         )
         callback = step_callback(model, steps)
 
-        result = pipeline(single_image(image, "Image to Layers"), prompt, options, callback=callback)
+        result = pipeline(
+            single_image(image, "Image to Layers", mask),
+            prompt,
+            options,
+            callback=callback,
+            decode_progress=progress_reporter(),
+        )
         images = result.layer_images.permute(0, 2, 3, 1)
         composite = result.composite.permute(1, 2, 0)[None]
         return io.NodeOutput(
@@ -126,4 +135,7 @@ class SplitLayer(io.ComfyNode):
         options = DecomposeOptions(steps=steps, cfg_scale=cfg, seed=seed)
         callback = step_callback(model, steps)
 
-        return io.NodeOutput(pipeline.split(stack, index, layers, prompt=prompt, options=options, callback=callback))
+        split = pipeline.split(
+            stack, index, layers, prompt=prompt, options=options, callback=callback, decode_progress=progress_reporter()
+        )
+        return io.NodeOutput(split)

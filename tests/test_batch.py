@@ -75,7 +75,7 @@ class QuickPipeline(LayeredPipeline):
         self.calls: list[tuple[tuple[int, int], int]] = []
         self.split_error = split_error
 
-    def __call__(self, image, prompt=None, options=None, callback=None, prompt_embeddings=None):
+    def __call__(self, image, prompt=None, options=None, callback=None, prompt_embeddings=None, decode_progress=None):
         options = options or DecomposeOptions()
         self.calls.append((image.size, options.layer_count))
         size = image.size if options.keep_input_size else bucket_size(*image.size, options.resolution)

@@ -34,8 +34,8 @@ WINDOW = (2560, 1440)
 # what ties a page error to this pack: its node ids (all QwenLayered...), its folder in custom_nodes (the URL of
 # any JavaScript it serves, /extensions/qwen_image_layered/...) and its name
 PACK_PATTERN = re.compile(r"QwenLayered|qwen_image_layered|Qwen-Image-Layered", re.IGNORECASE)
-# nodes that show their text on the node after a run (ui.PreviewText: {"text": [value]} in `executed`)
-TEXT_NODES = {"QwenLayeredCaption", "QwenLayeredImageToLayers"}
+# nodes that show their text on the node after a run ({"text": [value]} in `executed`, as ui.PreviewText sends it)
+TEXT_NODES = {"QwenLayeredCaption", "QwenLayeredImageToLayers", "QwenLayeredSavePSD", "QwenLayeredSaveLayerPNGs"}
 # the samplers' step count for the run from the page, as tests/test_comfyui.py runs them: the prompt is
 # compared with the API twin before this change
 FAST_STEPS = 2
@@ -484,9 +484,10 @@ def test_run_from_the_page_finishes_and_shows_the_images(observe, name):
 
 
 @pytest.mark.parametrize("name", TEXT_WORKFLOWS)
-def test_caption_is_shown_on_the_node(observe, object_info, name):
-    """Auto-caption and Image to Layers send their text (ui.PreviewText: {"text": [...]} in their executed
-    output) and the page shows it on the node, in a widget of its own (not one of the node's inputs)."""
+def test_text_is_shown_on_the_node(observe, object_info, name):
+    """Auto-caption and Image to Layers (the caption, the prompt used) and the save nodes (the file written) send
+    their text ({"text": [...]} in their executed output) and the page shows it on the node, in a widget of its
+    own (not one of the node's inputs)."""
     seen = observe(name)
     _needs_run(seen)
     page = _by_id(seen.after)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -24,7 +25,24 @@ from layered_core.image import bucket_size, open_image, resize_rgba
 from layered_core.metrics import fidelity
 from layered_core.tiny_models import COMFY_FILES
 
-from .comfy_server import BATCH, BATCH_SIZES, COMFYUI, PYTHON, REPO, Server, batch_folder, missing_comfyui, prepare_base
+from .comfy_server import (
+    BATCH,
+    BATCH_SIZES,
+    COMFYUI,
+    PYTHON,
+    REPO,
+    SAVE_NODES,
+    TRANSPARENT,
+    Listener,
+    Server,
+    batch_folder,
+    layer_files,
+    messages_until_done,
+    missing_comfyui,
+    reported_files,
+    serving,
+    ui_from_api_module,
+)
 
 NODE_IDS = {
     "QwenLayeredLoadMMDiT",
@@ -73,12 +91,8 @@ if missing_comfyui():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui")
-    prepare_base(base)
-    _write_lora(base / "models")
-    running = Server(base)
-    yield running, base
-    running.stop()
-    shutil.rmtree(base / "custom_nodes", ignore_errors=True)
+    with serving(base, lambda base: _write_lora(base / "models")) as running:
+        yield running, base
 
 
 def _write_lora(models: Path) -> None:
@@ -190,14 +204,164 @@ def _check_psds(workflow: dict, base: Path, written: set[Path]) -> None:
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_workflow_runs(server, name):
+    """Each workflow writes its PSDs (and ZIPs), and its save nodes report exactly the files written."""
     running, base = server
     workflow = _fast(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
-    before = _psds(base)
+    before = layer_files(base)
     history = running.run(workflow)
     status = history["status"]
     errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
     assert status["status_str"] == "success", errors
-    _check_psds(workflow, base, _psds(base) - before)
+    written = layer_files(base) - before
+    reported = reported_files(workflow, history, base / "output")
+    assert len(reported) == len(set(reported)) and set(reported) == written, (reported, written)
+    _check_psds(workflow, base, {path for path in written if path.suffix == ".psd"})
+
+
+def _encode_workflow(image: str, prefix: str, mask: list | None = None) -> dict:
+    """Load RGBA-VAE and LoadImage -> Encode Image for Layers (its mask input given ``mask``, a link, or not
+    connected) -> core's SaveLatent under ``prefix``, as node 31 for :func:`_saved_latent`."""
+    encode = {"vae": ["1", 0], "image": ["2", 0], "resolution": "640"}
+    return {
+        "1": {"class_type": "QwenLayeredLoadRGBAVAE", "inputs": {"vae_name": Path(COMFY_FILES["vae"]).name}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "3": {"class_type": "QwenLayeredEncodeImage", "inputs": encode if mask is None else {**encode, "mask": mask}},
+        "31": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": prefix}},
+    }
+
+
+def _library_condition(base: Path, image: Image.Image):
+    """The condition latent the library (and the command line) makes of ``image``: the same bucket resize and
+    the same VAE file, in float32 as ComfyUI runs it on the CPU; raw, as a LATENT holds it."""
+    import torch
+
+    from layered_core.checkpoints import load_vae
+    from layered_core.pipeline import DecomposeOptions, LayeredPipeline
+
+    vae = load_vae(base / "models" / COMFY_FILES["vae"], dtype=torch.float32)
+    pipeline = LayeredPipeline(None, vae)
+    condition = pipeline.encode_image(pipeline.prepare_image(image, DecomposeOptions()))
+    return vae.denormalize_latent(condition)[:, :, None]
+
+
+def test_a_transparent_png_reaches_the_model_with_its_alpha(server):
+    """core's LoadImage splits a transparent PNG into IMAGE (RGB) and MASK (1 - alpha); Encode Image with that
+    MASK gives the condition latent the library gives for the file itself (read as RGBA), and without it the
+    latent of the same picture made opaque, as the workflows gave before they connected the MASK."""
+    from layered_core.image import open_image_with_alpha
+
+    running, base = server
+    rgba, transparent = open_image_with_alpha(base / "input" / TRANSPARENT)
+    assert transparent
+    expected = _library_condition(base, rgba)
+    with_mask = _saved_latent(running, base, _encode_workflow(TRANSPARENT, "alpha/with_mask", ["2", 1]))
+    without_mask = _saved_latent(running, base, _encode_workflow(TRANSPARENT, "alpha/without_mask"))
+    opaque = rgba.copy()
+    opaque.putalpha(255)
+
+    assert with_mask.shape == expected.shape
+    assert _relative_difference(with_mask, expected) <= 1e-5
+    assert _relative_difference(without_mask, _library_condition(base, opaque)) <= 1e-5
+    assert _relative_difference(without_mask, expected) > 1e-2
+
+
+def test_an_opaque_image_is_unchanged_by_load_images_placeholder_mask(server):
+    """For a file without alpha core's LoadImage gives a 64x64 mask of zeros whatever the image's size: Encode
+    Image keeps the image opaque with it connected, the same latent as without. Any other mask of another size
+    than the image is refused, naming both sizes."""
+    running, base = server
+    with Image.open(base / "input" / "example.png") as image:
+        assert image.mode == "RGB" and image.size != (64, 64)
+        expected = _library_condition(base, image.convert("RGBA"))
+    with_mask = _saved_latent(running, base, _encode_workflow("example.png", "opaque/with_mask", ["2", 1]))
+    without_mask = _saved_latent(running, base, _encode_workflow("example.png", "opaque/without_mask"))
+    assert bool((with_mask == without_mask).all())
+    assert _relative_difference(with_mask, expected) <= 1e-5
+
+    for value, width, height in ((0.0, 32, 32), (0.5, 64, 64), (0.0, 128, 71)):
+        workflow = _encode_workflow("example.png", f"opaque/mismatch_{width}", ["4", 0])
+        workflow["4"] = {"class_type": "SolidMask", "inputs": {"value": value, "width": width, "height": height}}
+        status = running.run(workflow)["status"]
+        (error,) = [m[1] for m in status["messages"] if m[0] == "execution_error"]
+        assert error["node_id"] == "3", error
+        assert f"the mask is {width}x{height} but the image is 128x72" in error["exception_message"], error
+
+
+def test_image_to_layers_takes_the_alpha_from_the_mask(server):
+    """Image to Layers on LoadImage's IMAGE and MASK decomposes the same RGBA as on the file loaded whole by
+    Load Image Folder (4 channels): the same layers; without the MASK, other layers."""
+    running, base = server
+    folder = base / "input" / "alpha_folder"
+    folder.mkdir()
+    shutil.copy(base / "input" / TRANSPARENT, folder / TRANSPARENT)
+    full = _fast(json.loads((REPO / "workflows" / "api" / "split_layer.json").read_text()))
+    to_layers = {key: value for key, value in full["5"]["inputs"].items() if key != "mask"}
+    to_layers.update(prompt="a test card", layers=2)
+
+    def layers_of(source: dict, mask: list | None, prefix: str) -> list[np.ndarray]:
+        inputs = {**to_layers, "image": ["4", 0]} if mask is None else {**to_layers, "image": ["4", 0], "mask": mask}
+        workflow = {key: full[key] for key in ("1", "2", "3")}
+        workflow["4"] = source
+        workflow["5"] = {"class_type": "QwenLayeredImageToLayers", "inputs": inputs}
+        workflow["6"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": prefix}}
+        saved = _saved_images(running.run(workflow), "6")
+        return [np.asarray(Image.open(base / "output" / name)) for name in saved]
+
+    load_image = {"class_type": "LoadImage", "inputs": {"image": TRANSPARENT}}
+    with_mask = layers_of(load_image, ["4", 1], "alpha_layers/with_mask")
+    whole = layers_of(
+        {"class_type": "QwenLayeredLoadImageFolder", "inputs": {"folder": "alpha_folder"}}, None, "alpha_layers/whole"
+    )
+    without_mask = layers_of(load_image, None, "alpha_layers/without_mask")
+    assert len(with_mask) == len(whole) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(with_mask, whole, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(with_mask, without_mask, strict=True))
+
+
+def _progress_by_node(messages) -> dict[str, list[tuple[int, int]]]:
+    progress: dict[str, list[tuple[int, int]]] = {}
+    for kind, data in messages:
+        if kind == "progress":
+            progress.setdefault(data["node"], []).append((data["value"], data["max"]))
+    return progress
+
+
+@pytest.mark.parametrize("name", ["image_to_layers", "split_layer"])
+def test_each_long_stage_sends_progress(server, name):
+    """A websocket client sees each long stage move: the samplers' steps, then the frames decoded (N+1: the
+    composite and N layers), and the save nodes' layers encoded and file written; each bar ends full."""
+    running, base = server
+    workflow = _fast(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
+    for node in workflow.values():
+        if "seed" in node["inputs"]:
+            node["inputs"]["seed"] = 4242  # not run before: nothing cached
+        if node["inputs"].get("prompt") == "":
+            node["inputs"]["prompt"] = "a test card"  # no auto-caption: faster
+        if node["class_type"] == "QwenLayeredCaption":
+            node["inputs"]["max_new_tokens"] = 8
+    listener = Listener(running)
+    try:
+        messages = messages_until_done(listener, listener.queue(workflow))
+    finally:
+        listener.close()
+    assert messages[-1][0] == "execution_success", messages[-1]
+    progress = _progress_by_node(messages)
+    for node_id, node in workflow.items():
+        kind, inputs = node["class_type"], node["inputs"]
+        bars = progress.get(node_id, [])
+        maxima = {total for _, total in bars}
+        if kind in SAVE_NODES:
+            assert len(maxima) == 1 and bars[-1][0] == bars[-1][1] >= 2, (node_id, kind, bars)
+        elif kind == "QwenLayeredDecodeLayers":
+            frames = workflow[inputs["samples"][0]]["inputs"]["layers"] + 1
+            assert maxima == {frames} and bars[-1] == (frames, frames), (node_id, kind, bars)
+        elif kind in ("QwenLayeredDecompose", "QwenLayeredImageToLayers", "QwenLayeredSplitLayer"):
+            frames = inputs["layers"] + 1
+            expected = {inputs["steps"]} if kind == "QwenLayeredDecompose" else {inputs["steps"], frames}
+            assert maxima == expected, (node_id, kind, bars)
+            assert (inputs["steps"], inputs["steps"]) in bars, (node_id, kind, bars)
+            if kind != "QwenLayeredDecompose":
+                assert bars[-1] == (frames, frames), (node_id, kind, bars)
 
 
 def test_rerun_with_another_seed_writes_a_new_file_and_keeps_the_old(server):
@@ -227,9 +391,9 @@ def _folder_workflow(folder: str, prefix: str, **options) -> dict:
     }
 
 
-def _saved_images(history: dict) -> list[str]:
+def _saved_images(history: dict, node_id: str = "3") -> list[str]:
     assert history["status"]["status_str"] == "success", history["status"]
-    return [f"{entry['subfolder']}/{entry['filename']}" for entry in history["outputs"]["3"]["images"]]
+    return [f"{entry['subfolder']}/{entry['filename']}" for entry in history["outputs"][node_id]["images"]]
 
 
 def test_load_image_folder_gives_every_image_with_its_name(server):
@@ -477,13 +641,9 @@ def test_ui_workflow_is_its_api_twin(server, tmp_path, name):
 def test_comfy_cli_runs_a_workflow(server, tmp_path, name):
     """`comfy run --workflow` on a UI-format file (made by workflows/ui_from_api.py, with 2 steps and a
     seed not run before, so nothing is cached) writes the workflow's PSDs."""
-    import importlib.util
-
     running, base = server
     comfy = _comfy_cli()
-    spec = importlib.util.spec_from_file_location("ui_from_api", REPO / "workflows" / "ui_from_api.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = ui_from_api_module()
     workflow = _fast(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
     for node in workflow.values():
         if "seed" in node["inputs"]:
@@ -725,15 +885,17 @@ SLOT_HEIGHT = 20
 WIDGET_HEIGHT = 20
 TEXTAREA_MIN_HEIGHT = 50  # a multiline STRING: a DOM textarea, at least 50 px
 PREVIEW_MIN_HEIGHT = 220  # the image preview widget the editor adds when a node has images to show
-# Nodes that show a read-only text (a textarea) on the node after a run: this pack's, added by its JS, and
-# core's Get Image Size (its progress text).
-TEXT_AFTER_RUN = {
-    "QwenLayeredCaption",
-    "QwenLayeredImageToLayers",
-    "QwenLayeredLoadImageFolder",
-    "QwenLayeredRecomposePSNR",
-    "GetImageSize",
-}
+# Nodes that show a read-only text (a textarea) on the node after a run, as ui_from_api.py lays them out (checked
+# against the pack's JS by test_the_nodes_laid_out_with_text_are_those_that_show_it)
+TEXT_AFTER_RUN = ui_from_api_module().SHOWS_TEXT_AFTER_RUN
+
+
+def test_the_nodes_laid_out_with_text_are_those_that_show_it():
+    """ui_from_api.py keeps room for text below the nodes that show it: this pack's, by nodes/web/show_text.js,
+    and core's Get Image Size."""
+    script = (REPO / "nodes" / "web" / "show_text.js").read_text()
+    (listed,) = re.findall(r"const NODES_WITH_TEXT = new Set\(\[(.*?)\]\)", script, re.DOTALL)
+    assert TEXT_AFTER_RUN == {*re.findall(r'"(\w+)"', listed), "GetImageSize"}
 
 
 def _title_font(px: int = 14):
@@ -809,12 +971,8 @@ def test_editor_workflows_are_what_ui_from_api_writes(server):
     """Each editor file is what workflows/ui_from_api.py makes of its API file with this server's /object_info
     (its layout, sizes and pinned seeds included): after changing an API file or a node's inputs, regenerate
     them as workflows/README.md says."""
-    import importlib.util
-
     running, base = server
-    spec = importlib.util.spec_from_file_location("ui_from_api", REPO / "workflows" / "ui_from_api.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = ui_from_api_module()
     info = running.get("/object_info")
     for name, graph in _editor_workflows().items():
         api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())

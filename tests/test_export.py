@@ -41,3 +41,18 @@ def test_png_zip_round_trip(tree, tmp_path):
         with zipfile.ZipFile(empty, "w"):
             pass
         load_png_zip(empty)
+
+
+def test_png_zip_reports_each_png_then_the_file_written(tree, tmp_path):
+    """progress(done, total): one report per PNG in the archive (composite, input, each non-empty layer of the
+    tree, split ones too) while the file is not there yet, and the last, done == total, once it is."""
+    path = tmp_path / "tree.zip"
+    reports = []
+    save_png_zip(
+        tree, path, input_image=composite(tree), progress=lambda *report: reports.append((*report, path.exists()))
+    )
+    with zipfile.ZipFile(path) as archive:
+        pngs = [name for name in archive.namelist() if name.endswith(".png")]
+    assert len(pngs) == 2 + sum(1 for _, layer in tree.walk() if crop_to_alpha(layer).width)
+    total = len(pngs) + 1
+    assert reports == [(done, total, False) for done in range(1, total)] + [(total, total, True)]

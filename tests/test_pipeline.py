@@ -39,6 +39,15 @@ def test_same_seed_same_layers_other_seed_other_layers(pipeline):
     assert not torch.equal(a.layer_images, c.layer_images)
 
 
+def test_decoding_reports_the_frames_decoded(pipeline):
+    """decode_progress sees the composite and the layers decode, a few frames at a time, and all of them."""
+    reports = []
+    pipeline(
+        picture(), "a poster", DecomposeOptions(layer_count=5, steps=1), decode_progress=lambda *r: reports.append(r)
+    )
+    assert reports == [(4, 6), (6, 6)]
+
+
 def test_layers_at_input_size(pipeline):
     result = pipeline(picture(123, 77), "x", DecomposeOptions(layer_count=2, steps=1, keep_input_size=True))
     assert result.layer_images.shape == (2, 4, 77, 123) and result.composite.shape == (4, 77, 123)
@@ -91,7 +100,7 @@ class HalvesPipeline(LayeredPipeline):
         super().__init__(None, None, None)
         self.seen = []
 
-    def __call__(self, image, prompt=None, options=None, callback=None, prompt_embeddings=None):
+    def __call__(self, image, prompt=None, options=None, callback=None, prompt_embeddings=None, decode_progress=None):
         self.seen.append((image.size, options.layer_count, options.keep_input_size))
         rgba = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
         left, right = rgba.clone(), rgba.clone()

@@ -187,6 +187,18 @@ def test_names_longer_than_photoshop_allows_are_cut(tmp_path):
     assert names == ["ü" * 255, "Ä" * 255]
 
 
+def test_save_reports_each_layer_encoded_then_the_file_written(tree, tmp_path):
+    """progress(done, total): one report per pixel layer (the input's too, not the groups), counting up while
+    the file is not there yet, and the last, done == total, once it is."""
+    path = tmp_path / "tree.psd"
+    reports = []
+    save_psd(tree, path, input_image=composite(tree), progress=lambda *report: reports.append((*report, path.exists())))
+    pixel_layers = sum(1 for layer in PSDImage.open(path).descendants() if not layer.is_group())
+    assert pixel_layers == len(tree.leaves()) + 1
+    total = pixel_layers + 1
+    assert reports == [(done, total, False) for done in range(1, total)] + [(total, total, True)]
+
+
 def test_a_failed_save_leaves_nothing_half_written(tree, tmp_path, monkeypatch):
     target = tmp_path / "out.psd"
     target.write_bytes(b"the previous version")

@@ -150,6 +150,12 @@ def test_decode_frames_defaults_to_four_at_a_time():
     assert chunks == [4, 4, 1]
 
 
+def test_decode_frames_reports_the_frames_decoded_after_each_chunk():
+    reports = []
+    decode_frames(lambda chunk: chunk, torch.zeros(9, 16, 2, 2), 4, progress=lambda *report: reports.append(report))
+    assert reports == [(4, 9), (8, 9), (9, 9)]
+
+
 @pytest.mark.parametrize("frames_per_batch", [0, -1, 2.0, True])
 def test_decode_frames_refuses_a_bad_chunk_size(frames_per_batch):
     with pytest.raises(ValueError, match=r"frames_per_batch must be a positive int, got"):

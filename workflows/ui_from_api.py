@@ -39,12 +39,15 @@ WIDGET_TEXT_PADDING = 90  # a number or combo widget: 2 x 15 margin, 5 + 20 padd
 TEXTAREA_HEIGHT = 80  # a multiline STRING (a DOM textarea, at least 50 px); more room to read a prompt
 PREVIEW_HEIGHT = 220  # the image preview widget's minimum height
 RUN_TEXT_HEIGHT = 80  # the read-only text (a textarea) some of this pack's nodes show after a run
-# Nodes that show text on the node after a run: this pack's (the caption, the prompt used, the file names)
-# and core's Get Image Size (the size it measured, sent as progress text).
+# Nodes that show text on the node after a run: this pack's (the caption, the prompt used, the file names, the
+# file saved, the layer tree, the recompose PSNR) and core's Get Image Size (the size it measured, sent as progress
+# text).
 SHOWS_TEXT_AFTER_RUN = {
     "QwenLayeredCaption",
     "QwenLayeredImageToLayers",
     "QwenLayeredLoadImageFolder",
+    "QwenLayeredSavePSD",
+    "QwenLayeredSaveLayerPNGs",
     "QwenLayeredSelectLayer",
     "QwenLayeredLoadLayeredPSD",
     "QwenLayeredRecomposePSNR",

@@ -1,8 +1,8 @@
 // Shows on the node the text it sent with its results (the `text` of its "executed" message, which
 // ComfyUI's ui.PreviewText fills): the auto-caption, the prompt Image to Layers used, the files Load Image
-// Folder skipped, the layer tree Select Layer and Load Layered PSD read (with what the PSD reader warned of),
-// the recompose PSNR. The text sits in a read-only box the user can select and copy; it is neither saved in the
-// workflow nor sent with the prompt.
+// Folder skipped, the file a save node wrote, the layer tree Select Layer and Load Layered PSD read (with what the
+// PSD reader warned of), the recompose PSNR. The text sits in a read-only box the user can select and copy; it is
+// neither saved in the workflow nor sent with the prompt.
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
@@ -10,6 +10,8 @@ const NODES_WITH_TEXT = new Set([
   "QwenLayeredCaption",
   "QwenLayeredImageToLayers",
   "QwenLayeredLoadImageFolder",
+  "QwenLayeredSavePSD",
+  "QwenLayeredSaveLayerPNGs",
   "QwenLayeredSelectLayer",
   "QwenLayeredLoadLayeredPSD",
   "QwenLayeredRecomposePSNR",
