@@ -38,7 +38,7 @@ class RecomposePSNR(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, stack, mask=None) -> io.NodeOutput:
-        picture = single_image(image, mask, "Recompose PSNR")
+        picture = single_image(image, "Recompose PSNR", mask)
         resized = ""
         if picture.size != stack.size:
             resized = f" (the image resized from {picture.width}x{picture.height})"
