@@ -19,7 +19,7 @@ from comfy_api.latest import io, ui
 from ..layered_core.export import save_png_zip
 from ..layered_core.image import ImageError, find_image_files, image_to_bchw, open_image_with_alpha
 from ..layered_core.layer_files import LAYER_FILE_SUFFIXES, load_layer_file
-from ..layered_core.layers import LayerStack, composite, rgba_to_bhwc, stack_to_bhwc
+from ..layered_core.layers import LayerStack, composite, rgba_to_bhwc
 from ..layered_core.psd import save_psd
 from ..layered_core.psd_read import PSDReadWarning
 from .common import CATEGORY, PREFIX, STACK_TOOLTIP, LayerStackType, progress_reporter
@@ -178,8 +178,9 @@ class LoadLayeredPSD(io.ComfyNode):
                 )
             ],
             outputs=[
+                # no batch of every layer on the canvas: a designer's PSD of many large layers would not fit in
+                # memory as float32 images; Select Layer takes out the ones wanted
                 LayerStackType.Output(display_name="stack", tooltip=STACK_TOOLTIP),
-                io.Image.Output(display_name="layers", tooltip="the top-level layers on the canvas, [N, H, W, 4]"),
                 io.Image.Output(display_name="composite", tooltip="the picture the layers make, [1, H, W, 4]"),
             ],
         )
@@ -207,7 +208,7 @@ class LoadLayeredPSD(io.ComfyNode):
             stack = load_layer_file(_layer_file(file))
         notes = [str(item.message).split(": ", 1)[-1] for item in caught if issubclass(item.category, PSDReadWarning)]
         text = "\n".join([stack.describe(), *notes])
-        return io.NodeOutput(stack, stack_to_bhwc(stack), rgba_to_bhwc(composite(stack)), ui=ui.PreviewText(text))
+        return io.NodeOutput(stack, rgba_to_bhwc(composite(stack)), ui=ui.PreviewText(text))
 
 
 class LoadImageFolder(io.ComfyNode):
