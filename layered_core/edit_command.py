@@ -176,16 +176,15 @@ def _merge(flag: str, text: str) -> Operation:
 
 def _replace(flag: str, text: str) -> Operation:
     layer, value = _split(flag, text)
-    file, at, where = value.rpartition("@") if "@" in value else (value, "", "")
+    file, at, where = value.rpartition("@")
     placement, position = "layer box", (0, 0)
     if at and where == "fit":
         placement = "fit layer box"
-    elif at:
-        parts = where.split(",")
-        if len(parts) != 2:
-            raise EditUsageError(f"{flag} {text}: expected IMAGE@X,Y or IMAGE@fit after the layer, got {value!r}")
-        position = tuple(_integer(flag, text, part, "the position") for part in parts)
+    elif at and re.fullmatch(r"[+-]?\d+,[+-]?\d+", where):
+        position = tuple(int(part) for part in where.split(","))
         placement = "x, y"
+    else:  # no placement: an '@' is part of the file's name (icon@2x.png)
+        file = value
     path_of_image = Path(file)
     if not path_of_image.is_file():
         raise EditUsageError(f"{flag} {text}: no such image file {file!r}")
@@ -270,26 +269,27 @@ def add_edit_parser(sub) -> None:
 
 
 def plan_edit(args) -> list[Operation]:
-    """Every operation parsed and the input and output checked, before the file is read."""
+    """Every operation parsed and the input and output checked, before the file is read. A layer counted from
+    the top takes the FLAG=VALUE form (``--flip=-1:h``): argparse reads a value that starts with '-' as a flag."""
     source = Path(args.input)
     if source.suffix.lower() not in LAYER_FILE_SUFFIXES:
         raise EditUsageError(f"{source}: expected a layered file ending in {', '.join(LAYER_FILE_SUFFIXES)}")
     if not source.is_file():
         raise EditUsageError(f"{source}: no such file")
     operations = [OPERATIONS[flag][0](flag, text) for flag, text in args.operations]
-    if args.list:
-        return operations
-    if not operations:
-        raise EditUsageError("no edit given: add an operation such as --move 2:+10,0, or --list to see the layers")
-    if not args.out:
-        raise EditUsageError("--out is required: where to write the edited layers (.psd or .zip)")
-    out = Path(args.out)
-    if out.suffix.lower() not in LAYER_FILE_SUFFIXES:
-        raise EditUsageError(f"--out {out}: expected a file ending in {', '.join(LAYER_FILE_SUFFIXES)}")
-    if out.exists() and not args.overwrite:
-        raise EditUsageError(f"--out {out} exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_file():
-        raise EditUsageError(f"--out {out} is not a file")
+    if not args.list:
+        if not operations:
+            raise EditUsageError("no edit given: add an operation such as --move 2:+10,0, or --list to see the layers")
+        if not args.out:
+            raise EditUsageError("--out is required: where to write the edited layers (.psd or .zip)")
+    if args.out:
+        out = Path(args.out)
+        if out.suffix.lower() not in LAYER_FILE_SUFFIXES:
+            raise EditUsageError(f"--out {out}: expected a file ending in {', '.join(LAYER_FILE_SUFFIXES)}")
+        if out.exists() and not out.is_file():
+            raise EditUsageError(f"--out {out} is not a file")
+        if out.exists() and not args.overwrite:
+            raise EditUsageError(f"--out {out} exists; pass --overwrite to replace it")
     return operations
 
 

@@ -295,7 +295,12 @@ def remove(stack: LayerStack, path: LayerPath) -> LayerStack:
     resolved = stack.resolve(path)
     parent, index = resolved[:-1], resolved[-1]
     siblings = stack.siblings(parent)
-    return stack.with_siblings(parent, siblings[:index] + siblings[index + 1 :])
+    kept = siblings[:index] + siblings[index + 1 :]
+    if parent and not kept:
+        # a split layer draws its sub-layers; with the last one gone it draws nothing, not its old pixels
+        emptied = stack.get(parent).replace(pixels=np.zeros((0, 0, 4), np.uint8), children=())
+        return stack.with_layer(parent, emptied)
+    return stack.with_siblings(parent, kept)
 
 
 def replace_pixels(
@@ -329,7 +334,10 @@ def move_to(stack: LayerStack, path: LayerPath, position: int) -> LayerStack:
     parent, index = resolved[:-1], resolved[-1]
     count = len(stack.siblings(parent))
     if not -count <= position < count:
-        raise ValueError(f"reorder: position {position} is out of range, there are {count} layers at that level")
+        raise ValueError(
+            f"reorder: there are {count} layers at that level, so the new place is 1 (bottom) to {count} (top) "
+            f"or -1 (top) to -{count}"
+        )
     order = [item for item in range(count) if item != index]
     order.insert(position % count, index)
     return reorder(stack, order, parent=parent)
@@ -418,7 +426,7 @@ def merge(stack: LayerStack, path: LayerPath, count: int = 2, *, name: str | Non
     siblings = stack.siblings(parent)
     if count < 2 or first + count > len(siblings):
         raise ValueError(
-            f"merge: needs 2 or more layers from index {first} upwards, got count={count} "
+            f"merge: needs 2 or more layers from {siblings[first].name!r} upwards, got count={count} "
             f"with {len(siblings) - first} layers from there to the top"
         )
     group = siblings[first : first + count]

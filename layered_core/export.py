@@ -148,5 +148,7 @@ def load_png_zip(path: str | os.PathLike) -> LayerStack:
 
             canvas = manifest["canvas"]
             return LayerStack(canvas["width"], canvas["height"], build(manifest["layers"]))
-    except (KeyError, TypeError, json.JSONDecodeError, zipfile.BadZipFile) as error:
+    except ExportError:
+        raise
+    except (KeyError, TypeError, ValueError, zipfile.BadZipFile) as error:  # ValueError: JSON and field values
         raise ExportError(f"{path}: not a layer ZIP written by save_png_zip ({error})") from error

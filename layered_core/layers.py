@@ -60,6 +60,9 @@ def parse_layer_path(text: str, stack: LayerStack | None = None) -> tuple[int, .
     if stack is not None:
         siblings, where = stack.layers, "the stack has"
         for depth, index in enumerate(path):
+            if depth and not siblings:
+                parent = "/".join(str(n) for n in numbers[:depth])
+                raise ValueError(f"layer {text!r} does not exist: layer {parent} is not split (it has no sub-layers)")
             if not -len(siblings) <= index < len(siblings):
                 raise ValueError(
                     f"layer {text!r} does not exist: {where} {len(siblings)} layers "

@@ -149,7 +149,9 @@ def _layer_files() -> list[str]:
     return sorted(path.relative_to(root).as_posix() for path in found)
 
 
-def _layer_file(name: str) -> Path:
+def _layer_file(name: str | None) -> Path:
+    if not name:
+        raise ValueError("no layered file chosen: put a .psd (or this pack's .zip) in ComfyUI's input folder")
     root, path = _input_folder(name)
     if not path.is_file():
         raise ValueError(f"{name!r}: no such file in the input directory {root}")

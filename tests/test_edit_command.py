@@ -104,7 +104,7 @@ def test_every_other_operation_and_a_zip_out(poster, tmp_path, capsys):
         (["--move", "2"], "expected LAYER:VALUE, such as 3:+20,-10"),
         (["--flip", "2:d"], "expected LAYER:h, LAYER:v or LAYER:hv"),
         (["--replace", "2:missing.png"], "no such image file 'missing.png'"),
-        (["--merge", "6:2"], "needs 2 or more layers from index 5"),
+        (["--merge", "6:2"], "needs 2 or more layers from 'text 4' upwards"),
         (["--reorder", "2:0"], "positions count from 1"),
         ([], "no edit given"),
     ],
@@ -133,3 +133,21 @@ def test_the_output_is_never_overwritten_without_asking_and_bad_files_are_named(
     assert "broken.psd" in capsys.readouterr().err
     assert main(["edit", str(tmp_path / "none.psd"), "--list"]) == 2
     assert "none.psd: no such file" in capsys.readouterr().err
+
+
+def test_list_with_an_edit_still_guards_the_output_and_names_with_at_signs_are_files(poster, tmp_path, capsys):
+    out = tmp_path / "out.psd"
+    out.write_bytes(b"earlier work")
+    assert main(["edit", str(poster), "--list", "--remove", "2", "--out", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"earlier work"
+    icon = tmp_path / "icon@2x.png"
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(icon)
+    assert main(["edit", str(poster), f"--replace=2:{icon}@fit", "--flip=-1:h", "--out", str(tmp_path / "b.psd")]) == 0
+
+
+def test_removing_the_last_sub_layer_leaves_a_layer_that_draws_nothing(poster):
+    stack = load_psd(poster)
+    once = edits.remove(stack, (4, 1))
+    twice = edits.remove(once, (4, 0))
+    assert not twice[4].children and twice[4].pixels.shape == (0, 0, 4)
+    assert np.array_equal(composite(twice), composite(edits.remove(stack, 4)))

@@ -171,7 +171,7 @@ def test_move_to_reorders_one_layer(design):
     top = edits.move_to(design, 1, -1)
     assert [layer.name for layer in top] == [design[i].name for i in (0, 2, 3, 4, 5, 1)]
     assert edits.move_to(design, 5, 0)[0] is design[5]
-    with pytest.raises(ValueError, match="position 6 is out of range, there are 6 layers"):
+    with pytest.raises(ValueError, match="there are 6 layers at that level, so the new place is 1 \(bottom\) to 6"):
         edits.move_to(design, 1, 6)
 
 
@@ -310,7 +310,7 @@ def test_merge_keeps_the_composite(design):
     assert len(merged) == 4 and merged[1].name == "middle" and not merged[1].is_split
     difference = np.abs(composite(merged).astype(int) - composite(design).astype(int))
     assert difference.max() <= 1
-    with pytest.raises(ValueError, match="needs 2 or more layers from index 4"):
+    with pytest.raises(ValueError, match="needs 2 or more layers from 'soft 4' upwards"):
         edits.merge(design, 4, count=3)
 
 

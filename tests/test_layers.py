@@ -229,6 +229,8 @@ def test_layer_paths_are_numbered_from_one_at_the_bottom_as_people_count():
         parse_layer_path("4", stack)
     with pytest.raises(ValueError, match="layer '2/2' does not exist: layer 2 has 1 layers"):
         parse_layer_path("2/2", stack)
+    with pytest.raises(ValueError, match="layer '1/1' does not exist: layer 1 is not split"):
+        parse_layer_path("1/1", stack)
 
 
 def test_a_hidden_group_draws_nothing_and_a_translucent_one_mixes_with_what_is_below():
