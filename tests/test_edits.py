@@ -171,7 +171,7 @@ def test_move_to_reorders_one_layer(design):
     top = edits.move_to(design, 1, -1)
     assert [layer.name for layer in top] == [design[i].name for i in (0, 2, 3, 4, 5, 1)]
     assert edits.move_to(design, 5, 0)[0] is design[5]
-    with pytest.raises(ValueError, match="there are 6 layers at that level, so the new place is 1 \(bottom\) to 6"):
+    with pytest.raises(ValueError, match=r"there are 6 layers at that level, so the new place is 1 \(bottom\) to 6"):
         edits.move_to(design, 1, 6)
 
 
