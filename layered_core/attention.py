@@ -90,13 +90,9 @@ def _enable_flash4_disk_cache() -> None:
     folder cannot be made. FA4 reads the switch when first imported, so this runs before that import."""
     if "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED" in os.environ:
         return
-    folder = os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR") or cache_folder("flash-attention-cute")
+    folder = cache_folder("flash-attention-cute", os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"))
     if folder is None:
         return  # no writable cache folder: FA4 compiles in every process, as it does by default
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:
-        return
     os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] = folder
     os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"
 

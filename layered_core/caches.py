@@ -6,10 +6,14 @@ from __future__ import annotations
 import os
 
 
-def cache_folder(name: str) -> str | None:
-    """``~/.cache/qwen-layered/<name>`` made if needed, or None where it cannot be made."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    folder = os.path.join(root, "qwen-layered", name)
+def cache_folder(name: str, chosen: str | None = None) -> str | None:
+    """``~/.cache/qwen-layered/<name>`` (or the folder the user ``chosen``) made if needed, or None where it
+    cannot be made."""
+    if chosen:
+        folder = chosen
+    else:
+        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        folder = os.path.join(root, "qwen-layered", name)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError:

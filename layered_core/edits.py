@@ -80,6 +80,18 @@ def _check_finite(what: str, **values: float) -> None:
             raise ValueError(f"{what}: {name} must be a finite number, got {value!r}")
 
 
+def _check_recolor(hue_shift, saturation, tint, tint_strength, lightness) -> None:
+    _check_finite("recolour", hue_shift=hue_shift, saturation=saturation, lightness=lightness)
+    if saturation < 0:
+        raise ValueError(f"recolour: saturation must be >= 0 (a scale factor), got {saturation}")
+    if not -1 <= lightness <= 1:
+        raise ValueError(f"recolour: lightness must be in -1..1 (added to HSL lightness), got {lightness}")
+    if not 0 <= tint_strength <= 1:
+        raise ValueError(f"recolour: tint_strength must be in 0..1, got {tint_strength}")
+    if tint is not None and (len(tint) != 3 or not all(0 <= int(c) <= 255 for c in tint)):
+        raise ValueError(f"recolour: tint must be three 0..255 sRGB values, got {tint!r}")
+
+
 def recolor_pixels(
     pixels: np.ndarray,
     hue_shift: float = 0.0,
@@ -96,15 +108,7 @@ def recolor_pixels(
     that flat colour, its shape and soft edges kept by the untouched alpha).
     """
     pixels = as_rgba(pixels)
-    _check_finite("recolour", hue_shift=hue_shift, saturation=saturation, lightness=lightness)
-    if saturation < 0:
-        raise ValueError(f"recolour: saturation must be >= 0 (a scale factor), got {saturation}")
-    if not -1 <= lightness <= 1:
-        raise ValueError(f"recolour: lightness must be in -1..1 (added to HSL lightness), got {lightness}")
-    if not 0 <= tint_strength <= 1:
-        raise ValueError(f"recolour: tint_strength must be in 0..1, got {tint_strength}")
-    if tint is not None and (len(tint) != 3 or not all(0 <= int(c) <= 255 for c in tint)):
-        raise ValueError(f"recolour: tint must be three 0..255 sRGB values, got {tint!r}")
+    _check_recolor(hue_shift, saturation, tint, tint_strength, lightness)
     rgb = pixels[..., :3].astype(np.float64) / 255
     if hue_shift % 360 != 0 or saturation != 1 or lightness != 0:
         hue, sat, light = _rgb_to_hsl(rgb)
@@ -129,8 +133,7 @@ def recolor(
 ) -> LayerStack:
     """Recolour the layer at ``path`` (and its sub-layers); see :func:`recolor_pixels` for the parameters."""
     layer = stack.get(path)
-    # Checked here too, so that a do-nothing edit with a bad value is refused as well.
-    recolor_pixels(np.zeros((1, 1, 4), np.uint8), hue_shift, saturation, tint, tint_strength, lightness)
+    _check_recolor(hue_shift, saturation, tint, tint_strength, lightness)  # a do-nothing edit is checked too
     if hue_shift % 360 == 0 and saturation == 1 and lightness == 0 and (tint is None or tint_strength == 0):
         return stack  # nothing to do; skipping keeps the pixels exact rather than round-tripped through HSL
 

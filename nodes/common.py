@@ -78,11 +78,7 @@ def mask_input():
 def single_image(image: torch.Tensor, node: str, mask: torch.Tensor | None = None):
     """One IMAGE as a straight-RGBA PIL image, its alpha ``1 - mask`` where a MASK comes with it (see
     :func:`with_mask_alpha`); a batch is refused rather than cut to its first image."""
-    if image.shape[0] != 1:
-        raise ValueError(f"{node} takes one image at a time, got a batch of {image.shape[0]}")
-    if mask is not None:
-        image = with_mask_alpha(image, mask, node)
-    return rgba_to_pil(rgba_from_bhwc(image))
+    return rgba_to_pil(rgba_from_image_and_mask(image, mask, node)[0])
 
 
 def with_mask_alpha(image: torch.Tensor, mask: torch.Tensor, node: str) -> torch.Tensor:
@@ -109,8 +105,8 @@ def with_mask_alpha(image: torch.Tensor, mask: torch.Tensor, node: str) -> torch
 def rgba_from_image_and_mask(image: torch.Tensor, mask: torch.Tensor | None, node: str) -> tuple[np.ndarray, bool]:
     """One IMAGE (+ an optional MASK in core's convention, 1 = transparent, as :func:`with_mask_alpha` takes it)
     as uint8 straight RGBA, and whether it carries transparency (a MASK, or an IMAGE with 4 channels)."""
-    if image.ndim != 4 or image.shape[0] != 1:
-        raise ValueError(f"{node} takes one image at a time, got an IMAGE of shape {tuple(image.shape)}")
+    if image.shape[0] != 1:
+        raise ValueError(f"{node} takes one image at a time, got a batch of {image.shape[0]}")
     if mask is not None:
         image = with_mask_alpha(image, mask, node)
     return rgba_from_bhwc(image), image.shape[-1] == 4

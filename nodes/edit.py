@@ -57,8 +57,9 @@ def _schema(
     )
 
 
-def _checked(node: str, edit, *args, **kwargs) -> LayerStack:
-    """Run one edit; its ValueError (a layer that does not exist, a bad value) is re-raised naming the node."""
+def _checked(node: str, edit, *args, **kwargs):
+    """Run one edit (or the layer lookup); its ValueError (a layer that does not exist, a bad value) is re-raised
+    naming the node."""
     try:
         return edit(*args, **kwargs)
     except ValueError as error:
@@ -66,11 +67,7 @@ def _checked(node: str, edit, *args, **kwargs) -> LayerStack:
 
 
 def _path(node: str, stack: LayerStack, layer: str) -> tuple[int, ...]:
-    try:
-        path = parse_layer_path(layer, stack)
-    except ValueError as error:
-        raise ValueError(f"{node}: {error}") from None
-    return path
+    return _checked(node, parse_layer_path, layer, stack)
 
 
 def _rgb_and_mask(pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
