@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.measure import timed
+from layered_core.compositing import composite, render_layer
 from layered_core.export import save_png_zip
-from layered_core.layers import Layer, LayerStack, composite, render_layer
+from layered_core.layers import Layer, LayerStack
 from layered_core.psd import save_psd
 from layered_core.synthetic import synthetic_design
 

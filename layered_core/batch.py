@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write
+from .compositing import render_layer
 from .export import save_png_zip
 from .image import ImageError, bucket_size, find_image_files, open_image, resize_rgba
-from .layers import LayerStack, render_layer, rgba_to_pil
+from .layers import LayerStack, rgba_to_pil
 from .pipeline import DecomposeOptions, LayeredPipeline, is_blank_prompt
 from .progress import Progress, duration
 from .psd import save_psd

@@ -14,16 +14,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .layers import (
-    Layer,
-    LayerPath,
-    LayerStack,
-    as_rgba,
-    crop_to_alpha,
-    render,
-    shift_layer,
-    union_boxes,
-)
+from .compositing import render
+from .layers import Layer, LayerPath, LayerStack, as_rgba, crop_to_alpha, shift_layer, union_boxes
 
 RESAMPLE_FILTERS = {
     "nearest": Image.Resampling.NEAREST,

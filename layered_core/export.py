@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 from .atomic import atomic_write
-from .layers import Layer, LayerStack, as_rgba, composite, crop_to_alpha, rgba_from_pil, rgba_to_pil
+from .compositing import composite
+from .layers import Layer, LayerStack, as_rgba, crop_to_alpha, rgba_from_pil, rgba_to_pil
 
 MANIFEST_FORMAT = "layered-core/png-zip"
 MANIFEST_VERSION = 1

@@ -22,7 +22,7 @@ Flattening a group and merging two layers composite as LayerD does, with PIL's `
 (:func:`layerd_composite`): 8-bit integer steps rounded after each layer, and where the upper pixel's alpha is
 0 the lower pixel is kept whole, colour under alpha 0 included. That colour counts, because RGB L1 reads the
 prediction's colour wherever the ground truth is visible, transparent prediction pixels too; decoded layers
-carry colour under alpha 0. The pack's display compositing (:func:`~layered_core.layers.composite`: float,
+carry colour under alpha 0. The pack's display compositing (:func:`~layered_core.compositing.composite`: float,
 rounded once, colour 0 where nothing is drawn) is a different job and is not used here.
 """
 
@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .layers import LayerStack, as_rgba, composite_premultiplied, render_layer, rgba_from_pil
+from .compositing import composite_premultiplied, render_layer
+from .layers import LayerStack, as_rgba, rgba_from_pil
 
 # Fidelity ------------------------------------------------------------------------------------------------
 
@@ -92,7 +93,7 @@ def layerd_composite(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
 
     Where ``upper``'s alpha is 0 the ``lower`` pixel is kept as it is, colour under alpha 0 included; elsewhere
     the result is rounded to 8 bits, so a chain of layers rounds after each one. Not the pack's display
-    compositing (:func:`~layered_core.layers.composite`).
+    compositing (:func:`~layered_core.compositing.composite`).
     """
     lower = as_rgba(lower, "LayerD compositing: the lower layer")
     upper = as_rgba(upper, "LayerD compositing: the upper layer")

@@ -4,7 +4,7 @@ Each layer is written cut to its alpha box at its offset, RLE-compressed, with i
 layer becomes a group of its sub-layers (nested for deeper trees); the input image can ride along as a
 hidden bottom layer. The document is assembled from psd-tools' low-level records rather than through
 ``PSDImage``: saving a ``PSDImage`` re-renders the flattened preview with psd-tools' compositor, which takes
-seconds on large canvases, while here the preview is our own :func:`~layered_core.layers.composite` and the
+seconds on large canvases, while here the preview is our own :func:`~layered_core.compositing.composite` and the
 channel data goes straight to psd-tools' compiled RLE codec.
 """
 
@@ -38,8 +38,9 @@ from psd_tools.psd.layer_and_mask import (
 )
 
 from .atomic import atomic_write
+from .compositing import composite_planes_over_white
 from .export import ExportError, check_input_image
-from .layers import Layer, LayerStack, composite_planes_over_white, crop_to_alpha
+from .layers import Layer, LayerStack, crop_to_alpha
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ from psd_tools import PSDImage
 from psd_tools.api.layers import AdjustmentLayer, FillLayer, ShapeLayer, SmartObjectLayer, TypeLayer
 from psd_tools.constants import BlendMode, ColorMode
 
+from .compositing import render
 from .export import ExportError
-from .layers import Layer, LayerStack, format_layer_path, render, rgba_from_pil, union_boxes
+from .layers import Layer, LayerStack, format_layer_path, rgba_from_pil, union_boxes
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ import torch
 from psd_tools import PSDImage
 
 from .checkpoints import load_mmdit, load_vae, save_mmdit, save_vae
-from .layers import composite, rgba_to_pil
+from .compositing import composite
+from .layers import rgba_to_pil
 from .pipeline import DecomposeOptions, LayeredPipeline
 from .psd import save_psd
 from .synthetic import synthetic_design

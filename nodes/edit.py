@@ -16,14 +16,9 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..layered_core import edits
+from ..layered_core.compositing import composite, render, render_layer
 from ..layered_core.edits import RESAMPLE_FILTERS
-from ..layered_core.layers import (
-    LayerStack,
-    composite,
-    parse_layer_path,
-    render,
-    render_layer,
-)
+from ..layered_core.layers import LayerStack, parse_layer_path
 from .common import CATEGORY, PREFIX, STACK_TOOLTIP, LayerStackType, rgba_from_image_and_mask
 
 LAYER_TOOLTIP = "which layer: 1 = the bottom one, -1 = the top one; '3/1' = the bottom sub-layer of split layer 3"

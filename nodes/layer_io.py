@@ -16,10 +16,11 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ..layered_core.compositing import composite
 from ..layered_core.export import save_png_zip
 from ..layered_core.image import ImageError, find_image_files, image_to_bchw, open_image_with_alpha
 from ..layered_core.layer_files import LAYER_FILE_SUFFIXES, load_layer_file
-from ..layered_core.layers import LayerStack, composite, rgba_to_bhwc
+from ..layered_core.layers import LayerStack, rgba_to_bhwc
 from ..layered_core.psd import save_psd
 from ..layered_core.psd_read import PSDReadWarning
 from .common import CATEGORY, PREFIX, STACK_TOOLTIP, LayerStackType, progress_reporter

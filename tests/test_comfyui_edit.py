@@ -18,8 +18,9 @@ from psd_tools.api.layers import Group, PixelLayer
 from psd_tools.constants import Tag
 
 from layered_core import edits
+from layered_core.compositing import composite
 from layered_core.export import load_png_zip
-from layered_core.layers import attach_split, composite
+from layered_core.layers import attach_split
 from layered_core.psd import save_psd
 from layered_core.psd_read import load_psd
 from layered_core.synthetic import synthetic_design

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from layered_core import edits
-from layered_core.layers import Layer, LayerStack, attach_split, composite, union_boxes
+from layered_core.compositing import composite
+from layered_core.layers import Layer, LayerStack, attach_split, union_boxes
 from layered_core.psd import save_psd
 from layered_core.psd_read import load_psd
 from layered_core.synthetic import synthetic_design

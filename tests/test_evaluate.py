@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from layered_core.cli import main
+from layered_core.compositing import composite, render_layer
 from layered_core.evaluate import EvaluationError, evaluate, find_samples, read_sample
 from layered_core.export import save_png_zip
-from layered_core.layers import Layer, LayerStack, composite, render_layer
+from layered_core.layers import Layer, LayerStack
 from layered_core.metrics import group_non_overlapping
 from layered_core.psd import save_psd
 from layered_core.synthetic import synthetic_design

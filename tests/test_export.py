@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from layered_core.compositing import composite
 from layered_core.export import ExportError, load_png_zip, save_png_zip
-from layered_core.layers import composite, crop_to_alpha
+from layered_core.layers import crop_to_alpha
 
 
 def test_png_zip_round_trip(tree, tmp_path):

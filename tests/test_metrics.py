@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from layered_core import edits, metrics
-from layered_core.layers import Layer, LayerStack, composite, render, render_layer
+from layered_core.compositing import composite, render, render_layer
+from layered_core.layers import Layer, LayerStack
 from layered_core.metrics import (
     LayerDMean,
     LayerDScore,

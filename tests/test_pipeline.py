@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from layered_core.layers import LayerStack, composite, render_layer
+from layered_core.compositing import composite, render_layer
+from layered_core.layers import LayerStack
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT
 from layered_core.pipeline import DecomposeOptions, Decomposition, LayeredPipeline
 from layered_core.vae import RGBAVAE, VAEConfig

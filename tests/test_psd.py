@@ -11,8 +11,9 @@ from psd_tools.constants import Compression
 from psd_tools.psd import PSD
 
 from layered_core import edits
+from layered_core.compositing import composite
 from layered_core.export import ExportError
-from layered_core.layers import Layer, LayerStack, composite, crop_to_alpha
+from layered_core.layers import Layer, LayerStack, crop_to_alpha
 from layered_core.psd import PSD_MAX_LAYERS, _even_length, save_psd
 from layered_core.synthetic import synthetic_design
 

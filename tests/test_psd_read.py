@@ -11,9 +11,10 @@ from psd_tools.api.layers import Group, PixelLayer
 from psd_tools.constants import BlendMode, Tag
 from psd_tools.psd.tagged_blocks import TaggedBlock
 
+from layered_core.compositing import composite
 from layered_core.export import ExportError
 from layered_core.layer_files import load_layer_file, save_layer_file
-from layered_core.layers import Layer, LayerStack, composite, crop_to_alpha
+from layered_core.layers import Layer, LayerStack, crop_to_alpha
 from layered_core.psd import save_psd
 from layered_core.psd_read import PSDReadWarning, load_psd
 

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # layered_core, beside this folder
 
 from layered_core import edits  # noqa: E402
-from layered_core.layers import composite, render, render_layer  # noqa: E402
+from layered_core.compositing import composite, render, render_layer  # noqa: E402
 from layered_core.synthetic import synthetic_design  # noqa: E402
 
 SIZE = 320  # the dialog shows a square card, at most 256 px high, with a "Node graph" badge over its top left
