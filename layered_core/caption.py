@@ -148,7 +148,8 @@ class GreedyDecoder:
 
     def step_graph_for(self, device: torch.device) -> str:
         """How a step runs on ``device``: ``step_graph``, or by default "whole" where CUDA graphs are captured and
-        "pieces" elsewhere (eagerly the two cost alike, and the pieces round as generate does)."""
+        "pieces" elsewhere (without CUDA graphs both run the same host code per layer, and the pieces round as
+        generate does)."""
         if self.step_graph is not None:
             return self.step_graph
         return "whole" if device.type == "cuda" and self.cuda_graph else "pieces"
