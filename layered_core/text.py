@@ -124,7 +124,7 @@ class PromptEncoder:
     ``image_processor`` and use ``caption_tokenizer`` (both from ``processor/``; the tokenizer falls
     back to ``tokenizer``). From a transformers processor, pass its ``image_processor`` and ``tokenizer``.
     ``fast_caption`` False captions through transformers' ``generate`` instead of the greedy decoder of
-    ``caption.py`` (the same tokens, slower).
+    ``caption.py`` (slower; the same tokens, but in bf16 on CUDA, where the decoder's attention rounds otherwise).
     """
 
     model: Any  # transformers.Qwen2_5_VLForConditionalGeneration
@@ -237,8 +237,9 @@ class PromptEncoder:
     @torch.inference_mode()
     def caption_tokens(self, inputs: dict[str, torch.Tensor], generation_config) -> torch.Tensor:
         """The new tokens (1-D, on the CPU) of ``model.generate(**inputs, generation_config=generation_config)``
-        after the prompt, end token included where one was reached: through the greedy decoder where it gives
-        exactly generate's tokens, else through generate, saying why in the log."""
+        after the prompt, end token included where one was reached: through the greedy decoder where it computes
+        generate's step (its tokens are generate's but for bf16 rounding on CUDA, see ``caption.py``), else through
+        generate, saying why in the log."""
         try:
             if not self.fast_caption:
                 raise FastPathUnavailable("fast_caption is off")

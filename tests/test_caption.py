@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -14,14 +15,23 @@ from PIL import Image
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from layered_core import caption
-from layered_core.caption import (
-    FastPathUnavailable,
-    GreedyDecoder,
+from layered_core.caption import STEP_GRAPHS, GreedyDecoder
+from layered_core.caption_settings import FastPathUnavailable, greedy_settings
+from layered_core.caption_step import (
+    LayerShape,
     LayerWeights,
-    greedy_settings,
+    StepWeights,
+    attend,
+    attention_bias,
+    attention_inputs,
+    decode_hidden,
+    grouped_attention,
+    head_scores,
+    layer_output,
     penalize,
     rms_norm,
     select_next,
+    whole_step,
 )
 from layered_core.text import PromptEncoder
 from layered_core.tiny_models import tiny_text_encoder_set
@@ -33,6 +43,14 @@ FALLBACK = "captioning through transformers' generate"
 def encoder():
     model, tokenizer, image_processor = tiny_text_encoder_set(hidden_size=48, seed=0)
     return PromptEncoder(model, tokenizer, image_processor)
+
+
+@pytest.fixture(params=STEP_GRAPHS)
+def step_graph(request, encoder):
+    """Each step mode in turn, as the decoder the encoder captions with."""
+    encoder._decoder = GreedyDecoder(encoder.model, step_graph=request.param)
+    yield request.param
+    encoder._decoder = None
 
 
 def noise(seed: int, size=(64, 64), mode="RGB") -> Image.Image:
@@ -65,19 +83,32 @@ def assert_fast_path_equals_generate(encoder, inputs, config, caplog) -> torch.T
     ],
     ids=["one-token", "zh-17", "wide-33", "tall-64"],
 )
-def test_tokens_equal_generate_to_the_limit(encoder, caplog, seed, size, mode, language, max_new_tokens):
+def test_tokens_equal_generate_to_the_limit(encoder, step_graph, caplog, seed, size, mode, language, max_new_tokens):
     inputs = encoder.caption_inputs(noise(seed, size, mode), language)
     tokens = assert_fast_path_equals_generate(encoder, inputs, encoder.greedy_config(max_new_tokens), caplog)
     # the random model never picks an end token: every run goes to the limit
     assert len(tokens) == max_new_tokens
-    assert isinstance(encoder._decoder, GreedyDecoder)
+    assert encoder._decoder._buffers.step_graph == step_graph
+
+
+def test_a_prompt_without_an_image_like_generate(encoder, step_graph, caplog):
+    tokens = encoder.tokenizer("a poster with a red title and a cat on a sofa", return_tensors="pt")
+    inputs = {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
+    assert encoder.model.config.image_token_id not in inputs["input_ids"][0].tolist()
+    # after a caption of an image, whose rotary offset the text-only prompt must not inherit
+    assert_fast_path_equals_generate(encoder, encoder.caption_inputs(noise(21)), encoder.greedy_config(8), caplog)
+    config = encoder.greedy_config(24)
+    config.repetition_penalty = 1.3
+    assert len(assert_fast_path_equals_generate(encoder, inputs, config, caplog)) == 24
 
 
 def test_tokens_equal_generate_in_bfloat16(caplog):
-    """The attention is transformers' own call over the same keys, so even bf16 rounding gives generate's tokens.
-    (With the attention over the whole cache behind a mask instead, this model parts from generate on image 15.)"""
+    """In pieces the attention is transformers' own call over the same keys, so even bf16 rounding gives generate's
+    tokens. (The whole step, whose attention covers the whole cache behind a mask in float32, parts from generate
+    on image 15 of this model.)"""
     model, tokenizer, image_processor = tiny_text_encoder_set(hidden_size=64, seed=2)
     encoder = PromptEncoder(model.to(torch.bfloat16), tokenizer, image_processor)
+    encoder._decoder = GreedyDecoder(encoder.model, step_graph="pieces")
     for seed in (14, 15):
         inputs = encoder.caption_inputs(noise(seed, (112, 84)))
         tokens = assert_fast_path_equals_generate(encoder, inputs, encoder.greedy_config(48), caplog)
@@ -85,7 +116,7 @@ def test_tokens_equal_generate_in_bfloat16(caplog):
 
 
 @pytest.mark.parametrize("end_index", [0, 5, 16, 23])
-def test_stops_at_the_first_end_token_like_generate(encoder, caplog, end_index):
+def test_stops_at_the_first_end_token_like_generate(encoder, step_graph, caplog, end_index):
     inputs = encoder.caption_inputs(noise(4))
     free_run = generate_tokens(encoder.model, inputs, encoder.greedy_config(40))
     config = encoder.greedy_config(40)
@@ -99,32 +130,34 @@ def test_stops_at_the_first_end_token_like_generate(encoder, caplog, end_index):
 
 
 @pytest.mark.parametrize("check_every", [1, 4, 7])
-def test_end_token_inside_a_block_of_steps(encoder, check_every):
+@pytest.mark.parametrize("step_graph", STEP_GRAPHS)
+def test_end_token_inside_a_block_of_steps(encoder, check_every, step_graph):
     """Steps run past the end token up to the next look; none of their tokens is returned."""
     inputs = encoder.caption_inputs(noise(5))
     free_run = generate_tokens(encoder.model, inputs, encoder.greedy_config(30))
     config = encoder.greedy_config(30)
     config.eos_token_id = int(free_run[9])
     expected = generate_tokens(encoder.model, inputs, config)
-    decoder = GreedyDecoder(encoder.model, check_every=check_every)
+    decoder = GreedyDecoder(encoder.model, check_every=check_every, step_graph=step_graph)
     tokens = decoder.generate(inputs, greedy_settings(encoder.model, config, inputs))
     assert tokens.tolist() == expected.tolist()
     assert len(tokens) <= 10
 
 
-def test_compiled_step_gives_the_same_tokens(encoder, monkeypatch):
+@pytest.mark.parametrize("step_graph", STEP_GRAPHS)
+def test_compiled_step_gives_the_same_tokens(encoder, monkeypatch, step_graph):
     # aot_eager traces and functionalises the step as inductor would (no graph break allowed), without a C++ build
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     inputs = encoder.caption_inputs(noise(13))
     config = encoder.greedy_config(20)
     config.eos_token_id = int(generate_tokens(encoder.model, inputs, config)[14])
     expected = generate_tokens(encoder.model, inputs, config)
-    decoder = GreedyDecoder(encoder.model, check_every=4, compile_step=True)
+    decoder = GreedyDecoder(encoder.model, check_every=4, compile_step=True, step_graph=step_graph)
     assert decoder.generate(inputs, greedy_settings(encoder.model, config, inputs)).tolist() == expected.tolist()
     assert len(expected) <= 15
 
 
-def test_min_new_tokens_holds_off_the_end_token_like_generate(encoder, caplog):
+def test_min_new_tokens_holds_off_the_end_token_like_generate(encoder, step_graph, caplog):
     inputs = encoder.caption_inputs(noise(6))
     free_run = generate_tokens(encoder.model, inputs, encoder.greedy_config(24))
     config = encoder.greedy_config(24)
@@ -144,7 +177,7 @@ def test_min_new_tokens_holds_off_the_end_token_like_generate(encoder, caplog):
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3, 0.8])
-def test_other_repetition_penalties_like_generate(encoder, caplog, penalty):
+def test_other_repetition_penalties_like_generate(encoder, step_graph, caplog, penalty):
     inputs = encoder.caption_inputs(noise(7))
     config = encoder.greedy_config(32)
     config.repetition_penalty = penalty
@@ -154,11 +187,10 @@ def test_other_repetition_penalties_like_generate(encoder, caplog, penalty):
     assert tokens.tolist() != generate_tokens(encoder.model, inputs, config).tolist()
 
 
-def test_cache_and_state_reused_across_captions(encoder, caplog, monkeypatch):
+def test_cache_and_state_reused_across_captions(encoder, step_graph, caplog, monkeypatch):
     monkeypatch.setattr(caption, "CACHE_GRANULE", 128)  # a rebuild within a hundred tokens
     small, large = encoder.caption_inputs(noise(8)), encoder.caption_inputs(noise(9, (112, 112)))
     config = encoder.greedy_config(20)
-    encoder._decoder = None
     first = assert_fast_path_equals_generate(encoder, small, config, caplog)
     buffers = encoder._decoder._buffers
     assert large["input_ids"].shape[1] + 20 <= buffers.capacity
@@ -171,9 +203,11 @@ def test_cache_and_state_reused_across_captions(encoder, caplog, monkeypatch):
     assert encoder._decoder._buffers.capacity == buffers.capacity + 128
 
 
-def test_weights_that_moved_get_a_new_cache(caplog):
+@pytest.mark.parametrize("step_graph", STEP_GRAPHS)
+def test_weights_that_moved_get_a_new_cache(caplog, step_graph):
     model, tokenizer, image_processor = tiny_text_encoder_set(hidden_size=48, seed=3)
     encoder = PromptEncoder(model, tokenizer, image_processor)
+    encoder._decoder = GreedyDecoder(model, step_graph=step_graph)
     inputs = encoder.caption_inputs(noise(10))
     config = encoder.greedy_config(12)
     assert_fast_path_equals_generate(encoder, inputs, config, caplog)
@@ -182,7 +216,7 @@ def test_weights_that_moved_get_a_new_cache(caplog):
     inputs = {name: value.double() if value.is_floating_point() else value for name, value in inputs.items()}
     assert_fast_path_equals_generate(encoder, inputs, config, caplog)
     assert encoder._decoder._buffers is not buffers
-    assert encoder._decoder._buffers.keys[0].dtype == torch.float64
+    assert encoder._decoder._buffers.state.keys[0].dtype == torch.float64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -195,6 +229,88 @@ def test_norm_and_layer_are_the_models_own_arithmetic(encoder, dtype):
     weights = LayerWeights.of(layer)
     mlp = F.linear(F.silu(F.linear(mlp_input, weights.gate)) * F.linear(mlp_input, weights.up), weights.down)
     assert torch.equal(mlp, layer.mlp(layer.post_attention_layernorm(hidden)))
+
+
+def test_grouped_attention_equals_sdpa_over_the_cached_length():
+    """The whole step's attention over every slot, the later ones masked, against transformers' call over exactly
+    the cached length; the later slots hold random keys and values, which must not count."""
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, capacity, head_dim = 6, 2, 40, 16
+    query = torch.randn(1, heads, 1, head_dim, generator=gen)
+    keys = torch.randn(1, kv_heads, capacity, head_dim, generator=gen) * 3
+    values = torch.randn(1, kv_heads, capacity, head_dim, generator=gen)
+    slots = torch.arange(capacity)
+    for position in (0, 17, capacity - 1):
+        bias = attention_bias(slots, torch.tensor([position]), torch.float32)
+        assert bias[: position + 1].eq(0).all() and bias[position + 1 :].eq(-math.inf).all()
+        expected = attend(query, keys, values, position + 1, 0.25)
+        torch.testing.assert_close(grouped_attention(query, keys, values, bias, 0.25), expected, rtol=1e-6, atol=1e-6)
+
+
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, relative: float) -> None:
+    """Every element within ``relative`` times the largest magnitude of ``expected``."""
+    difference = float((actual - expected).abs().max())
+    assert difference <= relative * float(expected.abs().max()), difference
+
+
+@torch.inference_mode()  # the decoder's buffers are inference tensors
+def test_whole_step_equals_the_pieces_in_float32(encoder):
+    """One whole step (attention over the whole cache behind the mask, rotary tables per slot) against the pieces
+    (transformers' attention over the cached length, rotary of the one position), on a cache whose slots after the
+    position hold garbage: the hidden state, the logits, the cache written and the token picked."""
+    model = encoder.model
+    inputs = encoder.caption_inputs(noise(20))
+    decoder = GreedyDecoder(model, step_graph="whole")
+    settings = greedy_settings(model, encoder.greedy_config(5), inputs)
+    decoder.generate(inputs, settings)
+    buffers = decoder._buffers
+    state = buffers.state
+    position = int(state.position)
+    assert position == inputs["input_ids"].shape[1] + 4 and int(buffers.rope_delta) != 0
+    gen = torch.Generator().manual_seed(1)
+    for cache in (*state.keys, *state.values):
+        cache[:, :, position:] = 10 * torch.randn(cache[:, :, position:].shape, generator=gen)
+    pieces_cache = [cache.clone() for cache in (*state.keys, *state.values)]
+    weights, shape = StepWeights.of(model), LayerShape.of(model)
+    layer_count = len(weights.layers)
+
+    hidden = F.embedding(state.picks.token, weights.embed)
+    rotary_position = (state.position + buffers.rope_delta).view(1, 1, 1).expand(3, 1, 1)
+    rope = model.model.language_model.rotary_emb(hidden, rotary_position)
+    for index, layer in enumerate(weights.layers):
+        keys, values = pieces_cache[index], pieces_cache[layer_count + index]
+        query = attention_inputs(hidden, rope, state.position, keys, values, layer, shape)
+        hidden = layer_output(hidden, attend(query, keys, values, position + 1, shape.scaling), layer, shape)
+    scores = head_scores(hidden, weights, shape.eps)
+
+    whole = decode_hidden(state, weights, shape)
+    # the attentions differ in their float32 summation order only; the random layers amplify that a few times
+    assert_close_to_scale(whole, hidden, 2e-6)
+    assert_close_to_scale(head_scores(whole, weights, shape.eps), scores, 2e-6)
+    for cache, expected in zip((*state.keys, *state.values), pieces_cache, strict=True):
+        assert_close_to_scale(cache[:, :, : position + 1], expected[:, :, : position + 1], 2e-6)
+    # the first layer's key and value come before any attention: the same arithmetic, the same bits
+    assert torch.equal(state.keys[0][:, :, position], pieces_cache[0][:, :, position])
+    assert torch.equal(state.values[0][:, :, position], pieces_cache[layer_count][:, :, position])
+
+    seen = state.picks.seen.clone()
+    whole_step(state, weights, shape, settings.repetition_penalty)
+    nothing_banned = torch.zeros_like(state.picks.eos)
+    assert int(state.picks.out[5]) == int(select_next(scores, seen, nothing_banned, settings.repetition_penalty))
+    assert int(state.position) == position + 1 and int(state.picks.count) == 6
+
+
+def test_step_graph_is_whole_where_cuda_graphs_run(encoder):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert GreedyDecoder(encoder.model).step_graph_for(cuda) == "whole"
+    assert GreedyDecoder(encoder.model).step_graph_for(cpu) == "pieces"
+    assert GreedyDecoder(encoder.model, cuda_graph=False).step_graph_for(cuda) == "pieces"
+    assert GreedyDecoder(encoder.model, step_graph="whole").step_graph_for(cpu) == "whole"
+    assert GreedyDecoder(encoder.model, step_graph="pieces").step_graph_for(cuda) == "pieces"
+    with pytest.raises(ValueError, match="step_graph must be one of"):
+        GreedyDecoder(encoder.model, step_graph="one")
+    with pytest.raises(ValueError, match="check_every must be at least 1, got 0"):
+        GreedyDecoder(encoder.model, check_every=0)
 
 
 def test_penalty_equals_transformers_processor():
@@ -262,6 +378,10 @@ def test_inputs_and_models_that_go_through_generate(encoder, caplog):
         wrapped.model.language_model.layers[1].mlp.up_proj
     )
     with pytest.raises(FastPathUnavailable, match="layer 1 has a linear layer that is not torch.nn.Linear"):
+        greedy_settings(wrapped, config, inputs)
+    wrapped = copy.deepcopy(encoder.model)
+    wrapped.model.language_model.embed_tokens = torch.nn.Sequential(wrapped.model.language_model.embed_tokens)
+    with pytest.raises(FastPathUnavailable, match="the token embedding is a Sequential"):
         greedy_settings(wrapped, config, inputs)
 
     encoder.model.train()

@@ -1,0 +1,270 @@
+"""The arithmetic of one greedy decoding step of Qwen2.5-VL's language model, as pure functions of tensors.
+
+Two ways through a step share these functions (:class:`.caption.GreedyDecoder` runs both):
+
+- in pieces: :func:`attention_inputs` and :func:`layer_output` are a decoder layer before and after its attention,
+  and :func:`attend` is the attention call transformers makes for a decoding step, over exactly the cached length
+  (which the host passes in);
+- whole: :func:`whole_step` is the step from the token to the next token, every shape fixed by the cache's
+  capacity, so that it can be captured as one CUDA graph and compiled as one graph: :func:`grouped_attention`
+  attends over every slot of the cache in float32, the slots after the current position masked out on the device.
+
+Both end in :func:`pick`: the repetition penalty, the minimum-length rule and the argmax of ``generate``, and the
+bookkeeping of the new tokens, all on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .caption_settings import mlp_linears
+
+
+class LayerWeights(NamedTuple):
+    """One decoder layer's tensors, what :func:`attention_inputs` and :func:`layer_output` compute with."""
+
+    input_norm: torch.Tensor
+    q_weight: torch.Tensor
+    q_bias: torch.Tensor
+    k_weight: torch.Tensor
+    k_bias: torch.Tensor
+    v_weight: torch.Tensor
+    v_bias: torch.Tensor
+    o_weight: torch.Tensor
+    post_norm: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @classmethod
+    def of(cls, layer) -> LayerWeights:
+        attention = layer.self_attn
+        q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+        gate, up, down = mlp_linears(layer.mlp)
+        return cls(
+            layer.input_layernorm.weight,
+            q.weight,
+            q.bias,
+            k.weight,
+            k.bias,
+            v.weight,
+            v.bias,
+            attention.o_proj.weight,
+            layer.post_attention_layernorm.weight,
+            gate.weight,
+            up.weight,
+            down.weight,
+        )
+
+
+class StepWeights(NamedTuple):
+    """The language model's tensors that a whole step computes with."""
+
+    embed: torch.Tensor  # (vocab, hidden)
+    layers: tuple[LayerWeights, ...]
+    norm: torch.Tensor  # the final RMSNorm's weight
+    head: torch.Tensor  # (vocab, hidden)
+    head_bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, model) -> StepWeights:
+        """The tensors of a Qwen2_5_VLForConditionalGeneration (checked by :func:`.caption_settings.check_model`)."""
+        language_model = model.model.language_model
+        return cls(
+            language_model.embed_tokens.weight,
+            tuple(LayerWeights.of(layer) for layer in language_model.layers),
+            language_model.norm.weight,
+            model.lm_head.weight,
+            model.lm_head.bias,
+        )
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What every decoder layer shares: head counts and size, the attention's scale, the norms' epsilon."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+    eps: float
+
+    @classmethod
+    def of(cls, model) -> LayerShape:
+        language_model = model.model.language_model
+        text_config = language_model.config
+        attention = language_model.layers[0].self_attn
+        return cls(
+            text_config.num_attention_heads,
+            text_config.num_key_value_heads,
+            attention.head_dim,
+            float(attention.scaling),
+            float(text_config.rms_norm_eps),
+        )
+
+
+class Picks(NamedTuple):
+    """The device state of the token choice: what :func:`pick` reads and writes."""
+
+    token: torch.Tensor  # (1, 1) the last token picked: the one the next step feeds in
+    count: torch.Tensor  # () new tokens so far: the index of the one the next pick makes
+    min_new: torch.Tensor  # () end tokens are banned while count < min_new
+    seen: torch.Tensor  # (1, vocab) bool: in the prompt or generated
+    eos: torch.Tensor  # (vocab,) bool: the end tokens
+    out: torch.Tensor  # (capacity,) the new tokens
+    end: torch.Tensor  # () index of the first end token among the new ones, -1 while none was picked
+
+
+class StepState(NamedTuple):
+    """Every tensor a whole step reads or writes, at fixed addresses so that a captured graph replays over them."""
+
+    keys: tuple[torch.Tensor, ...]  # per layer (1, kv_heads, capacity, head_dim), at least float32
+    values: tuple[torch.Tensor, ...]
+    cos: torch.Tensor  # (capacity, head_dim) the rotary table of each cache slot, in the model's dtype
+    sin: torch.Tensor
+    slots: torch.Tensor  # (capacity,) 0, 1, 2, ...
+    position: torch.Tensor  # (1,) the cache slot of the token fed in, which is also its index in the sequence
+    picks: Picks
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2's RMSNorm: normalised in float32, back in x's dtype, times the weight (transformers' arithmetic, in its
+    order, so the eager result is bit for bit the model's own)."""
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of (batch, heads, tokens, head_dim) with (batch, tokens, head_dim) tables, halves rotated
+    (the arithmetic, in the order, of Qwen2.5-VL's text attention)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+def attention_inputs(
+    hidden: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    position: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    weights: LayerWeights,
+    shape: LayerShape,
+) -> torch.Tensor:
+    """A decoder layer up to its attention, for one token (1, 1, hidden): the query (1, heads, 1, head_dim) returned,
+    the rotated key and the value written into ``keys``/``values`` (1, kv_heads, capacity, head_dim, in the cache's
+    dtype) at slot ``position``. The model's own eager arithmetic; a pure function of its tensors, so one
+    compilation serves every layer."""
+    x = rms_norm(hidden, weights.input_norm, shape.eps)
+    query = F.linear(x, weights.q_weight, weights.q_bias).view(1, 1, shape.heads, shape.head_dim).transpose(1, 2)
+    key = F.linear(x, weights.k_weight, weights.k_bias).view(1, 1, shape.kv_heads, shape.head_dim).transpose(1, 2)
+    value = F.linear(x, weights.v_weight, weights.v_bias).view(1, 1, shape.kv_heads, shape.head_dim).transpose(1, 2)
+    # query and key heads rotated in one pass (elementwise: the same values as two)
+    rotated = rotate(torch.cat((query, key), dim=1), *rope)
+    keys.index_copy_(2, position, rotated[:, shape.heads :].to(keys.dtype))
+    values.index_copy_(2, position, value.to(values.dtype))
+    return rotated[:, : shape.heads]
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, scaling: float) -> torch.Tensor:
+    """One query token over the first ``length`` cached slots: the call transformers' SDPA attention makes for a
+    decoding step (no mask, grouped key/value heads), so the kernel and its rounding are the same."""
+    return F.scaled_dot_product_attention(
+        query, keys[:, :, :length], values[:, :, :length], scale=scaling, enable_gqa=True
+    )
+
+
+def attention_bias(slots: torch.Tensor, position: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(capacity,) additive mask of a step's attention: 0 on the slots up to ``position`` (the prompt, the tokens
+    generated and the one fed in), -inf on the later ones, which hold zeros or an earlier caption's keys."""
+    return torch.zeros(slots.shape, dtype=dtype, device=slots.device).masked_fill_(slots > position, -math.inf)
+
+
+def grouped_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """One query token (1, heads, 1, head_dim) over every cache slot (1, kv_heads, capacity, head_dim), ``bias``
+    (capacity,) added to the scores, computed in the cache's dtype; returned in the query's dtype.
+
+    Grouped-query attention without repeating the cache: the ``heads // kv_heads`` query heads of one key/value head
+    (consecutive, as transformers' repeat_kv orders them) become that head's rows of one matrix product."""
+    heads, head_dim = query.shape[1], query.shape[3]
+    kv_heads, capacity = keys.shape[1], keys.shape[2]
+    grouped = query.reshape(kv_heads, heads // kv_heads, head_dim).to(keys.dtype)
+    scores = torch.baddbmm(bias.view(1, 1, capacity), grouped, keys[0].transpose(1, 2), alpha=scaling)
+    attended = torch.bmm(torch.softmax(scores, dim=-1), values[0])
+    return attended.reshape(1, heads, 1, head_dim).to(query.dtype)
+
+
+def layer_output(
+    hidden: torch.Tensor, attended: torch.Tensor, weights: LayerWeights, shape: LayerShape
+) -> torch.Tensor:
+    """A decoder layer from its attention's output (1, heads, 1, head_dim) on: output projection, residual, MLP,
+    residual (the model's own eager arithmetic)."""
+    hidden = hidden + F.linear(attended.transpose(1, 2).reshape(1, 1, shape.heads * shape.head_dim), weights.o_weight)
+    x = rms_norm(hidden, weights.post_norm, shape.eps)
+    return hidden + F.linear(F.silu(F.linear(x, weights.gate)) * F.linear(x, weights.up), weights.down)
+
+
+def head_scores(hidden: torch.Tensor, weights: StepWeights, eps: float) -> torch.Tensor:
+    """The final norm and the language-model head of the last token of (1, tokens, hidden): (1, vocab) float32."""
+    return F.linear(rms_norm(hidden, weights.norm, eps), weights.head, weights.head_bias)[:, -1].float()
+
+
+def penalize(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Repetition penalty on float32 scores: a seen token's positive score divided by ``penalty``, a negative one
+    multiplied. The same arithmetic as transformers' RepetitionPenaltyLogitsProcessor, with the seen tokens as a mask
+    instead of a token list. ``penalty`` stays a Python float, as there: CUDA divides by a host scalar through its
+    reciprocal, which can round differently from a division by a device tensor."""
+    if penalty == 1.0:
+        return scores
+    return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+
+def select_next(scores: torch.Tensor, seen: torch.Tensor, banned: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The greedy token of (1, vocab) float32 scores: penalised, ``banned`` tokens (the end tokens before the
+    minimum length) at -inf, then the first argmax, as generate picks it."""
+    scores = penalize(scores, seen, penalty).masked_fill(banned, -math.inf)
+    return scores.argmax(dim=-1)
+
+
+def pick(scores: torch.Tensor, picks: Picks, penalty: float) -> None:
+    """Choose the next token from (1, vocab) float32 scores and record it: in ``out``, among the seen tokens, as the
+    token the next step feeds in, and as the end if it is the first end token. No host sync."""
+    banned = picks.eos & (picks.count < picks.min_new)
+    token = select_next(scores, picks.seen, banned, penalty)
+    picks.out.index_copy_(0, picks.count.view(1), token)
+    picks.seen.index_fill_(1, token, True)
+    picks.token.copy_(token.view(1, 1))
+    first_end = picks.eos.index_select(0, token).view(()) & (picks.end < 0)
+    picks.end.copy_(torch.where(first_end, picks.count, picks.end))
+    picks.count.add_(1)
+
+
+def decode_hidden(state: StepState, weights: StepWeights, shape: LayerShape) -> torch.Tensor:
+    """The last hidden state (1, 1, hidden) of the token ``state.picks.token`` at slot ``state.position``, its keys
+    and values written into the cache: the embedding and every decoder layer, attention over the whole cache behind
+    :func:`attention_bias`."""
+    position = state.position
+    hidden = F.embedding(state.picks.token, weights.embed)
+    rope = (state.cos.index_select(0, position).unsqueeze(0), state.sin.index_select(0, position).unsqueeze(0))
+    bias = attention_bias(state.slots, position, state.keys[0].dtype)
+    for index, layer in enumerate(weights.layers):
+        keys, values = state.keys[index], state.values[index]
+        query = attention_inputs(hidden, rope, position, keys, values, layer, shape)
+        hidden = layer_output(hidden, grouped_attention(query, keys, values, bias, shape.scaling), layer, shape)
+    return hidden
+
+
+def whole_step(state: StepState, weights: StepWeights, shape: LayerShape, penalty: float) -> None:
+    """One decoding step from the token fed in to the next one picked, the position advanced: fixed shapes, no host
+    sync and no data-dependent Python, so that it is captured as one CUDA graph and compiles as one graph."""
+    pick(head_scores(decode_hidden(state, weights, shape), weights, shape.eps), state.picks, penalty)
+    state.position.add_(1)
