@@ -72,6 +72,8 @@ SLOTS = 2
 
 # diffusion model -> what streams it now (a PlacedStreamer or a BlockPrefetch)
 _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# diffusion model -> the last streaming line logged at INFO (ComfyUI loads again before every sampling)
+_LOGGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def streaming_switch() -> str:
@@ -119,14 +121,15 @@ def _inject(patcher) -> None:
             logger.warning("this ComfyUI has no comfy.model_prefetch: its per-layer casting streams the blocks")
             return
         _ACTIVE[model] = BlockPrefetch(model.transformer_blocks)
-        return
-    parts = offloaded_parts(patcher)
-    if not any(parts):
-        return  # everything where it runs: nothing to stream
-    streamer = PlacedStreamer(model.transformer_blocks, parts, patcher.load_device)
-    _warn_unpinned(patcher, parts)
-    _ACTIVE[model] = streamer
-    logger.info("transformer blocks: %s", streamer.describe())
+    else:
+        parts = offloaded_parts(patcher)
+        if not any(parts):
+            return  # everything where it runs: nothing to stream
+        _ACTIVE[model] = PlacedStreamer(model.transformer_blocks, parts, patcher.load_device)
+        _warn_unpinned(patcher, parts)
+    line = _ACTIVE[model].describe()
+    logger.log(logging.DEBUG if _LOGGED.get(model) == line else logging.INFO, "transformer blocks: %s", line)
+    _LOGGED[model] = line
 
 
 def _eject(patcher) -> None:
@@ -219,6 +222,12 @@ def _warn_unpinned(patcher, parts) -> None:
         )
 
 
+def _eager(hook, *args):
+    """A block hook that torch.compile leaves out of its graphs (a compiled block runs its hooks inside the
+    compiled call): stream and event calls and parameter swaps run as Python, not traced."""
+    return torch.compiler.disable(functools.partial(hook, *args))
+
+
 class _Entry:
     """One offloaded parameter: the Parameter ComfyUI holds, its host tensor, its place in a slot."""
 
@@ -274,8 +283,8 @@ class PlacedStreamer:
         self.copied_bytes = 0  # what crossed into the slots, all forwards together
         self._hooks = []
         for index, block in enumerate(blocks):
-            self._hooks.append(block.register_forward_pre_hook(functools.partial(self._before, index)))
-            self._hooks.append(block.register_forward_hook(functools.partial(self._after, index), always_call=True))
+            self._hooks.append(block.register_forward_pre_hook(_eager(self._before, index)))
+            self._hooks.append(block.register_forward_hook(_eager(self._after, index), always_call=True))
 
     def describe(self) -> str:
         streamed = sum(self.part_bytes)
@@ -354,13 +363,14 @@ class BlockPrefetch:
         self.popped = 0
         self.forwards = 0  # forwards that ran with a queue
         self._warned = False
-        self._hooks = [
-            block.register_forward_pre_hook(functools.partial(self._before, i)) for i, block in enumerate(blocks)
-        ]
-        self._hooks.append(blocks[-1].register_forward_hook(self._after_last))
+        self._hooks = [block.register_forward_pre_hook(_eager(self._before, i)) for i, block in enumerate(blocks)]
+        self._hooks.append(blocks[-1].register_forward_hook(_eager(self._after_last)))
 
     def describe(self) -> str:
-        return f"ComfyUI's dynamic VRAM with its block prefetch around {len(self.blocks)} blocks"
+        return (
+            f"ComfyUI's dynamic VRAM with its block prefetch around {len(self.blocks)} blocks "
+            f"({self.forwards} forwards prefetched so far)"
+        )
 
     def _before(self, index: int, module, args) -> None:
         if index == 0 or self.queue is None:
@@ -380,6 +390,8 @@ class BlockPrefetch:
                     self._warned = True
                 return
             self.forwards += 1
+            if self.forwards == 1:
+                logger.debug("ComfyUI's block prefetch runs on %s", self.device)
         # one pop per block up to this one (a block a patch skipped gets its pop too)
         while self.popped <= index:
             model_prefetch.prefetch_queue_pop(self.queue, self.device, self.blocks[self.popped])
