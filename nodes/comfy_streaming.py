@@ -109,8 +109,8 @@ def slot_reserve_bytes(model: nn.Module) -> int:
     """GPU bytes the classic streamer's slots may take for ``model``: :data:`SLOTS` of its largest block."""
     if streaming_switch() == "off" or not hasattr(model, "transformer_blocks"):
         return 0
-    largest = max((_parameter_bytes(block) for block in model.transformer_blocks), default=0)
-    return SLOTS * _aligned(largest)
+    largest = max((_packed_bytes(block.parameters()) for block in model.transformer_blocks), default=0)
+    return SLOTS * largest
 
 
 def _inject(patcher) -> None:
@@ -145,16 +145,17 @@ def _stop(model: nn.Module) -> None:
 # --------------------------------------------------------------------------- the classic patcher's placement
 
 
-def _parameter_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
 def _size(nbytes: int) -> str:
     return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB // 10 else f"{nbytes / 2**20:.2f} MiB"
 
 
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
+def _packed_bytes(tensors) -> int:
+    """Bytes of these tensors one after another in a slot, each starting on :data:`ALIGNMENT`."""
+    return sum(_aligned(t.numel() * t.element_size()) for t in tensors)
 
 
 def left_offloaded(module: nn.Module) -> bool:
@@ -264,14 +265,20 @@ class PlacedStreamer:
                 entries.append(entry)
                 offset += _aligned(entry.nbytes)
             self.entries.append(entries)
-        self.part_bytes = [sum(_aligned(e.nbytes) for e in entries) for entries in self.entries]
+        self.part_bytes = [_packed_bytes(e.host for e in entries) for entries in self.entries]
         self.streamed = [index for index, entries in enumerate(self.entries) if entries]
         self.slot_count = min(slots, len(self.streamed))
         self.slot_bytes = max(self.part_bytes, default=0)
         with torch.no_grad(), torch.inference_mode(False):  # the views become parameter data: no inference tensors
-            self._slots = [
-                torch.empty(self.slot_bytes, dtype=torch.uint8, device=device) for _ in range(self.slot_count)
-            ]
+            try:
+                self._slots = [
+                    torch.empty(self.slot_bytes, dtype=torch.uint8, device=device) for _ in range(self.slot_count)
+                ]
+            except torch.OutOfMemoryError as error:
+                raise RuntimeError(
+                    f"no room on {device} for the block streamer's {self.slot_count} slots of {_size(self.slot_bytes)} "
+                    f"beside what ComfyUI loaded: give ComfyUI more headroom (--reserve-vram) or set {SWITCH}=off"
+                ) from error
             self._views = {
                 (slot, index): [entry.view(self._slots[slot]) for entry in self.entries[index]]
                 for slot in range(self.slot_count)
