@@ -8,8 +8,8 @@ comfy/model_prefetch.py and comfy_aimdo):
   largest first, until ``load_models_gpu``'s ``lowvram_model_memory`` is spent; every other module keeps its
   weights in host memory (page-locked in place by ComfyUI) and gets ``comfy_cast_weights``: its forward copies
   its own weight on one of ComfyUI's offload streams into a cast buffer, and the compute stream waits for it
-  there. The copy of one layer overlaps the compute of the layer before; attention and the small text-stream
-  layers hide almost nothing, and the block's large modulation and MLP weights wait behind them.
+  there. A layer's copy can hide only behind the layer before: behind attention (no weights) or a text-stream
+  layer (a few hundred rows) it hides little, and a block's large modulation weights sit behind such layers.
 - ``ModelPatcherDynamic`` (the default on NVIDIA, ``--lowvram`` changes nothing there) decides nothing at load
   time: comfy-aimdo gives each module a range in a virtual VRAM arena, and each forward either finds it
   resident, maps it and fills it, or (no memory) copies it from aimdo's own pinned host buffer through a cast
@@ -24,7 +24,8 @@ The choice here, by patcher:
   weights it casts; a streamer of our own would need either a second pinned copy of the weights (aimdo pins
   its own, beside the memory-mapped file) or aimdo's private pin records. This costs no host memory beyond
   ComfyUI's own.
-- Classic: our block streamer over ComfyUI's placement (:class:`PlacedStreamer`). The modules ComfyUI loaded
+- Classic: our block streamer over ComfyUI's placement (:class:`PlacedStreamer`). ComfyUI places modules, not
+  blocks (the largest first, across all blocks), so most blocks end up part loaded. The modules it loaded
   stay where it put them; for every block, the parameters of the modules it left offloaded are copied, from
   ComfyUI's own host tensors (no copy of ours in host memory), into one of two GPU slots on a side stream, the
   next block's while this one computes. While the block runs those parameters are views into the slot, so
