@@ -168,9 +168,9 @@ def left_offloaded(module: nn.Module) -> bool:
 
 def _streamable(parameters: list[tuple[str, nn.Parameter]]) -> str | None:
     """Why these parameters cannot be copied into a slot as they are, or None."""
-    for name, parameter in parameters:
+    for _, parameter in parameters:
         if type(parameter) is not nn.Parameter or type(parameter.data) is not torch.Tensor:
-            return f"its {name} is a {type(parameter.data).__name__}, which ComfyUI casts itself"
+            return f"weights that are a {type(parameter.data).__name__}, which ComfyUI casts itself"
     return None
 
 
@@ -179,7 +179,7 @@ def offloaded_parts(patcher) -> list[list[tuple[nn.Module, str]]]:
     offloaded and the streamer brings over. Modules it cannot copy are left to ComfyUI, with a warning."""
     load_device = torch.device(patcher.load_device)
     names = {id(module): name for name, module in patcher.model.named_modules()}
-    parts, left = [], []
+    parts, left = [], {}  # why -> the modules left to ComfyUI for it
     for block in patcher.model.diffusion_model.transformer_blocks:
         part = []
         for module in block.modules():
@@ -188,7 +188,7 @@ def offloaded_parts(patcher) -> list[list[tuple[nn.Module, str]]]:
             parameters = [(name, p) for name, p in module.named_parameters(recurse=False) if p is not None]
             problem = _streamable(parameters)
             if problem is not None:
-                left.append(f"{names[id(module)]} ({problem})")
+                left.setdefault(problem, []).append(names[id(module)])
                 continue
             for name, parameter in parameters:
                 if load_device.type != "cpu" and parameter.device == load_device:
@@ -198,9 +198,13 @@ def offloaded_parts(patcher) -> list[list[tuple[nn.Module, str]]]:
                     )
                 part.append((module, name))
         parts.append(part)
-    if left:
+    for problem, modules in left.items():
         logger.warning(
-            "left to ComfyUI's per-layer casting: %s", ", ".join(left[:4]) + (" ..." if len(left) > 4 else "")
+            "%d offloaded modules left to ComfyUI's per-layer casting, with %s: %s%s",
+            len(modules),
+            problem,
+            ", ".join(modules[:3]),
+            ", ..." if len(modules) > 3 else "",
         )
     return parts
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 import sys
 import traceback
@@ -346,6 +347,37 @@ def prefetch_check(results: dict, patcher) -> None:
     mm.unload_all_models()
 
 
+def quantized_check(results: dict, state: dict) -> None:
+    """The fp8mixed layout: its linears are QuantizedTensors, which ComfyUI casts itself; the streamer leaves
+    them to it (with a warning) and the output stays the full load's."""
+    path = save_mmdit(state, WORK / "tiny_fp8mixed.safetensors", layout="fp8-comfy-quant", config=CONFIG)
+    patcher = load_layered_model(str(path))
+    mm.unload_all_models()
+    full = decompose(patcher)
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    comfy_streaming.logger.addHandler(handler)
+    try:
+        mm.unload_all_models()
+        with forced_lowvram(patcher.model_size() // 2):
+            partial = decompose(patcher)
+    finally:
+        comfy_streaming.logger.removeHandler(handler)
+    model = patcher.model.diffusion_model
+    streamer = comfy_streaming.active(model)
+    quantized = sorted(
+        name
+        for name, m in block_modules(patcher)
+        if type(m.weight).__name__ == "QuantizedTensor" and m.comfy_cast_weights
+    )
+    results["offloaded_quantized"] = quantized
+    results["streamed"] = [] if streamer is None else streamed_names(patcher)
+    results["warned"] = [w for w in warnings if "left to ComfyUI's per-layer casting" in w]
+    results["max_difference"] = float((full - partial).abs().max())
+    mm.unload_all_models()
+
+
 def switch_check(results: dict, path: Path) -> None:
     os.environ[comfy_streaming.SWITCH] = "off"
     try:
@@ -385,6 +417,7 @@ def main() -> None:
         "unload": lambda r: unload_check(r, patcher),
         "lora": lambda r: lora_check(r, patcher, lora, merged_path),
         "prefetch": lambda r: prefetch_check(r, patcher),
+        "quantized": lambda r: quantized_check(r, state),
         "switch": lambda r: switch_check(r, path),
     }
     results = {}

@@ -116,6 +116,16 @@ def test_the_dynamic_patcher_gets_comfyuis_block_prefetch_in_block_order(checks)
     assert result["dynamic_gets"] == "BlockPrefetch"
 
 
+def test_quantized_weights_are_left_to_comfyui(checks):
+    result = _check(checks, "quantized")
+    offloaded = result["offloaded_quantized"]
+    assert offloaded and not set(offloaded) & set(result["streamed"])
+    (warning,) = result["warned"]
+    assert warning.startswith(f"{len(offloaded)} offloaded modules left to ComfyUI's per-layer casting, with weights ")
+    assert "QuantizedTensor" in warning and "transformer_blocks.0.attn" in warning
+    assert result["max_difference"] == 0.0
+
+
 def test_the_switch_turns_it_off_and_the_memory_estimate_makes_room_for_the_slots(checks):
     result = _check(checks, "switch")
     assert result["off_injections"] == [] and result["off_reserve"] == 0
