@@ -107,12 +107,15 @@ class SeededNode:
     CATEGORY = "bench"
 
 
-def graph(steps: int, layers: int, resolution: int) -> dict:
+def graph(steps: int, layers: int, resolution: int, weight_dtype: str = "default") -> dict:
     """API-format prompt: load, encode, decompose, decode, save PNGs."""
     transformer, vae = Path(TRANSFORMER_FILE).name, Path(VAE_FILE).name
     sampler = {"layers": layers, "steps": steps, "cfg": 4.0, "cfg_normalize": True, "seed": 0}
     return {
-        "1": {"class_type": "QwenLayeredLoadMMDiT", "inputs": {"model_name": transformer, "weight_dtype": "default"}},
+        "1": {
+            "class_type": "QwenLayeredLoadMMDiT",
+            "inputs": {"model_name": transformer, "weight_dtype": weight_dtype},
+        },
         "2": {"class_type": "QwenLayeredLoadRGBAVAE", "inputs": {"vae_name": vae}},
         "3": {"class_type": "BenchNoiseImage", "inputs": {"seed": 3}},
         "4": {"class_type": "BenchRandomConditioning", "inputs": {"seed": 1}},
@@ -133,6 +136,36 @@ def graph(steps: int, layers: int, resolution: int) -> dict:
     }
 
 
+# the issue's bounds on a step held to N GiB, as a multiple of the resident step
+STEP_RATIO_TARGETS = {24: 1.15, 16: 1.25, 8: 1.4}
+
+
+def ratio_line(step_seconds: float, resident_step: float | None, vram_gb: float) -> str:
+    """The limited step against the resident one (``--resident-step``, from a run of this script with the whole
+    GPU and the same weight dtype), and the issue's bound for this limit where it has one."""
+    if resident_step is None:
+        return "RATIO not computed (pass --resident-step SECONDS from a run with the whole GPU)"
+    ratio = step_seconds / resident_step
+    target = STEP_RATIO_TARGETS.get(round(vram_gb)) if vram_gb else None
+    verdict = "" if target is None else f" target <= {target}: {'met' if ratio <= target else 'NOT met'}"
+    return f"RATIO step/resident={ratio:.3f} ({step_seconds:.3f} / {resident_step:.3f} s){verdict}"
+
+
+def pack_streaming() -> str:
+    """How the pack brings the loaded transformer's blocks over now (nodes/comfy_streaming.describe)."""
+    import comfy.model_management as mm
+
+    # ComfyUI imports the pack under its folder's path as the package name
+    module = next((m for name, m in sys.modules.items() if name.endswith(".nodes.comfy_streaming")), None)
+    if module is None:
+        return "the pack's comfy_streaming module is not loaded"
+    for loaded in mm.current_loaded_models:
+        diffusion_model = getattr(getattr(loaded.model, "model", None), "diffusion_model", None)
+        if hasattr(diffusion_model, "transformer_blocks"):
+            return module.describe(diffusion_model)
+    return "no layered transformer loaded"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI")))
@@ -145,6 +178,16 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=640)
     parser.add_argument("--tiny", action="store_true", help="use the tiny model set (a CPU smoke test)")
     parser.add_argument("--write-only", action="store_true", help="only write the model files")
+    parser.add_argument("--resident-step", type=float, help="s/step of a whole-GPU run, for the RATIO line")
+    parser.add_argument(
+        "--weight-dtype", default="default", help="Load VLD-MMDiT's weight_dtype (default, bf16, fp8_e4m3fn)"
+    )
+    parser.add_argument(
+        "--pack-streaming",
+        choices=("auto", "off"),
+        default="auto",
+        help="the pack's block streaming under ComfyUI (QWEN_LAYERED_COMFY_STREAMING); off: ComfyUI's casting only",
+    )
     parser.add_argument("comfy_args", nargs="*", help="ComfyUI flags, after --")
     args = parser.parse_args()
 
@@ -166,6 +209,7 @@ def main() -> None:
     write = [sys.executable, "-m", "benchmarks.comfy_gpu_run", "--base", str(base), "--write-only"]
     subprocess.run(write + ["--tiny"] * args.tiny, cwd=REPO, check=True)
 
+    os.environ["QWEN_LAYERED_COMFY_STREAMING"] = args.pack_streaming
     holder = hold_gpu_memory(args.vram_gb) if args.vram_gb > 0 else None
     try:
         run(args, base)
@@ -238,9 +282,14 @@ def run(args, base: Path) -> None:
     nodes.NODE_CLASS_MAPPINGS["BenchNoiseImage"] = BenchNoiseImage
 
     stamps: list[float] = []
-    comfy.utils.set_progress_bar_global_hook(
-        lambda value, total, preview, node_id=None: stamps.append(time.perf_counter())
-    )
+    streaming_seen: list[str] = []
+
+    def on_progress(value, total, preview, node_id=None):
+        stamps.append(time.perf_counter())
+        if len(stamps) == 2:  # during sampling, the transformer loaded
+            streaming_seen.append(pack_streaming())
+
+    comfy.utils.set_progress_bar_global_hook(on_progress)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         free, total = torch.cuda.mem_get_info()
@@ -260,7 +309,7 @@ def run(args, base: Path) -> None:
         QuietServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0}
     )
     start = time.perf_counter()
-    executor.execute(graph(args.steps, args.layers, args.resolution), "bench", {}, ["9"])
+    executor.execute(graph(args.steps, args.layers, args.resolution, args.weight_dtype), "bench", {}, ["9"])
     seconds = time.perf_counter() - start
     done.set()
     device_peak = (free - lowest_free[0]) / 2**30 if torch.cuda.is_available() else float("nan")
@@ -281,6 +330,8 @@ def run(args, base: Path) -> None:
         f"peak_gpu_in_use={device_peak:.1f}GiB "
         f"peak_host_rss={host_peak:.1f}GiB saved={[o.name for o in outputs]}"
     )
+    print(f"STREAMING weight_dtype={args.weight_dtype} pack={args.pack_streaming}: {' | '.join(streaming_seen)}")
+    print(ratio_line(step_seconds, args.resident_step, args.vram_gb))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from ..layered_core.checkpoints import infer_mmdit_config, open_transformer
 from ..layered_core.memory import activation_bytes, vae_activation_bytes
 from ..layered_core.mmdit import MMDiTConfig, VLDMMDiT, image_token_count
 from ..layered_core.vae import RGBAVAE
+from .comfy_streaming import attach as attach_streaming
+from .comfy_streaming import slot_reserve_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +69,16 @@ class LayeredQwenImage(comfy.model_base.QwenImage):
         super().__init__(model_config, device=device, unet_model=ComfyLayeredDiT)
 
     def memory_required(self, input_shape, cond_shapes={}):  # noqa: B006 (core's signature)
-        """Peak activation bytes of one forward (:func:`activation_bytes`). ``input_shape`` is the noisy latent
+        """Peak activation bytes of one forward (:func:`activation_bytes`), plus the GPU slots the block streamer
+        takes when ComfyUI leaves weights offloaded (:func:`slot_reserve_bytes`). ``input_shape`` is the noisy latent
         [B, 16, N+1, h, w] (B counts cond and uncond when core batches them); the text length is the longest
         ``c_crossattn`` in ``cond_shapes`` where core's sampler passes them, else :data:`DEFAULT_TEXT_TOKENS`."""
         shape = list(input_shape)
         layers = shape[2] - 1 if len(shape) == 5 else 0  # a 4-D latent: one frame
         image_tokens = image_token_count(layers, shape[-2], shape[-1], self.diffusion_model.config.patch_size)
-        return activation_bytes(self.diffusion_model, image_tokens, _text_tokens(cond_shapes), shape[0])
+        activations = activation_bytes(self.diffusion_model, image_tokens, _text_tokens(cond_shapes), shape[0])
+        # room for the block streamer's slots, when ComfyUI leaves some weights offloaded (comfy_streaming)
+        return activations + slot_reserve_bytes(self.diffusion_model)
 
 
 def _text_tokens(cond_shapes) -> int:
@@ -115,6 +120,7 @@ def load_layered_model(path: str, weight_dtype: str = "default") -> comfy.model_
     patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
     patcher = patcher_class(model, load_device=load_device, offload_device=mm.unet_offload_device())
     model.load_model_weights(state, "")
+    attach_streaming(patcher)
     return patcher
 
 
