@@ -223,6 +223,9 @@ def run(args, base: Path) -> None:
     sys.path.insert(0, str(comfyui))  # ComfyUI's modules, from its checkout, as its main.py finds them
     os.chdir(comfyui)
     sys.argv = ["main.py", "--base-directory", str(base), "--disable-api-nodes", *args.comfy_args]
+    from benchmarks import av_placeholder
+
+    av_placeholder.install()  # ComfyUI's node API imports PyAV, which the GPU machine may lack
     import comfy.options
 
     comfy.options.enable_args_parsing()
