@@ -65,9 +65,20 @@ def activation_bytes(model: nn.Module, image_tokens: int, text_tokens: int, batc
     return ACTIVATION_BYTES_PER_ELEMENT * elements + 10 * dequantised
 
 
+def resident_positions(count: int, resident: int) -> tuple[int, ...]:
+    """Which of ``count`` blocks are the ``resident`` ones: the middles of ``resident`` equal runs, spread through
+    the forward. Streamed blocks are copied while earlier blocks compute; a resident block between them gives the
+    copies of the next ones its compute time too, where resident blocks all at the start would leave the copy
+    engine idle while they run."""
+    if not 0 <= resident <= count:
+        raise ValueError(f"resident blocks must be 0..{count}, got {resident!r}")
+    return tuple((2 * j + 1) * count // (2 * resident) for j in range(resident))
+
+
 @dataclass(frozen=True)
 class ResidencyPlan:
-    """Where the blocks go under a budget: the first ``resident_blocks`` on the GPU, the rest streamed."""
+    """Where the blocks go under a budget: ``resident_blocks`` of them on the GPU (at
+    :func:`resident_positions`), the rest streamed."""
 
     budget: int
     resident_blocks: int
@@ -84,6 +95,10 @@ class ResidencyPlan:
         """What the plan expects the GPU to hold at most."""
         return self.other_bytes + self.resident_bytes + self.slot_bytes + self.activation_bytes + self.reserve_bytes
 
+    @property
+    def resident_indices(self) -> tuple[int, ...]:
+        return resident_positions(self.resident_blocks + self.streamed_blocks, self.resident_blocks)
+
 
 def plan_residency(
     block_bytes: list[int],
@@ -93,8 +108,8 @@ def plan_residency(
     slots: int = 2,
     reserve: int = WORKSPACE_RESERVE,
 ) -> ResidencyPlan:
-    """The largest K such that the other weights, blocks 0..K-1, ``slots`` slots (each as large as the
-    largest streamed block), the activations and the reserve fit in ``budget`` bytes.
+    """The largest K such that the other weights, K blocks (at :func:`resident_positions`), ``slots`` slots (each
+    as large as the largest streamed block), the activations and the reserve fit in ``budget`` bytes.
 
     K = all blocks needs no slots. Raises ValueError naming the budget and the least one that would do
     when not even K = 0 fits.
@@ -106,14 +121,14 @@ def plan_residency(
     count = len(block_bytes)
     fixed = other_bytes + activations + reserve
     for resident in range(count, -1, -1):
-        streamed = count - resident
-        used_slots = min(slots, streamed)
-        slot_bytes = used_slots * max(block_bytes[resident:], default=0)
-        resident_bytes = sum(block_bytes[:resident])
+        positions = set(resident_positions(count, resident))
+        streamed = [size for index, size in enumerate(block_bytes) if index not in positions]
+        used_slots = min(slots, len(streamed))
+        slot_bytes = used_slots * max(streamed, default=0)
+        resident_bytes = sum(block_bytes) - sum(streamed)
         if fixed + resident_bytes + slot_bytes <= budget:
-            return ResidencyPlan(
-                budget, resident, streamed, used_slots, other_bytes, resident_bytes, slot_bytes, activations, reserve
-            )
+            sizes = (other_bytes, resident_bytes, slot_bytes, activations, reserve)
+            return ResidencyPlan(budget, resident, len(streamed), used_slots, *sizes)
     used_slots = min(slots, count)
     least = fixed + used_slots * max(block_bytes, default=0)
     raise ValueError(

@@ -11,6 +11,7 @@ state dict loads with no renaming and LoRAs made for the checkpoints address the
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -462,17 +463,31 @@ class VLDMMDiT(nn.Module):
         return self.proj_out(self.norm_out(img, temb))
 
     def compile_blocks(self, mode: str | None = None) -> None:
-        """Regional ``torch.compile``: every block gets the same compiled graph (same code, same shapes), so
-        compiling costs about one block's worth of time, and the elementwise work between the matrix
-        products (norms, modulation, RoPE, gated residuals, casts) is fused. The first forward at a new
-        shape compiles; later ones reuse it."""
+        """Regional ``torch.compile`` of the blocks' ``forward``: one compiled graph serves every block (same code,
+        same shapes; the parameters are inputs of the graph, not constants baked into it), so compiling costs about
+        one block's worth of time, and the elementwise work between the matrix products (norms, modulation, RoPE,
+        gated residuals, casts) is fused. The first forward at a new shape compiles; later ones reuse it.
+
+        Only ``forward`` is compiled, not the module call around it: the blocks' hooks (weight streaming points a
+        block's parameters at the memory its weights are in just before it runs) stay eager, and the graph runs
+        on whatever memory that is. Under streaming, ``mode`` must not capture CUDA graphs, which would be
+        recorded again for each new weight address."""
+        compiled = {}
         for block in self.transformer_blocks:
-            block.compile(mode=mode)
+            kind = type(block)
+            if kind not in compiled:
+                compiled[kind] = torch.compile(kind.forward, mode=mode)
+            block.forward = types.MethodType(compiled[kind], block)
 
     def uncompile_blocks(self) -> None:
         """Back to eager blocks."""
         for block in self.transformer_blocks:
-            block._compiled_call_impl = None
+            vars(block).pop("forward", None)
+
+    @property
+    def blocks_compiled(self) -> bool:
+        """Whether :meth:`compile_blocks` compiled the blocks (and no :meth:`uncompile_blocks` since)."""
+        return all("forward" in vars(block) for block in self.transformer_blocks)
 
     def _check_inputs(self, latents, condition, text, sigma, text_mask):
         if latents.ndim != 5 or latents.shape[1] != LATENT_CHANNELS:
