@@ -463,21 +463,16 @@ class VLDMMDiT(nn.Module):
         return self.proj_out(self.norm_out(img, temb))
 
     def compile_blocks(self, mode: str | None = None) -> None:
-        """Regional ``torch.compile`` of the blocks' ``forward``: one compiled graph serves every block (same code,
-        same shapes; the parameters are inputs of the graph, not constants baked into it), so compiling costs about
-        one block's worth of time, and the elementwise work between the matrix products (norms, modulation, RoPE,
-        gated residuals, casts) is fused. The first forward at a new shape compiles; later ones reuse it.
-
-        Only ``forward`` is compiled, not the module call around it: the blocks' hooks (weight streaming points a
-        block's parameters at the memory its weights are in just before it runs) stay eager, and the graph runs
-        on whatever memory that is. Under streaming, ``mode`` must not capture CUDA graphs, which would be
-        recorded again for each new weight address."""
+        """Regional ``torch.compile`` of the blocks' ``forward``: one graph serves every block (same code, same
+        shapes, the parameters its inputs), so compiling costs about one block's worth of time, and the elementwise
+        work between the matrix products is fused. The module call around ``forward`` stays eager, hooks included:
+        weight streaming points a block's parameters at its slot there, and the graph runs on whatever memory that
+        is (a ``mode`` with CUDA graphs would record one per weight address). A new shape compiles on first use."""
         compiled = {}
         for block in self.transformer_blocks:
-            kind = type(block)
-            if kind not in compiled:
-                compiled[kind] = torch.compile(kind.forward, mode=mode)
-            block.forward = types.MethodType(compiled[kind], block)
+            if type(block) not in compiled:
+                compiled[type(block)] = torch.compile(type(block).forward, mode=mode)
+            block.forward = types.MethodType(compiled[type(block)], block)
 
     def uncompile_blocks(self) -> None:
         """Back to eager blocks."""

@@ -119,14 +119,12 @@ class LayeredPipeline:
         ``vram_budget_gb`` (GiB) runs within that much GPU memory: the models load on the CPU and the
         transformer's blocks stream to ``device`` (see :class:`~layered_core.offload.VRAMBudget`).
         ``compile`` compiles the transformer's blocks (:meth:`VLDMMDiT.compile_blocks`): faster steps after some
-        seconds of compilation on the first (figures in benchmarks/RESULTS.md)."""
+        seconds of compilation on the first (figures in benchmarks/RESULTS.md), streamed blocks too."""
         transformer = transformer or model
         vae = vae or model
         text_encoder = text_encoder or model
         if transformer is None or vae is None:
             raise ValueError("need a transformer and a VAE: pass a diffusers folder, or both files")
-        if compile and vram_budget_gb is not None:
-            raise ValueError("compile and vram_budget_gb together are not supported yet: choose one")
 
         def load_text(on: str | torch.device):
             if text_encoder is None:
@@ -140,12 +138,13 @@ class LayeredPipeline:
                 load_vae(vae, dtype=dtype, device="cpu"),
                 load_text("cpu"),
             )
-            return cls(*models, vram_budget=VRAMBudget(*models, device=device, budget=budget))
-        pipeline = cls(
-            load_mmdit(transformer, dtype=dtype, device=device, fp8=fp8),
-            load_vae(vae, dtype=dtype, device=device),
-            load_text(device),
-        )
+            pipeline = cls(*models, vram_budget=VRAMBudget(*models, device=device, budget=budget))
+        else:
+            pipeline = cls(
+                load_mmdit(transformer, dtype=dtype, device=device, fp8=fp8),
+                load_vae(vae, dtype=dtype, device=device),
+                load_text(device),
+            )
         if compile:
             pipeline.transformer.compile_blocks()
         return pipeline
