@@ -317,6 +317,11 @@ class BlockStreamer:
         self._streamed = tuple(index for index in range(len(self.blocks)) if index not in positions)
 
     @property
+    def device_bytes(self) -> int:
+        """Bytes of block memory on the device now: the resident blocks and the slots (0 once offloaded)."""
+        return sum(buffer.numel() for buffer in [*self._resident, *self._slots])
+
+    @property
     def host_buffers(self) -> list[torch.Tensor]:
         """The packed host buffer of every block (read-only: the streamer copies from them). Page-locked on
         CUDA, though ``is_pinned()`` says False for memory pinned with cudaHostRegister (torch 2.11)."""
