@@ -161,7 +161,7 @@ def add_decompose_parser(sub) -> None:
         type=float,
         metavar="GiB",
         help="use at most this much GPU memory (GiB): transformer blocks streamed from pinned host memory, "
-        "text encoder and VAE on the GPU only while they run",
+        "text encoder and VAE on the GPU only while they run (the text encoder on the CPU where it does not fit)",
     )
     p.add_argument(
         "--compile",

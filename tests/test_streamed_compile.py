@@ -127,3 +127,35 @@ def test_pipeline_under_a_budget_runs_compiled_streamed_blocks(fresh_dynamo):
     assert got.prompt == eager.prompt == want.prompt == "caption en 832x480"
     assert relative_l2(got.layer_images, eager.layer_images) < EAGER_RELATIVE_L2
     assert torch.allclose(got.layer_images, want.layer_images, atol=1e-4)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_cuda_compiled_streaming_with_slow_copies_and_compute_equals_resident_compiled(fresh_dynamo):
+    from layered_core.offload import _CudaTransfers
+
+    class SlowCopies(_CudaTransfers):
+        """Each copy starts late: a compiled block that did not wait for its copy would read other weights."""
+
+        def copy(self, slot, destination, source, block):
+            with torch.cuda.stream(self.stream):
+                torch.cuda._sleep(2_000_000)
+            super().copy(slot, destination, source, block)
+
+    plain = tiny_model(torch.bfloat16)
+    resident = copy.deepcopy(plain).cuda()
+    resident.compile_blocks()
+    model = copy.deepcopy(plain)
+    streamer = BlockStreamer(model, "cuda", slots=2, transfers=SlowCopies(torch.device("cuda", 0), 2))
+    streamer.load(2)
+    model.compile_blocks()
+    for block in model.transformer_blocks:  # a busy compute stream: a copy that did not wait would overwrite
+        block.register_forward_pre_hook(lambda module, args: torch.cuda._sleep(2_000_000))
+    gpu_inputs = [None if t is None else t.cuda() for t in inputs(torch.bfloat16)]
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        want = resident(*gpu_inputs)
+        for _ in range(3):
+            assert torch.equal(model(*gpu_inputs), want)
+    assert graphs_compiled() == 1
