@@ -69,14 +69,12 @@ def main() -> None:
         if args.compile:
             # regional compilation: the blocks share one compiled graph (same code, same shapes)
             start = time.perf_counter()
-            for block in model.transformer_blocks:
-                block.compile()
+            model.compile_blocks()
             ours(1)
             sync()
             print(f"compile + first forward: {time.perf_counter() - start:.1f} s", flush=True)
             measure("ours compiled (fp32 res.)", ours, "ours compiled")
-            for block in model.transformer_blocks:
-                block._compiled_call_impl = None  # back to eager for the reference comparisons
+            model.uncompile_blocks()  # back to eager for the reference comparisons
 
         if not args.no_reference:
             ref = reference_model(model.state_dict(), config)

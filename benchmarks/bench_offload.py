@@ -4,7 +4,8 @@ streamed under a VRAM budget, against all of them resident. Prints a table.
     python -m benchmarks.bench_offload                          # all resident, then the 24 and 16 GiB plans
     python -m benchmarks.bench_offload --vram-gb 24 --hold-back --full-step-seconds batch2=0.99 ...
     python -m benchmarks.bench_offload --vram-gb 16 --hold-back --pipeline   # a whole decomposition
-    python -m benchmarks.bench_offload --tiny                   # CPU smoke test of this script
+    python -m benchmarks.bench_offload --vram-gb 12 --pipeline --resident-step --hold-back --caption --text-fp8
+    python -m benchmarks.bench_offload --tiny [--pipeline --caption --resident-step]   # CPU smoke test
 
 Random bf16 weights (generated on the GPU, kept on the host), 640 px, 4 layers, 256 text tokens. A step
 is cond + uncond, timed three ways: ``batch2`` (equal prompt lengths: one forward of batch 2),
@@ -12,6 +13,13 @@ is cond + uncond, timed three ways: ``batch2`` (equal prompt lengths: one forwar
 ``batch2 masked`` (the shorter prompt padded under a mask: one forward, what the pipeline runs when
 blocks are streamed). ``--hold-back`` first fills the GPU so that only the budget is free, as a smaller
 GPU would be; without it the budgets are only planned for, and the peak columns say whether they held.
+The blocks are compiled on a GPU (``--compile off``: eager).
+
+``--pipeline`` runs a whole decomposition under the budget and prints each stage's seconds, where it ran and its
+peak GPU memory, the median step, and with ``--resident-step`` its ratio to a step with every block resident
+(timed first, before the hold-back, with the same masked batch); ``--caption`` leaves the prompt empty, so the
+auto-caption (of ``--caption-tokens`` tokens) runs where the budget puts the text encoder (fp8 kept with
+``--text-fp8``).
 """
 
 from __future__ import annotations
@@ -22,54 +30,24 @@ import statistics
 import time
 from dataclasses import replace
 
-import numpy as np
 import torch
 
-from benchmarks.measure import sync, timed, timed_decomposition
+from benchmarks.measure import hold_back, host_memory, timed
+from benchmarks.offload_pipeline import run_pipeline
 from benchmarks.workloads import (
     Shape,
     add_shape_arguments,
-    full_text_encoder,
-    noise_image,
-    prompt_of_length,
     random_model,
     step_inputs,
 )
+from layered_core.compile_policy import COMPILE_SETTINGS
 from layered_core.memory import WORKSPACE_RESERVE, GiB, activation_bytes
 from layered_core.mmdit import MMDiTConfig
 from layered_core.offload import stream_blocks
-from layered_core.pipeline import DecomposeOptions, LayeredPipeline
-from layered_core.placement import VRAMBudget
-from layered_core.text import PromptEncoder
-from layered_core.tiny_models import tiny_text_encoder_set
-from layered_core.vae import RGBAVAE, VAEConfig
 
 MODES = ("batch2", "2x batch1", "batch2 masked")
+DEFAULT_BUDGETS = [24.0, 16.0]
 UNCOND_TOKENS = 8  # the negative prompt " " with the template's closing tokens is a few tokens long
-
-
-def host_memory() -> tuple[float, float]:
-    """(current, peak) resident set size of this process in GiB."""
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0]) * 1024 / GiB
-    return values.get("VmRSS", float("nan")), values.get("VmHWM", float("nan"))
-
-
-def hold_back(budget: int) -> torch.Tensor | None:
-    """Allocate all free GPU memory but ``budget`` bytes, before anything else is on the GPU."""
-    free, total = torch.cuda.mem_get_info()
-    print(f"GPU before hold-back: {free / GiB:.2f} GiB free of {total / GiB:.2f} GiB", flush=True)
-    if free <= budget:
-        print(f"only {free / GiB:.2f} GiB free: nothing held back", flush=True)
-        return None
-    filler = torch.empty(free - budget, dtype=torch.uint8, device="cuda")
-    free, _ = torch.cuda.mem_get_info()
-    print(f"held back {filler.numel() / GiB:.2f} GiB: {free / GiB:.2f} GiB free now (budget {budget / GiB:.2f})")
-    return filler
 
 
 def transformer_config(args) -> MMDiTConfig:
@@ -152,6 +130,8 @@ def run_forwards(args, device, filler_bytes: int, reserved_base: int) -> None:
     print(f"model built on the host in {time.perf_counter() - t0:.1f} s", flush=True)
     t0 = time.perf_counter()
     streamer = stream_blocks(model, device, resident_blocks=0, slots=args.slots, load=False)
+    if args.compile:
+        model.compile_blocks()
     print(f"blocks packed and pinned in {time.perf_counter() - t0:.1f} s: {streamer.describe()}", flush=True)
     nbytes, copy_seconds, pinned = h2d_seconds(streamer, device)
     gbps = nbytes / copy_seconds / 1e9
@@ -235,77 +215,36 @@ def run_forwards(args, device, filler_bytes: int, reserved_base: int) -> None:
             )
 
 
-def run_pipeline(args, device, reserved_base: int) -> None:
-    """One whole decomposition with full-size random models under the budget."""
-    t0 = time.perf_counter()
-    transformer = host_transformer(transformer_config(args), args.fp8, device)
-    if args.tiny:
-        vae = RGBAVAE(VAEConfig.tiny()).eval().requires_grad_(False)
-        model, tokenizer, _ = tiny_text_encoder_set(MMDiTConfig.tiny().text_dim)
-        text_encoder = PromptEncoder(model, tokenizer)
-        budget = 4 * GiB
-    else:
-        vae = RGBAVAE(VAEConfig.full(), dtype=torch.bfloat16).eval().requires_grad_(False)
-        text_encoder = full_text_encoder("cpu", generate_on=device)
-        budget = int(args.vram_gb[0] * GiB)
-    print(f"models built on the host in {time.perf_counter() - t0:.1f} s", flush=True)
-    t0 = time.perf_counter()
-    placement = VRAMBudget(transformer, vae, text_encoder, device, budget, slots=args.slots)
-    print(f"placed in {time.perf_counter() - t0:.1f} s: {placement.describe()}", flush=True)
-    pipeline = LayeredPipeline(transformer, vae, text_encoder, vram_budget=placement)
-
-    prompt = prompt_of_length(text_encoder.tokenizer, args.text_tokens)
-    image = noise_image(1024, 1024)
-
-    step_ends = []
-
-    def on_step(info):
-        sync()
-        step_ends.append(time.perf_counter())
-
-    options = DecomposeOptions(layer_count=args.layers, steps=args.steps, resolution=args.resolution)
-    warm, result, total = timed_decomposition(pipeline, image, prompt, options, callback=on_step)
-    steps = np.diff(step_ends)
-    peak = (torch.cuda.max_memory_reserved() - reserved_base) / GiB if device == "cuda" else float("nan")
-    rss, hwm = host_memory()
-    print()
-    print(
-        f"decomposition under a {budget / GiB:g} GiB budget, {'tiny' if args.tiny else 'full-size'} random models: "
-        f"{args.resolution} px, {args.layers} layers, {args.steps} steps, CFG 4.0, prompt {args.text_tokens} tokens"
-    )
-    for stage, seconds in result.seconds.items():
-        print(f"{stage:<16} {seconds:>9.2f}")
-    print(f"{'total':<16} {total:>9.2f}")
-    step = float(np.median(steps)) if len(steps) else float("nan")
-    print(f"median step {step:.3f} s (steps 2..{args.steps}: the first also loads the resident blocks)")
-    print(f"step times: {', '.join(f'{t:.3f}' for t in steps)}")
-    if device == "cuda":
-        stats = torch.cuda.memory_stats()
-        print(f"allocator: {stats.get('num_alloc_retries', 0)} alloc retries, {stats.get('num_ooms', 0)} OOMs")
-    print(f"peak GPU reserved {peak:.2f} GiB (the held-back filler excluded); host RSS {rss:.1f} GiB (peak {hwm:.1f})")
-    print(f"first call (1 step): {sum(warm.seconds.values()):.2f} s")
-    streamer = placement.streamer
-    print(f"sampling ran with {streamer.resident_blocks} blocks resident, {streamer.streamed_blocks} streamed")
-    print(f"layers finite: {bool(torch.isfinite(result.layer_images).all())}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vram-gb", type=float, nargs="+", default=[24.0, 16.0], help="budgets in GiB")
+    parser.add_argument("--vram-gb", type=float, nargs="+", default=DEFAULT_BUDGETS, help="budgets in GiB")
     parser.add_argument("--hold-back", action="store_true", help="fill the GPU so only the (single) budget is free")
     parser.add_argument("--full-step-seconds", nargs="*", default=[], metavar="MODE=SECONDS")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     add_shape_arguments(parser)
     parser.add_argument("--slots", type=int, default=2)
     parser.add_argument("--fp8", action="store_true", help="block linears in float8 with scales (fp8 kept)")
+    parser.add_argument(
+        "--compile", choices=COMPILE_SETTINGS, default="auto", help="compile the blocks (auto: on a CUDA GPU)"
+    )
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--pipeline", action="store_true", help="one whole decomposition under the budget")
     parser.add_argument("--steps", type=int, default=4, help="sampling steps of --pipeline")
+    parser.add_argument("--caption", action="store_true", help="--pipeline: no prompt, the auto-caption writes it")
+    parser.add_argument("--caption-tokens", type=int, default=64, help="--caption: tokens the caption writes")
+    parser.add_argument("--text-fp8", action="store_true", help="--pipeline: the text encoder's linears in fp8 (kept)")
+    parser.add_argument(
+        "--resident-step",
+        action="store_true",
+        help="--pipeline: first time a step with every block resident (before the hold-back), the ratio's yardstick",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: a smoke test of this script")
     args = parser.parse_args()
 
     device = "cpu" if args.tiny else "cuda"
+    # like the pipeline's --compile auto, but for any number of steps: the steady step is what is measured here
+    args.compile = args.compile == "on" or (args.compile == "auto" and device == "cuda")
     if args.tiny and not args.pipeline:
         args.resolution, args.text_tokens = 128, 16  # a CPU-sized step
     if device == "cuda" and not torch.cuda.is_available():
@@ -314,20 +253,22 @@ def main() -> None:
         raise SystemExit("--hold-back needs a GPU and exactly one --vram-gb budget")
     if args.pipeline and not args.tiny and len(args.vram_gb) != 1:
         raise SystemExit("--pipeline runs under one --vram-gb budget")
-    filler_bytes = reserved_base = 0
-    filler = None
-    if args.hold_back:
-        filler = hold_back(int(args.vram_gb[0] * GiB))  # before anything else touches the GPU
-        filler_bytes = 0 if filler is None else filler.numel()
-        reserved_base = torch.cuda.memory_reserved()
+    if not args.pipeline and (args.caption or args.text_fp8 or args.resident_step):
+        raise SystemExit("--caption, --text-fp8 and --resident-step go with --pipeline")
     if args.pipeline:
-        run_pipeline(args, device, reserved_base)
+        run_pipeline(args, device)  # holds back the GPU itself, after the resident step
     else:
+        filler_bytes = reserved_base = 0
+        filler = None
+        if args.hold_back:
+            filler = hold_back(int(args.vram_gb[0] * GiB))  # before anything else touches the GPU
+            filler_bytes = 0 if filler is None else filler.numel()
+            reserved_base = torch.cuda.memory_reserved()
         run_forwards(args, device, filler_bytes, reserved_base)
+        del filler
     if device == "cuda":
         free, total = torch.cuda.mem_get_info()
         print(f"torch.cuda.mem_get_info at the end: {free / GiB:.2f} GiB free of {total / GiB:.2f} GiB")
-    del filler
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """How the benchmarks measure: wall seconds synchronised with the GPU (of a call, or of a whole decomposition),
-peak GPU memory, CUDA kernel time by group from torch.profiler, and the relative L2 error between two outputs."""
+peak GPU memory, a GPU held to a budget, host memory, CUDA kernel time by group from torch.profiler, and the
+relative L2 error between two outputs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
+
+from layered_core.memory import GiB
 
 
 def sync() -> None:
@@ -26,6 +29,34 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+def host_memory() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in GiB."""
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) * 1024 / GiB
+    return values.get("VmRSS", float("nan")), values.get("VmHWM", float("nan"))
+
+
+def hold_back(budget: int, held: int = 0) -> torch.Tensor | None:
+    """Allocate all free GPU memory but ``budget`` bytes less the ``held`` bytes that torch's allocator holds for
+    this process already, so that what the process can use is ``budget``, as on a smaller GPU. Returns the filler
+    (None when there was no more free)."""
+    free, total = torch.cuda.mem_get_info()
+    print(
+        f"GPU before hold-back: {free / GiB:.2f} GiB free of {total / GiB:.2f} GiB, {held / GiB:.2f} held", flush=True
+    )
+    if free <= budget - held:
+        print(f"only {free / GiB:.2f} GiB free: nothing held back", flush=True)
+        return None
+    filler = torch.empty(free - (budget - held), dtype=torch.uint8, device="cuda")
+    free, _ = torch.cuda.mem_get_info()
+    print(f"held back {filler.numel() / GiB:.2f} GiB: {free / GiB:.2f} GiB free now (budget {budget / GiB:.2f})")
+    return filler
+
+
 def timed(fn: Callable[[], object], warmup: int, iters: int) -> list[float]:
     """Wall seconds per call after warm-up, synchronised around each call."""
     for _ in range(warmup):
@@ -40,10 +71,13 @@ def timed(fn: Callable[[], object], warmup: int, iters: int) -> list[float]:
     return times
 
 
-def timed_decomposition(pipeline, image, prompt: str, options, callback=None) -> tuple[object, object, float]:
+def timed_decomposition(
+    pipeline, image, prompt: str, options, callback=None, warmup_prompt: str | None = None
+) -> tuple[object, object, float]:
     """A LayeredPipeline's decomposition under ``options``, after a warm-up of one step (cuDNN and cuBLAS
-    heuristics, the allocator), the peak memory counted from its start: (warm-up's result, result, wall seconds)."""
-    warm = pipeline(image, prompt, replace(options, steps=1))
+    heuristics, the allocator, compilation) with ``warmup_prompt`` (default ``prompt``; a given prompt skips a
+    slow auto-caption), the peak memory counted from its start: (warm-up's result, result, wall seconds)."""
+    warm = pipeline(image, prompt if warmup_prompt is None else warmup_prompt, replace(options, steps=1))
     reset_peak()
     start = time.perf_counter()
     result = pipeline(image, prompt, options, callback=callback)

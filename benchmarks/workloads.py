@@ -252,9 +252,10 @@ QWEN25_VL_7B_VISION = dict(
 )
 
 
-def full_text_encoder(device, dtype: torch.dtype = torch.bfloat16, generate_on=None):
+def full_text_encoder(device, dtype: torch.dtype = torch.bfloat16, generate_on=None, fp8: bool = False):
     """A Qwen2.5-VL-7B-shaped text encoder built on ``device`` in ``dtype`` with ``random_weights_`` (drawn on
-    ``generate_on``), as a PromptEncoder with the tiny offline tokenizer: the real one cannot be had offline.
+    ``generate_on``), as a PromptEncoder with the tiny offline tokenizer: the real one cannot be had offline. With
+    ``fp8`` the linears ComfyUI's fp8 file stores in float8 are FP8Linear, as that file loads with ``fp8="keep"``.
 
     Built without transformers' weight init (``random_weights_`` replaces it); not on the meta device, so that
     the rotary buffers computed at construction are right."""
@@ -285,17 +286,26 @@ def full_text_encoder(device, dtype: torch.dtype = torch.bfloat16, generate_on=N
             model = Qwen2_5_VLForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(default)
+    if fp8:
+        from layered_core.checkpoints.text_encoder import is_quantized_in_comfy_file
+
+        for name, linear in list(model.named_modules()):
+            if type(linear) is torch.nn.Linear and is_quantized_in_comfy_file(f"{name}.weight", linear.weight):
+                parent, _, child = name.rpartition(".")
+                bias = linear.bias is not None
+                replacement = FP8Linear(linear.in_features, linear.out_features, bias, device=device, dtype=dtype)
+                setattr(model.get_submodule(parent), child, replacement)
     random_weights_(model, generate_on=generate_on)
     return PromptEncoder(model.eval().requires_grad_(False), tokenizer)
 
 
-def full_caption_encoder(device, dtype: torch.dtype = torch.bfloat16):
+def full_caption_encoder(device, dtype: torch.dtype = torch.bfloat16, generate_on=None, fp8: bool = False):
     """``full_text_encoder`` made ready to caption: the release's image processor settings and its generation
     settings (repetition penalty 1.05, top_k 1; the end tokens are the offline tokenizer's <|im_end|> and
     <|endoftext|>)."""
     from layered_core.checkpoints.qwen_vl_release import generation_config, image_processor
 
-    encoder = full_text_encoder(device, dtype)
+    encoder = full_text_encoder(device, dtype, generate_on, fp8)
     encoder.image_processor = image_processor()
     encoder.model.generation_config = generation_config(encoder.tokenizer)
     return encoder

@@ -414,6 +414,7 @@ def _decompose_one(pipeline, image_path, images, out, settings, progress, result
             "prompt": decomposition.prompt,
             "layers": len(stack.layers),
             "seconds": {k: round(v, 3) for k, v in decomposition.seconds.items()},
+            "devices": decomposition.devices,
         }
         _commit(staging, folder, written, new_record(image_path, sha256, wanted, written, **details))
     finally:

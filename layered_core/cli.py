@@ -161,7 +161,7 @@ def add_decompose_parser(sub) -> None:
         type=float,
         metavar="GiB",
         help="use at most this much GPU memory (GiB): transformer blocks streamed from pinned host memory, "
-        "text encoder and VAE on the GPU only while they run",
+        "text encoder and VAE on the GPU only while they run (the text encoder on the CPU where it does not fit)",
     )
     p.add_argument(
         "--compile",
@@ -170,7 +170,7 @@ def add_decompose_parser(sub) -> None:
         default="auto",
         choices=COMPILE_SETTINGS,
         help="torch.compile the transformer blocks: auto (the default) compiles on a CUDA GPU with Triton for runs of "
-        f"{MIN_COMPILED_STEPS} steps or more, not on the CPU or under --vram-budget; the compiled code is kept in "
+        f"{MIN_COMPILED_STEPS} steps or more (under --vram-budget too), not on the CPU; the compiled code is kept in "
         "~/.cache/qwen-layered, so later runs start fast (benchmarks/RESULTS.md has the figures)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="more detail, and a failed image's traceback")
@@ -396,7 +396,7 @@ def _decompose(args, progress: TerminalProgress) -> int:
     # transformers draws a bar per file it loads: our own progress says what is loading
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        compile_blocks, why = compile_choice(args.compile, plan.device, args.steps, args.vram_budget is not None)
+        compile_blocks, why = compile_choice(args.compile, plan.device, args.steps)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,5 +1,6 @@
 """Whether to ``torch.compile`` the transformer's blocks for a run: on where it pays back within the run, off by
-itself where it cannot (no CUDA GPU, a GPU Triton does not support, too few steps, streamed blocks).
+itself where it cannot (no CUDA GPU, a GPU Triton does not support, too few steps). Streamed blocks (a VRAM budget)
+compile like resident ones.
 
 The figures behind the choice (a compiled step against an eager one, the first call from a cold and from a warm
 cache) are in benchmarks/RESULTS.md.
@@ -20,17 +21,13 @@ MIN_CAPABILITY = (7, 0)
 """The oldest CUDA compute capability Triton generates code for."""
 
 
-def compile_choice(setting: str, device: str | torch.device, steps: int, streamed: bool = False) -> tuple[bool, str]:
+def compile_choice(setting: str, device: str | torch.device, steps: int) -> tuple[bool, str]:
     """(compile or not, why) for ``--compile`` ``setting`` (auto, on or off) on ``device``, for decompositions
-    of ``steps`` sampling steps, with the blocks streamed under a VRAM budget or not."""
+    of ``steps`` sampling steps."""
     if setting not in COMPILE_SETTINGS:
         raise ValueError(f"compile: expected one of {', '.join(COMPILE_SETTINGS)}, got {setting!r}")
     if setting == "off":
         return False, "off, as asked"
-    if streamed:
-        if setting == "on":
-            raise ValueError("--compile on and --vram-budget together are not supported yet: choose one")
-        return False, "off: the blocks are streamed under the VRAM budget, which runs them eagerly"
     if setting == "on":
         return True, "on, as asked"
     device = torch.device(device)

@@ -23,7 +23,7 @@ ACTIVATION_BYTES_PER_ELEMENT = 48
 # Memory the caching allocator does not count as allocated but the GPU must have: lazily loaded kernels,
 # cuBLAS and cuDNN workspaces, fragmentation of the allocator's cache.
 WORKSPACE_RESERVE = 3 * GiB // 2
-# Activations of the text encoder on top of its weights (a 512-token prompt, or a caption's KV cache).
+# Activations of a text encoder of unknown shape (no Qwen2.5-VL config) on top of its weights.
 TEXT_ENCODER_MARGIN = 2 * GiB
 
 
@@ -58,16 +58,75 @@ def activation_bytes(model: nn.Module, image_tokens: int, text_tokens: int, batc
         if not isinstance(value, int) or value < (0 if name == "text_tokens" else 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     elements = batch * (image_tokens + text_tokens) * model.config.hidden_size
-    dequantised = max(
+    return ACTIVATION_BYTES_PER_ELEMENT * elements + dequantised_weight_bytes(model)
+
+
+def dequantised_weight_bytes(model: nn.Module) -> int:
+    """What a float8 linear's just-in-time dequantisation holds at once, for the largest of ``model``: float32,
+    its scaled float32 copy and the bf16 result, 10 bytes per weight (0 without float8 weights)."""
+    largest = max(
         (m.weight.numel() for m in model.modules() if getattr(getattr(m, "weight", None), "dtype", None) in FP8_DTYPES),
         default=0,
     )
-    return ACTIVATION_BYTES_PER_ELEMENT * elements + 10 * dequantised
+    return 10 * largest
+
+
+def text_encoder_activation_bytes(model: nn.Module, text_tokens: int, image_size: tuple[int, int] | None = None) -> int:
+    """A conservative peak of Qwen2.5-VL's activations on the GPU, in bytes, for a sequence of ``text_tokens``
+    text tokens (a prompt; or a caption's instruction and the words it writes) and the image tokens of a
+    ``image_size`` (width, height) image, whose patches go through the vision tower first.
+
+    Per token or patch in bf16: the residual stream, the norm and the attention's projections (8 x hidden), the
+    MLP's gate, up and product (3 x intermediate); one layer's attention scores and softmax as the unfused kernel
+    holds them; the key/value cache of the whole sequence; the float32 scores of one vocabulary; and float8 linears'
+    dequantised weight (:func:`dequantised_weight_bytes`). :data:`TEXT_ENCODER_MARGIN` for a model without a
+    Qwen2.5-VL config.
+    """
+    config = getattr(model, "config", None)
+    text, vision = getattr(config, "text_config", None), getattr(config, "vision_config", None)
+    if text is None or vision is None:
+        return TEXT_ENCODER_MARGIN
+
+    def tower(rows: int, hidden: int, intermediate: int, heads: int) -> int:
+        return 2 * rows * (8 * hidden + 3 * intermediate) + 4 * heads * rows * rows
+
+    patches = 0
+    if image_size is not None:
+        # the image processor resizes to whole 2x2 groups of patches (28 px for the 7B); one token per group
+        group = vision.patch_size * vision.spatial_merge_size
+        patches = math.prod(-(-side // group) * vision.spatial_merge_size for side in image_size)
+    tokens = text_tokens + patches // vision.spatial_merge_size**2
+    head_dim = text.hidden_size // text.num_attention_heads
+    cache = 2 * tokens * text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim
+    language = tower(tokens, text.hidden_size, text.intermediate_size, text.num_attention_heads)
+    image = tower(patches, vision.hidden_size, vision.intermediate_size, vision.num_heads) if patches else 0
+    return max(language, image) + cache + 8 * text.vocab_size + dequantised_weight_bytes(model)
+
+
+def text_encoder_visit_bytes(
+    model: nn.Module, other_bytes: int, text_tokens: int, image_size: tuple[int, int] | None = None
+) -> int:
+    """GPU bytes a visit of the text encoder takes under a VRAM budget: the transformer's ``other_bytes`` (its
+    non-block weights stay on the GPU; the blocks are given back), the text encoder's weights, its activations
+    (:func:`text_encoder_activation_bytes`) and the CUDA workspace reserve."""
+    activations = text_encoder_activation_bytes(model, text_tokens, image_size)
+    return other_bytes + tensor_bytes(model) + activations + WORKSPACE_RESERVE
+
+
+def resident_positions(count: int, resident: int) -> tuple[int, ...]:
+    """Which of ``count`` blocks are the ``resident`` ones: the middles of ``resident`` equal runs, spread through
+    the forward. Streamed blocks are copied while earlier blocks compute; a resident block between them gives the
+    copies of the next ones its compute time too, where resident blocks all at the start would leave the copy
+    engine idle while they run."""
+    if not 0 <= resident <= count:
+        raise ValueError(f"resident blocks must be 0..{count}, got {resident!r}")
+    return tuple((2 * j + 1) * count // (2 * resident) for j in range(resident))
 
 
 @dataclass(frozen=True)
 class ResidencyPlan:
-    """Where the blocks go under a budget: the first ``resident_blocks`` on the GPU, the rest streamed."""
+    """Where the blocks go under a budget: ``resident_blocks`` of them on the GPU (at
+    :func:`resident_positions`), the rest streamed."""
 
     budget: int
     resident_blocks: int
@@ -84,6 +143,10 @@ class ResidencyPlan:
         """What the plan expects the GPU to hold at most."""
         return self.other_bytes + self.resident_bytes + self.slot_bytes + self.activation_bytes + self.reserve_bytes
 
+    @property
+    def resident_indices(self) -> tuple[int, ...]:
+        return resident_positions(self.resident_blocks + self.streamed_blocks, self.resident_blocks)
+
 
 def plan_residency(
     block_bytes: list[int],
@@ -93,8 +156,8 @@ def plan_residency(
     slots: int = 2,
     reserve: int = WORKSPACE_RESERVE,
 ) -> ResidencyPlan:
-    """The largest K such that the other weights, blocks 0..K-1, ``slots`` slots (each as large as the
-    largest streamed block), the activations and the reserve fit in ``budget`` bytes.
+    """The largest K such that the other weights, K blocks (at :func:`resident_positions`), ``slots`` slots (each
+    as large as the largest streamed block), the activations and the reserve fit in ``budget`` bytes.
 
     K = all blocks needs no slots. Raises ValueError naming the budget and the least one that would do
     when not even K = 0 fits.
@@ -106,14 +169,14 @@ def plan_residency(
     count = len(block_bytes)
     fixed = other_bytes + activations + reserve
     for resident in range(count, -1, -1):
-        streamed = count - resident
-        used_slots = min(slots, streamed)
-        slot_bytes = used_slots * max(block_bytes[resident:], default=0)
-        resident_bytes = sum(block_bytes[:resident])
+        positions = set(resident_positions(count, resident))
+        streamed = [size for index, size in enumerate(block_bytes) if index not in positions]
+        used_slots = min(slots, len(streamed))
+        slot_bytes = used_slots * max(streamed, default=0)
+        resident_bytes = sum(block_bytes) - sum(streamed)
         if fixed + resident_bytes + slot_bytes <= budget:
-            return ResidencyPlan(
-                budget, resident, streamed, used_slots, other_bytes, resident_bytes, slot_bytes, activations, reserve
-            )
+            sizes = (other_bytes, resident_bytes, slot_bytes, activations, reserve)
+            return ResidencyPlan(budget, resident, len(streamed), used_slots, *sizes)
     used_slots = min(slots, count)
     least = fixed + used_slots * max(block_bytes, default=0)
     raise ValueError(

@@ -3,16 +3,20 @@
 Everything but ``transformer_blocks`` (embeddings and output head: 0.08 GB of the full model's 40.9 GB)
 stays on the GPU. Each block's parameters and buffers, whatever their dtypes (bf16, or float8 weights
 with float32 scales), are packed into one contiguous pinned host buffer, so bringing a block over is a
-single large copy. The first K blocks also live on the GPU ("resident"); the others are copied into a
-small ring of preallocated GPU slots just before they run, the next block while the current one
-computes:
+single large copy. K blocks also live on the GPU ("resident"), spread through the forward
+(:func:`~layered_core.memory.resident_positions`); the others are copied into a small ring of preallocated GPU
+slots before they run, the next ones while the current one computes:
 
     copy stream:     wait "slot s free" -> copy block j into slot s -> record "slot s copied"
     compute stream:  wait "slot s copied" -> run block j on views into slot s -> record "slot s free"
 
-with s = (j - K) mod slots. Forward pre/post hooks on the blocks do this, so the model's code is not
-touched and block patches that call the original block (ComfyUI's ``patches_replace``) stream too. On
-the CPU the same code runs with plain synchronous copies, which is what the tests exercise.
+Each copy takes the ring's next slot, so copies are issued in running order, as many ahead as there are slots,
+wrapping round to the first streamed blocks of the next forward while the last ones of this forward compute (and
+at :meth:`BlockStreamer.load`, for the first forward). Forward pre/post hooks on the blocks do this, so the
+model's code is not touched, block patches that call the original block (ComfyUI's ``patches_replace``) stream
+too, and a block's compiled ``forward`` (:meth:`~layered_core.mmdit.VLDMMDiT.compile_blocks`) runs on whatever
+memory its parameters were pointed at. On the CPU the same code runs with plain synchronous copies, which is what
+the tests exercise.
 
 K comes from a VRAM budget (:func:`plan_residency`): the budget, less the other weights, the slots, an
 activation estimate for the token count and batch, and a reserve for CUDA workspaces, decides how
@@ -26,6 +30,7 @@ the original tensors are dropped once a block is packed.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import logging
@@ -36,11 +41,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .memory import GiB, ResidencyPlan, activation_bytes, plan_residency, tensor_bytes
+from .memory import GiB, ResidencyPlan, activation_bytes, plan_residency, resident_positions, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
-ALIGNMENT = 256  # bytes between tensors in a packed block: what CUDA kernels' vector loads want
+# Bytes between tensors in a packed block: what CUDA kernels' vector loads want, and more than the 16 that
+# inductor's compiled code assumes of its inputs (a misaligned input would be copied on every call).
+ALIGNMENT = 256
 PAGE = 4096  # host buffers start and end on pages, so two buffers never share a pinned page
 
 
@@ -218,6 +225,8 @@ class BlockStreamer:
         self._transfers_given = transfers
         self._transfers: _SyncTransfers | None = None
         self.resident_blocks = 0
+        self._resident_flags: list[bool] = []
+        self._streamed: tuple[int, ...] = ()
         self.loaded = False
         self.removed = False
 
@@ -267,7 +276,10 @@ class BlockStreamer:
         self._resident: list[torch.Tensor] = []
         self._slots: list[torch.Tensor] = []
         self._slot_views: dict[tuple[int, int], list[torch.Tensor]] = {}
-        self._slot_content: list[int | None] = []
+        self._slot_content: list[int | None] = []  # the block each slot holds (or is being copied)
+        self._slot_of_block: dict[int, int] = {}
+        self._next_slot = 0
+        self._set_resident(0)
         self._hooks = []
         for index, block in enumerate(self.blocks):
             self._hooks.append(block.register_forward_pre_hook(functools.partial(self._before_block, index)))
@@ -282,13 +294,32 @@ class BlockStreamer:
         return len(self.blocks) - self.resident_blocks
 
     @property
+    def resident_indices(self) -> tuple[int, ...]:
+        return tuple(index for index, resident in enumerate(self._resident_flags) if resident)
+
+    @property
+    def streamed_indices(self) -> tuple[int, ...]:
+        return self._streamed
+
+    @property
     def used_slots(self) -> int:
         return min(self.slots, self.streamed_blocks)
 
     @property
     def slot_bytes(self) -> int:
         """Bytes of one slot: the largest streamed block."""
-        return max(self.block_bytes[self.resident_blocks :], default=0)
+        return max((self.block_bytes[index] for index in self._streamed), default=0)
+
+    def _set_resident(self, resident_blocks: int) -> None:
+        positions = set(resident_positions(len(self.blocks), resident_blocks))
+        self.resident_blocks = resident_blocks
+        self._resident_flags = [index in positions for index in range(len(self.blocks))]
+        self._streamed = tuple(index for index in range(len(self.blocks)) if index not in positions)
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of block memory on the device now: the resident blocks and the slots (0 once offloaded)."""
+        return sum(buffer.numel() for buffer in [*self._resident, *self._slots])
 
     @property
     def host_buffers(self) -> list[torch.Tensor]:
@@ -306,7 +337,7 @@ class BlockStreamer:
         return (
             f"{self.resident_blocks} of {len(self.blocks)} blocks resident {state} {self.device}, "
             f"{self.streamed_blocks} streamed through {self.used_slots} slots of {self.slot_bytes / GiB:.2f} GiB; "
-            f"device: {sum(self.block_bytes[: self.resident_blocks]) / GiB:.2f} GiB resident blocks + "
+            f"device: {sum(self.block_bytes[i] for i in self.resident_indices) / GiB:.2f} GiB resident blocks + "
             f"{self.used_slots * self.slot_bytes / GiB:.2f} GiB slots + {self.other_bytes / GiB:.2f} GiB other "
             f"weights; host: {self.host_bytes / GiB:.2f} GiB packed ({self.pinned_bytes / GiB:.2f} GiB pinned), "
             f"{self.layout_count} block layout(s)"
@@ -315,7 +346,8 @@ class BlockStreamer:
     # -- placing ------------------------------------------------------------------------------------------
 
     def load(self, resident_blocks: int | None = None) -> None:
-        """Put blocks 0..K-1 and the slots on the device (K = the current count when None)."""
+        """Put K blocks (at :func:`~layered_core.memory.resident_positions`) and the slots on the device (K = the
+        current count when None), and start copying the first streamed blocks into the slots."""
         resident_blocks = self.resident_blocks if resident_blocks is None else resident_blocks
         if not isinstance(resident_blocks, int) or not 0 <= resident_blocks <= len(self.blocks):
             raise ValueError(f"resident_blocks must be 0..{len(self.blocks)}, got {resident_blocks!r}")
@@ -324,17 +356,17 @@ class BlockStreamer:
         if self.loaded and resident_blocks == self.resident_blocks:
             return
         self.offload()
-        self.resident_blocks = resident_blocks
+        self._set_resident(resident_blocks)
         self.loaded = True  # from here on, offload() undoes whatever got placed (say, before an out-of-memory)
         try:
             with torch.no_grad(), torch.inference_mode(False):
-                for index in range(resident_blocks):
+                for index in self.resident_indices:
                     layout = self._layouts[index]
                     buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
                     buffer.copy_(self._host[index][: layout.nbytes], non_blocking=True)
                     self._resident.append(buffer)
                     _point(self._targets[index], layout.views(buffer))
-                streamed_layouts = {id(layout): layout for layout in self._layouts[resident_blocks:]}
+                streamed_layouts = {id(self._layouts[index]): self._layouts[index] for index in self._streamed}
                 for slot in range(self.used_slots):
                     buffer = torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
                     self._slots.append(buffer)
@@ -345,6 +377,8 @@ class BlockStreamer:
                 _CudaTransfers(self.device, max(1, self.used_slots)) if self.device.type == "cuda" else _SyncTransfers()
             )
             self._transfers.slots_allocated()
+            if self._streamed:
+                self._prefetch(0)
         except BaseException:
             self.offload()
             raise
@@ -360,6 +394,7 @@ class BlockStreamer:
         for index in range(len(self.blocks)):
             _point(self._targets[index], self._host_views[index])
         self._resident, self._slots, self._slot_views, self._slot_content = [], [], {}, []
+        self._slot_of_block, self._next_slot = {}, 0
         self._transfers = None
         self.loaded = False
         if self.device.type == "cuda":
@@ -390,37 +425,43 @@ class BlockStreamer:
 
     # -- hooks --------------------------------------------------------------------------------------------
 
-    def _slot_of(self, index: int) -> int:
-        return (index - self.resident_blocks) % self.used_slots
-
     def _prefetch(self, index: int) -> None:
-        """Start copying the next ``slots`` streamed blocks at or after ``index`` that are not in place.
+        """Start copying the next ``used_slots`` streamed blocks from ``index`` on (wrapping round to the next
+        forward's first ones) that are not in a slot yet.
 
-        Their slots were last used by blocks that have finished (in order), or whose "free" event the copy
-        waits for; a block just loaded stays in place while it is wanted.
+        Each goes into the ring's next slot whose block is not among them: a block that has run, whose "free" event
+        the copy waits for, or one wanted later than these, which is copied again then. A block in its slot stays
+        there while it is wanted.
         """
-        first = max(index, self.resident_blocks)
-        for block in range(first, min(first + self.used_slots, len(self.blocks))):
-            slot = self._slot_of(block)
-            if self._slot_content[slot] != block:
-                nbytes = self.block_bytes[block]
-                self._transfers.copy(slot, self._slots[slot][:nbytes], self._host[block][:nbytes], block)
-                self._slot_content[slot] = block
+        streamed = self._streamed
+        start = bisect.bisect_left(streamed, index)
+        upcoming = [streamed[(start + ahead) % len(streamed)] for ahead in range(self.used_slots)]
+        for block in upcoming:
+            if block in self._slot_of_block:
+                continue
+            ring = [(self._next_slot + step) % self.used_slots for step in range(self.used_slots)]
+            slot = next(s for s in ring if self._slot_content[s] not in upcoming)
+            self._slot_of_block.pop(self._slot_content[slot], None)
+            nbytes = self.block_bytes[block]
+            self._transfers.copy(slot, self._slots[slot][:nbytes], self._host[block][:nbytes], block)
+            self._slot_content[slot], self._slot_of_block[block] = block, slot
+            self._next_slot = (slot + 1) % self.used_slots
 
     def _before_block(self, index: int, module, args) -> None:
         if not self.loaded:
             self.load()
-        if self.streamed_blocks == 0:
+        if not self._streamed:
             return
         self._prefetch(index)
-        if index >= self.resident_blocks:
-            slot = self._slot_of(index)
+        if not self._resident_flags[index]:
+            slot = self._slot_of_block[index]
             self._transfers.wait_copied(slot, index)
             _point(self._targets[index], self._slot_views[(slot, id(self._layouts[index]))])
 
     def _after_block(self, index: int, module, args, output) -> None:
-        if self.loaded and index >= self.resident_blocks:
-            self._transfers.mark_free(self._slot_of(index), index)
+        slot = self._slot_of_block.get(index) if self.loaded else None
+        if slot is not None:
+            self._transfers.mark_free(slot, index)
             _point(self._targets[index], self._host_views[index])
 
 
@@ -448,10 +489,11 @@ def stream_blocks(
     streamer = BlockStreamer(model, device, slots)
     if vram_budget is not None:
         resident_blocks = streamer.plan(vram_budget, image_tokens, text_tokens, batch).resident_blocks
-    streamer.resident_blocks = resident_blocks
     if load:
         streamer.load(resident_blocks)
-    elif not 0 <= resident_blocks <= len(streamer.blocks):
+    elif isinstance(resident_blocks, int) and 0 <= resident_blocks <= len(streamer.blocks):
+        streamer._set_resident(resident_blocks)
+    else:
         raise ValueError(f"resident_blocks must be 0..{len(streamer.blocks)}, got {resident_blocks!r}")
     logger.info("streaming transformer blocks: %s", streamer.describe())
     return streamer

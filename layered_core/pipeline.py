@@ -23,7 +23,7 @@ from .memory import gib
 from .mmdit import image_token_count
 from .placement import VRAMBudget
 from .sampling import PromptEmbeddings, StepInfo, check_layer_count, forward_batch, sample
-from .text import load_text_encoder
+from .text import load_text_encoder, text_encoder_tokens
 from .vae import DEFAULT_FRAMES_PER_BATCH, decode_frames
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class Decomposition:
     composite: torch.Tensor  # (4, H, W) float32 in [0, 1]
     prompt: str
     seconds: dict[str, float] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)  # where each stage of ``seconds`` ran ("cuda:0", "cpu")
 
     def stack(self, names: list[str] | None = None) -> LayerStack:
         """The layers as a :class:`LayerStack`, each cut to its alpha box."""
@@ -119,14 +120,12 @@ class LayeredPipeline:
         ``vram_budget_gb`` (GiB) runs within that much GPU memory: the models load on the CPU and the
         transformer's blocks stream to ``device`` (see :class:`~layered_core.offload.VRAMBudget`).
         ``compile`` compiles the transformer's blocks (:meth:`VLDMMDiT.compile_blocks`): faster steps after some
-        seconds of compilation on the first (figures in benchmarks/RESULTS.md)."""
+        seconds of compilation on the first (figures in benchmarks/RESULTS.md), streamed blocks too."""
         transformer = transformer or model
         vae = vae or model
         text_encoder = text_encoder or model
         if transformer is None or vae is None:
             raise ValueError("need a transformer and a VAE: pass a diffusers folder, or both files")
-        if compile and vram_budget_gb is not None:
-            raise ValueError("compile and vram_budget_gb together are not supported yet: choose one")
 
         def load_text(on: str | torch.device):
             if text_encoder is None:
@@ -140,12 +139,13 @@ class LayeredPipeline:
                 load_vae(vae, dtype=dtype, device="cpu"),
                 load_text("cpu"),
             )
-            return cls(*models, vram_budget=VRAMBudget(*models, device=device, budget=budget))
-        pipeline = cls(
-            load_mmdit(transformer, dtype=dtype, device=device, fp8=fp8),
-            load_vae(vae, dtype=dtype, device=device),
-            load_text(device),
-        )
+            pipeline = cls(*models, vram_budget=VRAMBudget(*models, device=device, budget=budget))
+        else:
+            pipeline = cls(
+                load_mmdit(transformer, dtype=dtype, device=device, fp8=fp8),
+                load_vae(vae, dtype=dtype, device=device),
+                load_text(device),
+            )
         if compile:
             pipeline.transformer.compile_blocks()
         return pipeline
@@ -159,14 +159,23 @@ class LayeredPipeline:
             image = flatten(image, options.background)
         return resize_rgba(image, bucket_size(*image.size, options.resolution))
 
-    def _on_device(self, module, text_encoder: bool = False):
+    def _on_device(self, module):
         """Under a VRAM budget, ``module`` visits the GPU for the ``with`` block; else nothing happens."""
         if self.vram_budget is None:
             return contextlib.nullcontext()
-        return self.vram_budget.visiting(module, text_encoder=text_encoder)
+        return self.vram_budget.visiting(module)
 
-    def _text_model(self):
-        return getattr(self.text_encoder, "model", None)
+    def _vae_device(self) -> torch.device:
+        return _device_of(self.vae) if self.vram_budget is None else self.vram_budget.device
+
+    def _text_encoder_placed(self, max_sequence_length: int, caption_image: Image.Image | None = None):
+        """The text encoder where it runs, for the ``with`` block (yields that device): under a VRAM budget, the
+        budget's choice for prompts of ``max_sequence_length`` tokens and a caption of ``caption_image`` (GPU or
+        CPU); else where it is."""
+        if self.vram_budget is None:
+            return contextlib.nullcontext(_device_of(getattr(self.text_encoder, "model", None)))
+        tokens = text_encoder_tokens(max_sequence_length, caption=caption_image is not None)
+        return self.vram_budget.text_encoder_placed(tokens, None if caption_image is None else caption_image.size)
 
     def _transformer_on_device(self, condition, options, positive, negative):
         """Under a VRAM budget, the transformer's blocks on the GPU for sampling, planned for this image's
@@ -188,7 +197,7 @@ class LayeredPipeline:
         """Prompt embeddings; like the reference, tokens past ``max_sequence_length`` are dropped."""
         if self.text_encoder is None:
             raise ValueError("no text encoder loaded: pass prompt_embeddings, or load one with load_text_encoder")
-        with self._on_device(self._text_model(), text_encoder=True):
+        with self._text_encoder_placed(max_sequence_length):
             embeddings, mask = self.text_encoder.encode(prompts, max_sequence_length=max_sequence_length, truncate=True)
         if embeddings.shape[1] == max_sequence_length:
             logger.warning("a prompt reached %d tokens; anything longer was cut off", max_sequence_length)
@@ -197,7 +206,7 @@ class LayeredPipeline:
     def caption(self, image: Image.Image, language: str = "en") -> str:
         if self.text_encoder is None:
             raise ValueError("the prompt is empty and no text encoder is loaded to caption the image")
-        with self._on_device(self._text_model(), text_encoder=True):
+        with self._text_encoder_placed(0, caption_image=image):
             return self.text_encoder.caption(image, language=language)
 
     def decode(
@@ -234,28 +243,32 @@ class LayeredPipeline:
         """
         options = options or DecomposeOptions()
         seconds: dict[str, float] = {}
+        devices: dict[str, str] = {}
         original_size = image.size
         start = time.perf_counter()
         prepared = self.prepare_image(image, options)
         condition = self.encode_image(prepared)
         _synchronize(condition.device)
         seconds["encode image"] = time.perf_counter() - start
+        devices["encode image"] = str(self._vae_device())
 
         start = time.perf_counter()
         if prompt_embeddings is not None:
             positive, negative = prompt_embeddings
         else:
-            # under a VRAM budget: one visit of the GPU for the caption and both prompts
-            with self._on_device(self._text_model(), text_encoder=True):
-                if is_blank_prompt(prompt):
+            captioning = is_blank_prompt(prompt)
+            # under a VRAM budget: one place for the caption and both prompts (a visit of the GPU where it fits)
+            with self._text_encoder_placed(options.max_sequence_length, prepared if captioning else None) as on:
+                if captioning:
                     prompt = self.caption(prepared, options.caption_language)
-                    logger.debug("auto-caption: %s", prompt)
-                    seconds["caption"] = time.perf_counter() - start
+                    logger.debug("auto-caption on %s: %s", on, prompt)
+                    seconds["caption"], devices["caption"] = time.perf_counter() - start, str(on)
                     start = time.perf_counter()
                 positive = self.encode_text([prompt], options.max_sequence_length)
                 negative = None
                 if options.cfg_scale > 1:
                     negative = self.encode_text([options.negative_prompt], options.max_sequence_length)
+            devices["text"] = str(on)
         _synchronize(positive.embeddings.device)
         seconds["text"] = time.perf_counter() - start
 
@@ -281,7 +294,7 @@ class LayeredPipeline:
                 batch_guidance=plan is not None and plan.streamed_blocks > 0,
             )
         _synchronize(device)
-        seconds["sampling"] = time.perf_counter() - start
+        seconds["sampling"], devices["sampling"] = time.perf_counter() - start, str(device)
 
         start = time.perf_counter()
         layer_images, composite = self.decode(latents, progress=decode_progress)
@@ -289,8 +302,8 @@ class LayeredPipeline:
             both = resize_layers(torch.cat([layer_images, composite[None]]), original_size)
             layer_images, composite = both[:-1], both[-1]
         layer_images, composite = layer_images.float().cpu(), composite.float().cpu()
-        seconds["decode"] = time.perf_counter() - start
-        return Decomposition(layer_images, composite, prompt or "", seconds)
+        seconds["decode"], devices["decode"] = time.perf_counter() - start, str(self._vae_device())
+        return Decomposition(layer_images, composite, prompt or "", seconds, devices)
 
     def split(
         self,

@@ -9,11 +9,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .memory import TEXT_ENCODER_MARGIN, WORKSPACE_RESERVE, GiB, ResidencyPlan, tensor_bytes
+from .memory import GiB, ResidencyPlan, tensor_bytes, text_encoder_visit_bytes
 from .mmdit import image_token_count
 from .offload import stream_blocks
+from .text import text_encoder_tokens
 
 logger = logging.getLogger(__name__)
+
+CPU = torch.device("cpu")
 
 
 class VRAMBudget:
@@ -22,9 +25,10 @@ class VRAMBudget:
     The transformer streams its blocks (:class:`BlockStreamer`) and holds block memory only while it
     samples, with K planned for that decomposition's tokens. The VAE and the text encoder live on the
     CPU and visit the GPU while they run, the block memory given back first. The text encoder visits
-    only if its weights, :data:`TEXT_ENCODER_MARGIN` and the reserve fit in the budget beside the
-    transformer's other weights; otherwise it runs on the CPU (Qwen2.5-VL-7B is 15.5 GiB in bf16: it
-    visits under 24 GiB and runs on the CPU under 16, where an auto-caption takes minutes).
+    for a piece of work (prompts, a caption) only if its weights, its activations for that work
+    (:func:`~layered_core.memory.text_encoder_activation_bytes`) and the reserve fit in the budget beside the
+    transformer's other weights; otherwise it runs on the CPU, which takes minutes for a caption. Qwen2.5-VL-7B
+    with float8 linears kept visits under 12 GiB for a 640 px caption; in bf16 (15.4 GiB) it needs more than 16.
     """
 
     def __init__(self, transformer, vae, text_encoder, device, budget: int, slots: int = 2):
@@ -33,38 +37,89 @@ class VRAMBudget:
         self.device = torch.device(device)
         self.budget = budget
         self.vae = vae.to("cpu") if vae is not None else None
+        self.text_encoder = text_encoder
         model = getattr(text_encoder, "model", None)
-        if isinstance(model, nn.Module):
-            model.to("cpu")
+        self.text_model = model if isinstance(model, nn.Module) else None
+        if self.text_model is not None:
+            self.text_model.to("cpu")
+        self.text_encoder_bytes = tensor_bytes(self.text_model) if self.text_model is not None else 0
         # Refused now only if not even the smallest decomposition (640 px, one layer, no guidance) fits;
         # each call plans K for its own tokens.
         smallest = image_token_count(1, 80, 80, transformer.config.patch_size)
         self.streamer = stream_blocks(
             transformer, device, budget, slots=slots, image_tokens=smallest, text_tokens=1, batch=1, load=False
         )
-        text_bytes = tensor_bytes(model) if isinstance(model, nn.Module) else 0
-        self.text_encoder_visits = (
-            isinstance(model, nn.Module)
-            and self.streamer.other_bytes + text_bytes + TEXT_ENCODER_MARGIN + WORKSPACE_RESERVE <= budget
-        )
-        if isinstance(model, nn.Module) and not self.text_encoder_visits:
-            logger.warning(
-                "the text encoder (%.1f GiB) does not fit a %.1f GiB VRAM budget: it runs on the CPU (pass a prompt "
-                "to skip the slow auto-caption)",
-                text_bytes / GiB,
-                budget / GiB,
-            )
         self._visiting: set[int] = set()
+        self._text_encoder_fits: bool | None = None  # while the text encoder is placed, whether on the GPU
+        self._warned_cpu = False
 
     def describe(self) -> str:
-        where = self.device if self.text_encoder_visits else "cpu"
-        return f"VRAM budget {self.budget / GiB:.2f} GiB: {self.streamer.describe()}; text encoder runs on {where}"
+        caption = self.text_encoder_device(text_encoder_tokens(512, caption=True), (640, 640))
+        return (
+            f"VRAM budget {self.budget / GiB:.2f} GiB: {self.streamer.describe()}; text encoder "
+            f"({self.text_encoder_bytes / GiB:.2f} GiB) runs a 640 px caption on {caption}"
+        )
+
+    # -- the text encoder ------------------------------------------------------------------------------
+
+    def text_encoder_bytes_needed(self, text_tokens: int, image_size: tuple[int, int] | None = None) -> int:
+        """GPU bytes the text encoder's visit takes for this work (see :func:`.memory.text_encoder_visit_bytes`)."""
+        return text_encoder_visit_bytes(self.text_model, self.streamer.other_bytes, text_tokens, image_size)
+
+    def text_encoder_fits(self, text_tokens: int, image_size: tuple[int, int] | None = None) -> bool:
+        """Whether the text encoder runs on the GPU for this work (see :meth:`text_encoder_placed`); while it is
+        placed, whether it is there."""
+        if self._text_encoder_fits is not None:
+            return self._text_encoder_fits
+        return self.text_model is not None and self.text_encoder_bytes_needed(text_tokens, image_size) <= self.budget
+
+    def text_encoder_device(self, text_tokens: int, image_size: tuple[int, int] | None = None) -> torch.device:
+        """Where the text encoder runs for this work: the GPU where it fits the budget, else the CPU."""
+        return self.device if self.text_encoder_fits(text_tokens, image_size) else CPU
 
     @contextlib.contextmanager
-    def visiting(self, module: nn.Module | None, text_encoder: bool = False) -> Iterator[None]:
-        """``module`` on the device for the duration (re-entrant); its host tensors are kept and put back
-        after, so leaving costs no copy. The text encoder stays on the CPU when it does not fit."""
-        if module is None or id(module) in self._visiting or (text_encoder and not self.text_encoder_visits):
+    def text_encoder_placed(
+        self, text_tokens: int, image_size: tuple[int, int] | None = None
+    ) -> Iterator[torch.device]:
+        """The text encoder where it runs for sequences of ``text_tokens`` text tokens and an image of
+        ``image_size`` (width, height; None: no caption), for the duration; yields that device. On the GPU it
+        visits (:meth:`visiting`: the blocks given back first) and its caption state goes with it after; on the CPU
+        the log says why. Re-entrant: an inner call keeps the outer one's place."""
+        if self._text_encoder_fits is not None or self.text_model is None:
+            yield self.text_encoder_device(text_tokens, image_size)
+            return
+        fits = self.text_encoder_fits(text_tokens, image_size)
+        if not fits:
+            log = logger.info if self._warned_cpu else logger.warning
+            self._warned_cpu = True
+            log(
+                "the text encoder runs on the CPU: with its activations%s and the CUDA workspace reserve it needs "
+                "%.2f GiB, more than the %.2f GiB VRAM budget (%.2f GiB of weights; pass a prompt to skip the slow "
+                "auto-caption)",
+                f" for a {image_size[0]}x{image_size[1]} caption" if image_size else "",
+                self.text_encoder_bytes_needed(text_tokens, image_size) / GiB,
+                self.budget / GiB,
+                self.text_encoder_bytes / GiB,
+            )
+        self._text_encoder_fits = fits
+        try:
+            with self.visiting(self.text_model if fits else None):
+                try:
+                    yield self.device if fits else CPU
+                finally:
+                    release = getattr(self.text_encoder, "release_caption_state", None)
+                    if fits and release is not None:
+                        release()
+        finally:
+            self._text_encoder_fits = None
+
+    # -- visits and sampling -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def visiting(self, module: nn.Module | None) -> Iterator[None]:
+        """``module`` on the device for the duration (re-entrant), the blocks' memory given back first; its host
+        tensors are kept and put back after, so leaving costs no copy."""
+        if module is None or id(module) in self._visiting:
             yield
             return
         self.streamer.offload()

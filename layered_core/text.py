@@ -52,6 +52,10 @@ ENCODE_TEMPLATE = (
 TEMPLATE_PREFIX_TOKENS = 34
 MAX_SEQUENCE_LENGTH = 1024
 IMAGE_PLACEHOLDER = "<|image_pad|>"
+CAPTION_MAX_NEW_TOKENS = 512
+# More than either caption instruction's text tokens (the English one is about 290 with Qwen's tokenizer); the
+# image brings tokens of its own.
+CAPTION_INSTRUCTION_TOKENS = 512
 
 # The reference's caption instructions, reproduced exactly (their line breaks included) because they
 # are what the model was prompted with.
@@ -109,6 +113,14 @@ CAPTION_INSTRUCTIONS = {
 }
 
 WEIGHT_INDEX = "model.safetensors.index.json"
+
+
+def text_encoder_tokens(max_sequence_length: int, caption: bool = False) -> int:
+    """The most text tokens in one sequence of the text encoder: a prompt of ``max_sequence_length`` tokens after
+    the template's prefix, or with ``caption`` also a caption's instruction and the words it writes (its image
+    brings tokens of its own)."""
+    prompt = TEMPLATE_PREFIX_TOKENS + max_sequence_length
+    return max(prompt, CAPTION_INSTRUCTION_TOKENS + CAPTION_MAX_NEW_TOKENS) if caption else prompt
 
 
 def mask_or_none(mask: torch.Tensor) -> torch.Tensor | None:
@@ -208,7 +220,7 @@ class PromptEncoder:
         return embeddings, mask.to(hidden.device)
 
     @torch.inference_mode()
-    def caption(self, image, language: str = "en", max_new_tokens: int = 512) -> str:
+    def caption(self, image, language: str = "en", max_new_tokens: int = CAPTION_MAX_NEW_TOKENS) -> str:
         """The reference's auto-caption of a PIL image: greedy decoding, special tokens dropped, stripped.
 
         Pass the image already resized to the decomposition bucket, as the reference does; alpha is
@@ -233,6 +245,11 @@ class PromptEncoder:
         if not text:
             logger.warning("%s: the caption came out empty", self.source)
         return text
+
+    def release_caption_state(self) -> None:
+        """Drop the caption decoder's key/value cache and CUDA graphs, which hold device memory: for when the model
+        leaves the device (the next caption builds them again)."""
+        self._decoder = None
 
     @torch.inference_mode()
     def caption_tokens(self, inputs: dict[str, torch.Tensor], generation_config) -> torch.Tensor:

@@ -12,6 +12,7 @@ from layered_core.memory import (
     GiB,
     activation_bytes,
     plan_residency,
+    resident_positions,
     tensor_bytes,
     vae_activation_bytes,
 )
@@ -35,11 +36,28 @@ def test_plan_takes_the_most_blocks_that_fit():
     assert (plan.resident_blocks, plan.slots) == (1, 1)
     with pytest.raises(ValueError, match=r"VRAM budget 3\.40 GiB is too small: .* at least 3\.50 GiB \(2 block slots"):
         plan_residency(blocks, other, int(3.4 * GiB), activations, slots=2, reserve=reserve)
-    # a slot is as large as the largest streamed block; resident blocks do not count
+    # a slot is as large as the largest streamed block; resident blocks (one of three: the middle one) do not count
+    plan = plan_residency([GiB, GiB, 2 * GiB], 0, int(3.5 * GiB), 0, slots=1, reserve=0)
+    assert (plan.resident_indices, plan.resident_bytes, plan.slot_bytes) == ((1,), GiB, 2 * GiB)
     plan = plan_residency([GiB, 2 * GiB, GiB], 0, int(3.5 * GiB), 0, slots=1, reserve=0)
-    assert (plan.resident_blocks, plan.slot_bytes) == (1, 2 * GiB)
-    plan = plan_residency([2 * GiB, GiB, GiB], 0, int(3.5 * GiB), 0, slots=1, reserve=0)
-    assert (plan.resident_blocks, plan.slot_bytes) == (1, GiB)
+    assert (plan.resident_indices, plan.resident_bytes, plan.slot_bytes) == ((1,), 2 * GiB, GiB)
+
+
+def test_resident_blocks_are_spread_through_the_forward():
+    assert resident_positions(60, 8) == (3, 11, 18, 26, 33, 41, 48, 56)
+    assert resident_positions(5, 2) == (1, 3) and resident_positions(5, 0) == ()
+    for count in (1, 5, 60):
+        assert resident_positions(count, count) == tuple(range(count))
+        for resident in range(1, count + 1):
+            positions = resident_positions(count, resident)
+            assert len(set(positions)) == resident and list(positions) == sorted(positions)
+            # the runs of streamed blocks between them differ by at most one block; the two ends make about one
+            runs = [b - a - 1 for a, b in zip((-1, *positions), (*positions, count), strict=True)]
+            between = runs[1:-1]
+            assert not between or max(between) - min(between) <= 1
+            assert runs[0] + runs[-1] <= max(between, default=count) + 1
+    with pytest.raises(ValueError, match=r"resident blocks must be 0\.\.5, got 6"):
+        resident_positions(5, 6)
 
 
 def test_full_size_plans_at_24_and_16_gib():

@@ -166,18 +166,18 @@ def test_split_with_the_real_models_keeps_position(pipeline):
     assert all(split.get(i) is stack.get(i) for i in range(1, len(stack.layers)))
 
 
-def test_from_files_compiles_the_blocks_and_refuses_compile_with_a_budget(tmp_path):
+def test_from_files_compiles_the_blocks_with_and_without_a_budget(tmp_path):
     from layered_core.tiny_models import write_tiny_set
 
     write_tiny_set(tmp_path, components=["transformer", "vae"])
     files = dict(transformer=str(tmp_path / "transformer"), vae=str(tmp_path / "vae"), dtype=torch.float32)
     plain = LayeredPipeline.from_files(**files)
-    assert all(block._compiled_call_impl is None for block in plain.transformer.transformer_blocks)
+    assert not plain.transformer.blocks_compiled
     compiled = LayeredPipeline.from_files(**files, compile=True)
     blocks = compiled.transformer.transformer_blocks
     assert len(blocks) == MMDiTConfig.tiny().num_layers
-    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert compiled.transformer.blocks_compiled and blocks[0].forward is not blocks[1].forward
     compiled.transformer.uncompile_blocks()
-    assert all(block._compiled_call_impl is None for block in blocks)
-    with pytest.raises(ValueError, match="compile and vram_budget_gb"):
-        LayeredPipeline.from_files(**files, compile=True, vram_budget_gb=8)
+    assert not compiled.transformer.blocks_compiled
+    budgeted = LayeredPipeline.from_files(**files, compile=True, vram_budget_gb=8)
+    assert budgeted.transformer.blocks_compiled and budgeted.vram_budget is not None
