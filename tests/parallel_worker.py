@@ -140,16 +140,16 @@ def _private_kib() -> int:
 
 
 def fault_scenario(run, out: Path, fault: str) -> None:
-    """CFG-parallel sampling of many steps; at step 2 rank 1 is killed (``fault`` "kill") or stops answering
-    ("stop", SIGSTOP: alive, its connections open)."""
+    """CFG-parallel sampling of many steps (sequence-parallel for "kill-sequence"); at step 2 rank 1 is killed
+    ("kill", "kill-sequence") or stops answering ("stop", SIGSTOP: alive, its connections open)."""
     model = tiny_model()
-    groups = make_groups(run, Layout(cfg=2))
+    groups = make_groups(run, Layout(sequence=2) if fault == "kill-sequence" else Layout(cfg=2))
     parallel = ParallelSampling(model, groups)
 
     def fail(info):
         (out / f"step-{run.rank}").write_text(str(info.step))
         if run.rank == 1 and info.step == 2:
-            os.kill(os.getpid(), signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+            os.kill(os.getpid(), signal.SIGSTOP if fault == "stop" else signal.SIGKILL)
 
     case = sampling_case() | {"steps": 1000}
     started = time.monotonic()
@@ -174,7 +174,7 @@ def main() -> int:
                     compile_scenario(run, out)
                 elif scenario == "memory":
                     memory_scenario(run, out)
-                elif scenario in ("kill", "stop"):
+                elif scenario in ("kill", "kill-sequence", "stop"):
                     fault_scenario(run, out, scenario)
                 elif scenario != "handshake":
                     raise ValueError(f"unknown scenario {scenario!r}")

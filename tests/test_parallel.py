@@ -30,6 +30,7 @@ from layered_core.cli import main
 from layered_core.distributed.group import Launch
 from layered_core.distributed.layout import Layout, check_layout, choose_layout, parse_layout
 from layered_core.distributed.sequence import SequenceShard, balanced_splits
+from layered_core.distributed.two_devices import TwoDeviceCFG, replicate
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT
 from layered_core.sampling import sample, separate_branches
 from tests.comfy_server import _free_port
@@ -170,8 +171,16 @@ def test_a_killed_rank_ends_the_run_with_an_error(tmp_path):
     assert killed == -signal.SIGKILL
     assert code == PARALLEL_ERROR, err
     assert "RankFailure: exchanging the CFG branches' velocities failed: a process of the parallel run died" in err
-    assert int((tmp_path / "step-0").read_text()) == 1  # it had taken steps 0 and 1 with rank 1, then stopped
+    assert int((tmp_path / "step-0").read_text()) == 2  # rank 1 died after step 2: rank 0 stopped at step 3
     assert float((tmp_path / "seconds-0").read_text()) < 20
+
+
+def test_a_rank_killed_inside_the_sequence_parallel_attention_ends_the_run_with_an_error(tmp_path):
+    results = finish(start_ranks(2, "kill-sequence", tmp_path, env={"PARALLEL_TIMEOUT": "20"}), timeout=90)
+    (code, err), (killed, _) = results
+    assert killed == -signal.SIGKILL
+    assert code == PARALLEL_ERROR, err
+    assert "RankFailure: the sequence-parallel attention's all-to-all failed: a process of the parallel run died" in err
 
 
 def test_a_rank_that_stops_answering_ends_the_run_within_the_timeout(tmp_path):
@@ -354,3 +363,37 @@ def test_torchruns_environment_is_read_and_checked():
         Launch.from_environment({"WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="RANK 2 is not one of WORLD_SIZE 2's ranks"):
         Launch.from_environment(environ | {"RANK": "2"})
+
+
+# -- two devices of one process (ComfyUI's) ---------------------------------------------------------------------
+
+
+def test_two_device_cfg_samples_the_bits_of_one_device_running_the_branches_apart(reference_model):
+    """On the CPU both "devices" are the CPU: the second branch runs on a replica in a worker thread."""
+    replica = replicate(reference_model, "cpu")
+    with one_thread(), torch.no_grad():
+        alone = sample(reference_model, **sampling_case(), branches=separate_branches)
+        both = sample(reference_model, **sampling_case(), branches=TwoDeviceCFG(replica, "cpu"))
+        unguided = sample(
+            reference_model, **sampling_case() | {"negative": None}, branches=TwoDeviceCFG(replica, "cpu")
+        )
+        plain = sample(reference_model, **sampling_case() | {"negative": None})
+    assert torch.equal(both, alone)
+    assert torch.equal(unguided, plain)
+
+
+def test_a_replica_copies_every_tensor_straight_to_its_device(reference_model):
+    replica = replicate(reference_model, "meta")  # a copy made through the original's device would be on the CPU
+    assert all(t.device.type == "meta" for t in [*replica.parameters(), *replica.buffers()])
+    assert all(p.device.type == "cpu" for p in reference_model.parameters())
+    on_cpu = replicate(reference_model, "cpu")
+    for (name, ours), theirs in zip(on_cpu.named_parameters(), reference_model.parameters(), strict=True):
+        assert torch.equal(ours, theirs) and ours.data_ptr() != theirs.data_ptr(), name
+
+
+def test_a_failing_second_branch_fails_the_step(reference_model):
+    def broken(*args):
+        raise RuntimeError("the second GPU is gone")
+
+    with pytest.raises(RuntimeError, match="the second GPU is gone"), torch.no_grad():
+        sample(reference_model, **sampling_case(), branches=TwoDeviceCFG(broken, "cpu"))
