@@ -27,6 +27,7 @@ import torch.distributed as dist
 from benchmarks.measure import relative_l2, sync
 from benchmarks.workloads import Shape, add_shape_arguments, random_model
 from layered_core.attention import attention_backend
+from layered_core.checkpoints import load_mmdit
 from layered_core.distributed.cfg import ParallelSampling
 from layered_core.distributed.group import Launch, all_gather_json, make_groups, start, stop
 from layered_core.distributed.layout import Layout, parse_layout, sequence_degrees
@@ -98,6 +99,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks")
     parser.add_argument("--fp8", action="store_true", help="e4m3 weights with rowwise-scaled fp8 products")
     parser.add_argument("--tiny", action="store_true", help="a 2-block model of 12 heads, float32 (smoke test)")
+    parser.add_argument(
+        "--transformer",
+        help="a transformer file every process loads through its memory map (else random weights): the host memory "
+        "lines then show what loading it cost each process",
+    )
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
@@ -118,8 +124,12 @@ def main() -> None:
             print(text, flush=True)
 
     started = time.perf_counter()
-    model = random_model(config, dtype, run.device)
-    if args.fp8:
+    if args.transformer:
+        model = load_mmdit(args.transformer, dtype=dtype, device=run.device, fp8="keep")
+        config = model.config
+    else:
+        model = random_model(config, dtype, run.device)
+    if args.fp8:  # the linears still in bf16
         quantize_linears_fp8(model)
         set_fp8_compute(model, "auto")
         torch.cuda.empty_cache()
@@ -128,7 +138,7 @@ def main() -> None:
         torch._dynamo.config.cache_size_limit = 64
         model.compile_blocks()
     sync()
-    say(f"model built in {time.perf_counter() - started:.1f} s on each of {world} processes ({run.backend})")
+    say(f"model ready in {time.perf_counter() - started:.1f} s on each of {world} processes ({run.backend})")
     for index, line in enumerate(all_gather_json(memory_line(), run.control)):
         say(f"  rank {index} host memory: {line}")
     latents, condition, prompt, negative = inputs(config, shape, negative_tokens, dtype, run.device)
@@ -178,7 +188,8 @@ def main() -> None:
             say(f"{layout}: {seconds:.4f} s/step")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     say(
-        f"\nVLD-MMDiT {'tiny' if args.tiny else 'full size'}, {'fp8' if args.fp8 else str(dtype).split('.')[-1]}"
+        f"\nVLD-MMDiT of {config.num_layers} blocks x {config.num_heads} heads "
+        f"({args.transformer or 'random weights'}), {'fp8' if args.fp8 else str(dtype).split('.')[-1]}"
         f"{', compiled' if args.compile else ''}, {shape.resolution}x{shape.resolution} px, {shape.layers} layers, "
         f"prompts of {shape.text_tokens} and {negative_tokens} tokens, {world} x {device_name}, torch "
         f"{torch.__version__}, attention {attention_backend()}"

@@ -100,7 +100,7 @@ class Decompose(io.ComfyNode):
                 seed_input(),
                 io.Combo.Input(
                     "cfg_device",
-                    options=["same", *(f"cuda:{index}" for index in range(torch.cuda.device_count()))],
+                    options=["same", *_other_gpus()],
                     default="same",
                     optional=True,
                     tooltip="where the negative prompt's branch runs: 'same' (beside the prompt's), or another GPU, "
@@ -146,6 +146,12 @@ class Decompose(io.ComfyNode):
             branches=None if cfg_device == "same" else _second_gpu(model, cfg_device),
         )
         return io.NodeOutput({"samples": base.process_latent_out(latents).cpu()})
+
+
+def _other_gpus() -> list[str]:
+    """The GPUs a second CFG branch can take: every CUDA GPU, where there are two or more."""
+    count = torch.cuda.device_count()
+    return [f"cuda:{index}" for index in range(count)] if count > 1 else []
 
 
 def _second_gpu(model, device: str) -> TwoDeviceCFG:
