@@ -25,6 +25,7 @@ from layered_core.distributed.group import Launch, ParallelError, handshake, mak
 from layered_core.distributed.layout import Layout
 from layered_core.distributed.sequence import SequenceParallel
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT
+from layered_core.ops import quantize_linears_fp8
 from layered_core.sampling import PromptEmbeddings, sample
 from layered_core.tiny_models import randomize_
 
@@ -99,6 +100,13 @@ def parallel_sampling(run, model: VLDMMDiT, layout: Layout, out: Path, name: str
         _save(out, name, latents)
 
 
+def fp8_model() -> VLDMMDiT:
+    """:func:`tiny_model` with its block linears in float8 (FP8Linear), as an fp8 file loads kept in fp8."""
+    model = tiny_model()
+    quantize_linears_fp8(model)
+    return model
+
+
 def model_scenario(run, out: Path) -> None:
     model = tiny_model()
     sequence_forwards(run, model, out)
@@ -106,6 +114,7 @@ def model_scenario(run, out: Path) -> None:
         parallel_sampling(run, model, Layout(data=2, cfg=2), out, "cfg2")
         parallel_sampling(run, model, Layout(data=2, cfg=2), out, "cfg2-equal", equal_lengths=True)
         parallel_sampling(run, model, Layout(cfg=2, sequence=2), out, "cfg2-seq2")
+        parallel_sampling(run, fp8_model(), Layout(cfg=2, sequence=2), out, "fp8-cfg2-seq2")
 
 
 def compile_scenario(run, out: Path) -> None:
