@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from layered_core.checkpoints import save_mmdit
-from layered_core.cli import main
-from layered_core.distributed.group import Launch
+from layered_core.cli import build_parser, main
+from layered_core.distributed.command import fingerprint
+from layered_core.distributed.group import Launch, differences
 from layered_core.distributed.layout import Layout, check_layout, choose_layout, parse_layout
 from layered_core.distributed.sequence import SequenceShard, balanced_splits
 from layered_core.distributed.two_devices import TwoDeviceCFG, replicate
@@ -400,3 +402,17 @@ def test_a_failing_second_branch_fails_the_step(reference_model):
 
     with pytest.raises(RuntimeError, match="the second GPU is gone"), torch.no_grad():
         sample(reference_model, **sampling_case(), branches=TwoDeviceCFG(broken, "cpu"))
+
+
+def test_the_handshake_names_the_flag_two_processes_differ_in(tmp_path):
+    model_file = tmp_path / "model.safetensors"
+    model_file.write_bytes(b"0" * 10)
+    plan = types.SimpleNamespace(
+        images=[tmp_path / "a.png"],
+        models=types.SimpleNamespace(transformer=model_file, vae=tmp_path, text_encoder=tmp_path),
+    )
+    parser = build_parser()
+    common = ["decompose", "a.png", "--out", "out", "--background", "ffffff"]
+    prints = [fingerprint(parser.parse_args([*common, "--steps", steps]), plan) for steps in ("50", "20")]
+    assert differences(prints) == ["rank 1 has --steps 20, rank 0 50"]
+    assert prints[0]["--background"] == "(255, 255, 255)" and prints[0][f"the size of {model_file}"] == 10

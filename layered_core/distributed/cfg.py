@@ -29,8 +29,7 @@ def share_tensor(tensor: torch.Tensor | None, group: dist.ProcessGroup) -> torch
     differ, or be None where rank 0's is)."""
     if group is None:
         return tensor
-    device = tensor.device if tensor is not None else torch.device("cpu")
-    device = _collective_device(group, device)
+    device = _collective_device(group)
     present = torch.tensor([tensor is not None], dtype=torch.int64, device=device)
     source = dist.get_global_rank(group, 0)
     with collective("sharing the sampler's inputs"):
@@ -52,14 +51,14 @@ def share_tensor(tensor: torch.Tensor | None, group: dist.ProcessGroup) -> torch
     return data if tensor is None else data.to(tensor.device)
 
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.bool, torch.int64)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.bool, torch.int64, torch.uint8)
 
 
-def _collective_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
+def _collective_device(group: dist.ProcessGroup) -> torch.device:
     """Where ``group``'s collectives take their tensors: the current GPU for NCCL, else the CPU."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu") if device.type != "cpu" else device
+    return torch.device("cpu")
 
 
 def share_prompt(prompt: PromptEmbeddings | None, group: dist.ProcessGroup | None) -> PromptEmbeddings | None:

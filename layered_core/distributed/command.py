@@ -71,21 +71,19 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def fingerprint(args, plan, layout_text: str) -> dict:
-    """What every process of a run must agree on: the command line, the code, torch, the images and the model
-    files (by size), the layout asked for."""
-    arguments = {key: repr(value) for key, value in sorted(vars(args).items())}
+def fingerprint(args, plan) -> dict:
+    """What every process of a run must agree on, by the name an error shows: each flag, the code, torch, the
+    images and the model files' sizes."""
+    found = {f"--{key.replace('_', '-')}": _plain(value) for key, value in sorted(vars(args).items())}
     images = hashlib.sha256("\n".join(map(str, plan.images)).encode()).hexdigest()[:16]
-    files = [plan.models.transformer, plan.models.vae, plan.models.text_encoder]
-    sizes = {str(p): _size(p) for p in files}
-    return {
-        "arguments": arguments,
-        "code": code_version(),
-        "torch": torch.__version__,
-        "images": f"{len(plan.images)} images, {images}",
-        "model files": sizes,
-        "parallel": layout_text,
-    }
+    found |= {"the code": code_version(), "torch": torch.__version__, "the images": f"{len(plan.images)}, {images}"}
+    for path in (plan.models.transformer, plan.models.vae, plan.models.text_encoder):
+        found[f"the size of {path}"] = _size(path)
+    return found
+
+
+def _plain(value):
+    return value if value is None or isinstance(value, bool | int | float | str) else repr(value)
 
 
 def _size(path: Path) -> int:
@@ -162,7 +160,7 @@ class ParallelDecompose:
     def start(self, args, plan) -> None:
         """Join the process group, compare the processes' configurations, lay them out and make the groups."""
         self.run = start(self.launch, self.device_type, self.timeout)
-        handshake(self.run, fingerprint(args, plan, self.layout_text))
+        handshake(self.run, fingerprint(args, plan))
         source, prefix = open_transformer(plan.models.transformer)
         heads = infer_mmdit_config(source, prefix).num_heads
         guided = is_guided(plan.settings.options.cfg_scale)

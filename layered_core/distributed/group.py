@@ -168,14 +168,18 @@ def all_gather_json(value, group: dist.ProcessGroup) -> list:
 
 
 def differences(fingerprints: list[dict]) -> list[str]:
-    """What each rank's fingerprint has that rank 0's has not, as "rank 1 has steps 20, rank 0 50"."""
+    """What each rank's fingerprint has that rank 0's has not, as "rank 1 has --steps 20, rank 0 50"."""
     reference = fingerprints[0]
     found = []
     for rank, other in enumerate(fingerprints[1:], start=1):
         for key in sorted(set(reference) | set(other)):
             if other.get(key) != reference.get(key):
-                found.append(f"rank {rank} has {key} {other.get(key)!r}, rank 0 {reference.get(key)!r}")
+                found.append(f"rank {rank} has {key} {_shown(other.get(key))}, rank 0 {_shown(reference.get(key))}")
     return found
+
+
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def handshake(run: Run, fingerprint: dict) -> None:
