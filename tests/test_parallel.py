@@ -387,6 +387,17 @@ def test_two_device_cfg_samples_the_bits_of_one_device_running_the_branches_apar
     assert torch.equal(unguided, plain)
 
 
+def test_a_replica_of_compiled_blocks_runs_its_own_weights():
+    model = tiny_model()
+    model.compile_blocks()  # not called: the replica must not reach the original's compiled code
+    replica = replicate(model, "cpu")
+    model.uncompile_blocks()
+    for parameter in replica.parameters():
+        parameter.data.zero_()
+    with torch.no_grad():
+        assert not replica(**forward_case("short-text")).any()
+
+
 def test_a_replica_copies_every_tensor_straight_to_its_device(reference_model):
     replica = replicate(reference_model, "meta")  # a copy made through the original's device would be on the CPU
     assert all(t.device.type == "meta" for t in [*replica.parameters(), *replica.buffers()])

@@ -28,14 +28,18 @@ from ..sampling import GuidedBranches, PromptEmbeddings, branch_velocity, separa
 
 def replicate(module: nn.Module, device: str | torch.device) -> nn.Module:
     """A copy of ``module`` whose parameters and buffers are on ``device``, each copied there straight from where
-    it is (never a second copy beside the original); ``module`` is left as it is."""
+    it is (never a second copy beside the original); ``module`` is left as it is. Compiled submodules come out
+    eager: their compiled code calls the originals."""
     device = torch.device(device)
     memo: dict[int, object] = {}
     for parameter in module.parameters():
         memo[id(parameter)] = nn.Parameter(parameter.detach().to(device, copy=True), requires_grad=False)
     for buffer in module.buffers():
         memo[id(buffer)] = buffer.detach().to(device, copy=True)
-    return copy.deepcopy(module, memo)
+    replica = copy.deepcopy(module, memo)
+    for submodule in replica.modules():
+        submodule._compiled_call_impl = None  # what nn.Module.compile set
+    return replica
 
 
 class TwoDeviceCFG:
