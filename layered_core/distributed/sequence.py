@@ -63,7 +63,7 @@ def _ulysses_attention(
     gathered = incoming.view(total, 3, batch, share, head_dim).permute(1, 2, 0, 3, 4).contiguous()
     out = local_attention(gathered[0], gathered[1], gathered[2], mask)  # (B, total, share * D)
     # back: to process j its own tokens, all of this process's heads
-    outgoing = out.view(batch, total, share, head_dim).transpose(0, 1).contiguous()
+    outgoing = out.reshape(batch, total, share, head_dim).transpose(0, 1).contiguous()
     incoming = outgoing.new_empty(parts * tokens * batch * share * head_dim)
     unit = batch * share * head_dim
     with collective("the sequence-parallel attention's all-to-all"):
