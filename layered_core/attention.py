@@ -12,12 +12,17 @@ Two kernels can serve it:
   so a new process does not compile them again.
 
 :func:`set_attention_backend` picks one for the whole process (``QWEN_LAYERED_ATTENTION`` sets the default).
+:func:`attention_override` routes the models' calls through another function for a while: sequence-parallel
+attention (:mod:`.distributed.sequence`) gathers the heads' whole sequence across processes around
+:func:`local_attention`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -139,8 +144,34 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+AttentionFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+_override: AttentionFunction | None = None
+
+
+@contextlib.contextmanager
+def attention_override(function: AttentionFunction | None) -> Iterator[None]:
+    """:func:`attention` calls ``function`` instead inside the ``with`` block (None: no change). Process-wide, and
+    read by compiled code as a global: one function object per kind of call keeps torch.compile from compiling
+    again."""
+    global _override
+    previous, _override = _override, function if function is not None else _override
+    try:
+        yield
+    finally:
+        _override = previous
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """q, k, v: (B, S, H, D); mask: None or boolean (B, S_k), True = attend. Returns (B, S, H * D)."""
+    if _override is not None:
+        return _override(q, k, v, mask)
+    return local_attention(q, k, v, mask)
+
+
+def local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`attention` on this process's kernels, whatever the override."""
     if _backend != "sdpa":
         problem = flash4_problem(q, mask)
         if problem is None:

@@ -339,20 +339,25 @@ def run_batch(
     out: Path,
     settings: BatchSettings,
     progress: Progress | None = None,
+    share: list[Path] | None = None,
+    writes: bool = True,
 ) -> BatchResult:
     """Decompose every image into ``out/<stem>/``; returns what was done, skipped and failed.
 
     A failed image is reported through ``progress`` (its traceback logged at DEBUG) and the rest go on; an
     interruption (KeyboardInterrupt, :class:`Cancelled`) leaves the current image's earlier results as they were
-    and propagates."""
+    and propagates. ``share`` (default: all of ``images``) is what this call decomposes, ``images`` still naming the
+    folders: a data-parallel run gives each image group its share. With ``writes`` False the images are decomposed
+    and nothing is written: the other processes of an image group sample with the one that writes."""
     progress = progress or Progress()
     result = BatchResult()
     out = Path(out)
-    for number, image_path in enumerate(images, start=1):
-        progress.begin(number, len(images), _shown(image_path))
+    share = images if share is None else share
+    for number, image_path in enumerate(share, start=1):
+        progress.begin(number, len(share), _shown(image_path))
         started = time.perf_counter()
         try:
-            outcome = _decompose_one(pipeline, image_path, images, out, settings, progress, result)
+            outcome = _decompose_one(pipeline, image_path, images, out, settings, progress, result, writes)
         except (Cancelled, KeyboardInterrupt):
             raise
         except (ImageError, ValueError, OSError, RuntimeError) as e:
@@ -369,8 +374,9 @@ def run_batch(
     return result
 
 
-def _decompose_one(pipeline, image_path, images, out, settings, progress, result) -> Path | None:
-    """Decompose one image, or skip it when finished; returns its folder, or None when skipped."""
+def _decompose_one(pipeline, image_path, images, out, settings, progress, result, writes=True) -> Path | None:
+    """Decompose one image (and write it, with ``writes``), or skip it when finished; returns its folder, or None
+    when skipped."""
     sha256 = file_sha256(image_path)
     wanted = settings.record()
     folder, taken_by = choose_folder(out, image_path, images, sha256)
@@ -390,6 +396,13 @@ def _decompose_one(pipeline, image_path, images, out, settings, progress, result
         progress.warn(warning)
     caption = is_blank_prompt(settings.prompt)
     progress.stage("encoding the image and captioning it" if caption else "encoding the image and the prompt")
+    if not writes:
+        decomposition = pipeline(
+            image, settings.prompt, settings.options, callback=_step_callback(progress, "sampling")
+        )
+        if settings.split_depth:
+            split_recursively(pipeline, decomposition.stack(), settings, progress)
+        return folder
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".{folder.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed

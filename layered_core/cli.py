@@ -48,6 +48,8 @@ try:
     from .checkpoints.transformer import transformer_precision
     from .checkpoints.vae import vae_prefix, vae_shape
     from .compile_policy import COMPILE_SETTINGS, MIN_COMPILED_STEPS, compile_choice
+    from .distributed.command import ParallelDecompose, add_parallel_arguments
+    from .distributed.group import ConfigMismatch, ParallelError
     from .edit_command import add_edit_parser, edit_command
     from .evaluate import EvaluationError, evaluate, format_table, write_json
     from .image import IMAGE_SUFFIXES
@@ -173,6 +175,7 @@ def add_decompose_parser(sub) -> None:
         f"{MIN_COMPILED_STEPS} steps or more (under --vram-budget too), not on the CPU; the compiled code is kept in "
         "~/.cache/qwen-layered, so later runs start fast (benchmarks/RESULTS.md has the figures)",
     )
+    add_parallel_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="more detail, and a failed image's traceback")
 
 
@@ -388,9 +391,27 @@ def decompose_command(args) -> int:
 def _decompose(args, progress: TerminalProgress) -> int:
     try:
         plan = plan_decompose(args)
+        parallel = ParallelDecompose.plan(args, plan)  # None unless torchrun started this process
     except (ValueError, FileNotFoundError) as e:  # UsageError and CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if parallel is None:
+        return _decompose_planned(args, plan, progress)
+    try:
+        parallel.start(args, plan)
+        plan.device = parallel.device
+        progress = parallel.progress(progress)
+        progress.note(parallel.describe())
+        return _decompose_planned(args, plan, progress, parallel)
+    except (ValueError, ParallelError) as e:
+        progress.close()
+        print(f"error: rank {parallel.rank}: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, ValueError | ConfigMismatch) else 1
+    finally:
+        parallel.stop()
+
+
+def _decompose_planned(args, plan: Plan, progress, parallel: ParallelDecompose | None = None) -> int:
     for line in plan.models.lines:
         progress.note(line)
     # transformers draws a bar per file it loads: our own progress says what is loading
@@ -431,9 +452,13 @@ def _decompose(args, progress: TerminalProgress) -> int:
         return EXIT_USAGE
     count = len(plan.images)
     progress.note(f"models loaded in {duration(time.monotonic() - started)}; {count} image{'s' * (count != 1)}")
-    result = run_batch(pipeline, plan.images, plan.out, plan.settings, progress=progress)
+    if parallel is None:
+        result = run_batch(pipeline, plan.images, plan.out, plan.settings, progress=progress)
+    else:
+        result = parallel.run_batch(pipeline, plan, progress)
     progress.close()
-    print(f"{len(result.done)} done, {len(result.skipped)} skipped (already done), {len(result.failed)} failed")
+    if parallel is None or parallel.rank == 0:
+        print(f"{len(result.done)} done, {len(result.skipped)} skipped (already done), {len(result.failed)} failed")
     return 1 if result.failed else 0
 
 

@@ -18,7 +18,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .attention import attention
+from .attention import attention, attention_override
 from .kernels import linear_gelu, norm_rope_join
 from .ops import FP8_DTYPES, resolve_operations
 from .rope import layered_positions, rope_cos_sin
@@ -377,12 +377,14 @@ class VLDMMDiT(nn.Module):
         sigma: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         transformer_options: dict | None = None,
+        sequence=None,
     ) -> torch.Tensor:
         """Velocity of the noisy frames.
 
         latents: (B, 16, F, h, w) noisy frames (frame 0 the composite, 1..N the layers);
         condition: (B, 16, h, w) normalised latent of the input image; text: (B, L, text_dim)
-        prompt embeddings with optional boolean ``text_mask`` (B, L); sigma: (B,) in [0, 1].
+        prompt embeddings with optional boolean ``text_mask`` (B, L); sigma: (B,) in [0, 1];
+        ``sequence``: see :meth:`forward_tokens`.
         Returns (B, 16, F, h, w) in the dtype of ``latents``.
         """
         condition = self._check_inputs(latents, condition, text, sigma, text_mask)
@@ -403,6 +405,7 @@ class VLDMMDiT(nn.Module):
             width // self.config.patch_size,
             text_mask,
             transformer_options,
+            sequence,
         )
         return unpack_latents(out, frames, height, width, self.config.patch_size).to(latents.dtype)
 
@@ -416,22 +419,39 @@ class VLDMMDiT(nn.Module):
         grid_width: int,
         text_mask: torch.Tensor | None = None,
         transformer_options: dict | None = None,
+        sequence=None,
     ) -> torch.Tensor:
         """The transformer on packed tokens: ``tokens`` holds the noisy frames then the condition
-        frame, each ``grid_height * grid_width`` 2x2 patches. Returns the noisy frames' output tokens."""
-        dtype = self.compute_dtype
-        noisy_tokens = noisy_frames * grid_height * grid_width
-        img = self.img_in(tokens.to(dtype)).to(self.residual_dtype)
-        txt = self.txt_in(self.txt_norm(text.to(dtype))).to(self.residual_dtype)
-        temb = self.time_text_embed(sigma, dtype)
+        frame, each ``grid_height * grid_width`` 2x2 patches. Returns the noisy frames' output tokens.
 
+        ``sequence`` (a :class:`~layered_core.distributed.sequence.SequenceParallel`) runs this process's part of
+        the joint sequence: the tokens, text, RoPE table and mask are cut to it, attention gathers the sequence
+        across the processes, and the output tokens are gathered back. None runs the whole sequence here."""
+        noisy_tokens = noisy_frames * grid_height * grid_width
         text_pos, image_pos = layered_positions(noisy_frames, grid_height, grid_width, text.shape[1], tokens.device)
         # (S, 1, D/2, 2): broadcasts over the heads of (B, S, H, D) queries and keys
         pe = rope_cos_sin(torch.cat([text_pos, image_pos]), self.config.axes_dims, self.config.rope_theta)[:, None]
         mask = None
         if text_mask is not None and not bool(text_mask.all()):
-            mask = torch.cat([text_mask.bool(), text_mask.new_ones(img.shape[:2], dtype=torch.bool)], dim=1)
+            mask = torch.cat([text_mask.bool(), text_mask.new_ones(tokens.shape[:2], dtype=torch.bool)], dim=1)
+        shard = None
+        if sequence is not None:
+            shard = sequence.shard(text.shape[1], tokens.shape[1])
+            tokens, text, pe, mask = shard.cut(tokens, text, pe, mask)
 
+        dtype = self.compute_dtype
+        img = self.img_in(tokens.to(dtype)).to(self.residual_dtype)
+        txt = self.txt_in(self.txt_norm(text.to(dtype))).to(self.residual_dtype)
+        temb = self.time_text_embed(sigma, dtype)
+        with attention_override(shard):
+            img, txt = self._blocks(img, txt, temb, pe, mask, transformer_options)
+        if shard is None:
+            return self.proj_out(self.norm_out(img[:, :noisy_tokens], temb))
+        # every token's output is its own (a norm and a linear): this process's, then all of them gathered
+        return shard.gather(self.proj_out(self.norm_out(img, temb)))[:, :noisy_tokens]
+
+    def _blocks(self, img, txt, temb, pe, mask, transformer_options: dict | None):
+        """The dual-stream blocks, each through ComfyUI's block-replacement hook when one is set for it."""
         transformer_options = dict(transformer_options or {})
         replaced = transformer_options.get("patches_replace", {}).get("dit", {})
         transformer_options["total_blocks"] = len(self.transformer_blocks)
@@ -458,9 +478,7 @@ class VLDMMDiT(nn.Module):
                     {"original_block": original},
                 )
                 img, txt = out["img"], out["txt"]
-
-        img = img[:, :noisy_tokens]
-        return self.proj_out(self.norm_out(img, temb))
+        return img, txt
 
     def compile_blocks(self, mode: str | None = None) -> None:
         """Regional ``torch.compile`` of the blocks' ``forward``: one graph serves every block (same code, same

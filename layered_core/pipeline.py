@@ -90,13 +90,18 @@ class LayeredPipeline:
     it may be None when every call passes ``prompt_embeddings``. ``vram_budget`` (an
     :class:`~layered_core.offload.VRAMBudget`) places the models for a small GPU: transformer blocks
     streamed, the VAE and text encoder on the GPU only while they run; None leaves every model where it is.
+    ``parallel`` (a :class:`~layered_core.distributed.cfg.ParallelSampling`) samples as one process of a parallel
+    run: its ``model`` in place of the transformer, its ``branches`` for the step's forwards.
     """
 
-    def __init__(self, transformer, vae, text_encoder=None, vram_budget=None):
+    def __init__(self, transformer, vae, text_encoder=None, vram_budget=None, parallel=None):
+        if parallel is not None and vram_budget is not None:
+            raise ValueError("a parallel run with a VRAM budget is not supported: each process holds the transformer")
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
         self.vram_budget = vram_budget
+        self.parallel = parallel
 
     @classmethod
     def from_files(
@@ -277,10 +282,13 @@ class LayeredPipeline:
         positive = positive.to(device, dtype)
         negative = None if negative is None else negative.to(device, dtype)
 
+        model, branches = self.transformer, None
+        if self.parallel is not None:
+            model, branches = self.parallel.model, self.parallel.branches
         start = time.perf_counter()
         with self._transformer_on_device(condition, options, positive, negative) as plan:
             latents = sample(
-                self.transformer,
+                model,
                 condition.to(device),
                 positive,
                 negative,
@@ -292,6 +300,7 @@ class LayeredPipeline:
                 callback=callback,
                 # streamed weights cost a copy per forward: cond and uncond share one (padded, masked)
                 batch_guidance=plan is not None and plan.streamed_blocks > 0,
+                branches=branches,
             )
         _synchronize(device)
         seconds["sampling"], devices["sampling"] = time.perf_counter() - start, str(device)

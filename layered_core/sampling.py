@@ -1,5 +1,6 @@
 """Flow-matching sampling of the VLD-MMDiT: the reference schedule, Euler steps on the velocity and
-true classifier-free guidance, cond and uncond in one batched forward."""
+true classifier-free guidance, cond and uncond in one batched forward or two (a step's "branches"; across
+processes, one branch per process: :mod:`.distributed.cfg`)."""
 
 from __future__ import annotations
 
@@ -119,6 +120,59 @@ def _batched_text(
     return torch.cat(embeddings), None if bool(mask.all()) else mask
 
 
+GuidedBranches = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+"""One step's forwards: (latents, sigma per sample) -> float32 velocities of the prompt's branch and of the
+negative prompt's (None when unguided)."""
+
+BranchFactory = Callable[..., GuidedBranches]
+"""``factory(model, condition, prompt, negative, layer_count)`` -> the :data:`GuidedBranches` of one sampling run
+(``negative`` is None when the run is unguided)."""
+
+
+def branch_velocity(model: Callable, latents, condition, c: PromptEmbeddings, sigma: torch.Tensor) -> torch.Tensor:
+    """One branch's forward: the velocity for the prompt ``c``, in float32."""
+    return model(latents, condition, c.embeddings, sigma, c.mask).float()
+
+
+def separate_branches(
+    model: Callable, condition: torch.Tensor, prompt: PromptEmbeddings, negative: PromptEmbeddings | None, layer_count
+) -> GuidedBranches:
+    """cond and uncond as two forwards of the images' batch, each at its own prompt's length."""
+
+    def run(latents: torch.Tensor, sigma: torch.Tensor):
+        cond = branch_velocity(model, latents, condition, prompt, sigma)
+        return cond, None if negative is None else branch_velocity(model, latents, condition, negative, sigma)
+
+    return run
+
+
+def batched_branches(
+    model: Callable, condition: torch.Tensor, prompt: PromptEmbeddings, negative: PromptEmbeddings, layer_count: int
+) -> GuidedBranches:
+    """cond and uncond as one forward of twice the images' batch; the shorter prompt is padded under a mask."""
+    batch, _, height, width = condition.shape
+    text, text_mask = _batched_text(prompt, negative, image_token_count(layer_count, height, width))
+    both_conditions = torch.cat([condition, condition])
+
+    def run(latents: torch.Tensor, sigma: torch.Tensor):
+        both = model(torch.cat([latents, latents]), both_conditions, text, sigma.repeat(2), text_mask).float()
+        return both[:batch], both[batch:]
+
+    return run
+
+
+def default_branches(
+    prompt: PromptEmbeddings, negative: PromptEmbeddings | None, batch_guidance: bool = False
+) -> BranchFactory:
+    """How :func:`sample` runs a step's branches unless told: one batched forward when guided and the prompts are
+    equally long (or ``batch_guidance``), else two. Padding would need an attention mask, and masked attention runs
+    far slower than the unmasked kernels; streamed weights, though, cost a copy per forward, so they batch."""
+    length = _unpadded_length(prompt)
+    if negative is not None and (batch_guidance or (length is not None and length == _unpadded_length(negative))):
+        return batched_branches
+    return separate_branches
+
+
 @torch.no_grad()
 def sample(
     model: Callable,
@@ -133,6 +187,7 @@ def sample(
     noise: torch.Tensor | None = None,
     callback: Callable[[StepInfo], bool | None] | None = None,
     batch_guidance: bool = False,
+    branches: BranchFactory | None = None,
 ) -> torch.Tensor:
     """Denoise N+1 frames (frame 0 the composite, 1..N the layer_count) for a condition latent.
 
@@ -141,7 +196,8 @@ def sample(
     negative prompt, cond and uncond run as one batch of 2B when their prompts have the same length,
     else as two forwards; ``batch_guidance`` batches them always, padding the shorter prompt under an
     attention mask (slower attention, but one pass over the weights: what streamed weights want).
-    ``callback`` is called after every step;
+    ``branches`` overrides that choice (:func:`separate_branches`, :func:`batched_branches`, or a factory of
+    its own, as CFG-parallel sampling in :mod:`.distributed` has). ``callback`` is called after every step;
     returning False (or raising) stops the run with :class:`Cancelled`.
     Returns float32 latents (B, 16, N+1, h, w).
     """
@@ -155,16 +211,10 @@ def sample(
         raise ValueError(f"cfg_scale must be positive, got {cfg_scale}")
     device = condition.device
 
-    guided = is_guided(cfg_scale, negative is not None)
-    # cond and uncond share one batched forward when their prompts are equally long. Otherwise padding
-    # would need an attention mask, and masked attention runs far slower than the unmasked kernels, so they run
-    # as two forwards instead.
-    length = _unpadded_length(prompt)
-    batched = guided and (batch_guidance or (length is not None and length == _unpadded_length(negative)))
-    if batched:
-        image_tokens = image_token_count(layer_count, height, width)
-        text, text_mask = _batched_text(prompt, negative, image_tokens)
-        model_condition = torch.cat([condition, condition])
+    if not is_guided(cfg_scale, negative is not None):
+        negative = None
+    factory = branches or default_branches(prompt, negative, batch_guidance)
+    run = factory(model, condition, prompt, negative, layer_count)
 
     if noise is None:
         noise = initial_noise(batch, layer_count, height, width, seed)
@@ -176,15 +226,8 @@ def sample(
 
     for index in range(steps):
         sigma, sigma_next = schedule[index], schedule[index + 1]
-        sigma_batch = torch.full((batch,), sigma, device=device)
-        if batched:
-            both = model(torch.cat([latents, latents]), model_condition, text, sigma_batch.repeat(2), text_mask).float()
-            velocity = guided_velocity(both[:batch], both[batch:], cfg_scale, cfg_normalize)
-        else:
-            velocity = model(latents, condition, prompt.embeddings, sigma_batch, prompt.mask).float()
-            if guided:
-                uncond = model(latents, condition, negative.embeddings, sigma_batch, negative.mask).float()
-                velocity = guided_velocity(velocity, uncond, cfg_scale, cfg_normalize)
+        cond, uncond = run(latents, torch.full((batch,), sigma, device=device))
+        velocity = cond if uncond is None else guided_velocity(cond, uncond, cfg_scale, cfg_normalize)
         denoised = latents - sigma * velocity
         latents = latents + (sigma_next - sigma) * velocity
         if callback is not None and callback(StepInfo(index, steps, sigma, latents, denoised)) is False:

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+import types
 
 import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
+from ..layered_core.distributed.two_devices import TwoDeviceCFG, replicate
 from ..layered_core.image import bucket_size, image_to_bchw, resize_rgba
 from ..layered_core.layers import stack_from_bhwc
 from ..layered_core.mmdit import LATENT_CHANNELS
@@ -96,6 +98,15 @@ class Decompose(io.ComfyNode):
                 cfg_input(),
                 cfg_normalize_input(),
                 seed_input(),
+                io.Combo.Input(
+                    "cfg_device",
+                    options=["same", *_other_gpus()],
+                    default="same",
+                    optional=True,
+                    tooltip="where the negative prompt's branch runs: 'same' (beside the prompt's), or another GPU, "
+                    "which then holds a whole copy of the transformer for the run (about 41 GB in bf16, 20.5 GB in "
+                    "fp8) and samples that branch at the same time",
+                ),
             ],
             outputs=[
                 io.Latent.Output(
@@ -105,7 +116,9 @@ class Decompose(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, condition, layers, steps, cfg, cfg_normalize, seed) -> io.NodeOutput:
+    def execute(
+        cls, model, positive, negative, condition, layers, steps, cfg, cfg_normalize, seed, cfg_device="same"
+    ) -> io.NodeOutput:
         base = model.model
         reference = condition["samples"]
         reference = reference[:, :, 0] if reference.ndim == 5 else reference
@@ -130,8 +143,31 @@ class Decompose(io.ComfyNode):
             cfg_normalize=cfg_normalize,
             seed=seed,
             callback=callback,
+            branches=None if cfg_device == "same" else _second_gpu(model, cfg_device),
         )
         return io.NodeOutput({"samples": base.process_latent_out(latents).cpu()})
+
+
+def _other_gpus() -> list[str]:
+    """The GPUs a second CFG branch can take: every CUDA GPU, where there are two or more."""
+    count = torch.cuda.device_count()
+    return [f"cuda:{index}" for index in range(count)] if count > 1 else []
+
+
+def _second_gpu(model, device: str) -> TwoDeviceCFG:
+    """The negative prompt's branch on a copy of the MODEL's transformer on ``device``, for this run."""
+    if torch.device(device) == torch.device(model.load_device):
+        raise ValueError(f"cfg_device {device} is the model's own GPU: choose another GPU, or 'same'")
+    # ComfyTransformer's view of the MODEL with its transformer on the other GPU
+    view = types.SimpleNamespace(
+        model=types.SimpleNamespace(
+            diffusion_model=replicate(model.model.diffusion_model, device),
+            get_dtype_inference=model.model.get_dtype_inference,
+        ),
+        load_device=torch.device(device),
+        model_options=model.model_options,
+    )
+    return TwoDeviceCFG(ComfyTransformer(view), device)
 
 
 class DecodeLayers(io.ComfyNode):
