@@ -15,6 +15,7 @@ from ..layered_core.checkpoints import load_vae
 from ..layered_core.text import load_text_encoder
 from .comfy_model import WEIGHT_DTYPES, VAEPatcher, load_layered_model
 from .common import CATEGORY, PREFIX, TextEncoderType
+from .fast_path import MODE_TOOLTIP, MODES
 
 
 def _folders(kind: str, *markers: str) -> list[str]:
@@ -77,6 +78,7 @@ class LoadMMDiT(io.ComfyNode):
                     default="default",
                     tooltip="default keeps the file's precision; fp8_e4m3fn halves memory",
                 ),
+                io.Combo.Input("fast_path", options=list(MODES), default="auto", optional=True, tooltip=MODE_TOOLTIP),
             ],
             outputs=[
                 io.Model.Output(tooltip="the VLD-MMDiT, for Decompose, Image to Layers, Split Layer or core's KSampler")
@@ -84,8 +86,8 @@ class LoadMMDiT(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model_name, weight_dtype) -> io.NodeOutput:
-        return io.NodeOutput(load_layered_model(_model_path(model_name), weight_dtype))
+    def execute(cls, model_name, weight_dtype, fast_path="auto") -> io.NodeOutput:
+        return io.NodeOutput(load_layered_model(_model_path(model_name), weight_dtype, fast_path))
 
 
 class LoadRGBAVAE(io.ComfyNode):
