@@ -56,10 +56,12 @@ def write_files(work: Path) -> dict:
     files = {
         "bf16": work / "layered_bf16.safetensors",
         "fp8": work / "layered_fp8mixed.safetensors",
+        "fp8_scaled": work / "layered_fp8_scaled.safetensors",
         "merged": work / "layered_lora_merged.safetensors",
     }
     save_mmdit(model.state_dict(), files["bf16"], layout="comfy-prefixed", config=config, dtype=torch.bfloat16)
     save_mmdit(model.state_dict(), files["fp8"], layout="fp8-comfy-quant", config=config, dtype=torch.bfloat16)
+    save_mmdit(model.state_dict(), files["fp8_scaled"], layout="fp8-scaled", config=config, dtype=torch.bfloat16)
     merged = {k: v.float() for k, v in load_file(files["bf16"]).items()}
     generator = torch.Generator().manual_seed(2)
     lora = {}
@@ -229,23 +231,25 @@ def main() -> None:
     merged_velocity, _ = velocity(model("merged", "off"))
     report["lowvram"] = {"runs": lowvram_runs, "vs_merged": relative(lowvram, merged_velocity)}
 
-    # the fp8mixed file: ComfyUI's scaled fp8 weights through FP8Linear, against the command line's fp8 model
-    fp8_patcher = model("fp8", "eager")
-    mm.load_models_gpu([fp8_patcher])
-    fp8_fast, fp8_runs = velocity(fp8_patcher)
-    fp8_comfy_patcher = model("fp8", "off")
-    mm.load_models_gpu([fp8_comfy_patcher])
-    fp8_comfy, _ = velocity(fp8_comfy_patcher)
-    cli = load_mmdit(files["fp8"], dtype=torch.float32, fp8="keep")
-    with torch.inference_mode():
-        fp8_cli = cli(given["latents"], given["condition"][:, :, 0], given["positive"], torch.tensor([0.7])).float()
-    layer = fp8_patcher.model.diffusion_model.transformer_blocks[0].attn.to_q
-    report["fp8"] = {
-        "weight_type": type(layer.weight).__name__,
-        "runs": fp8_runs,
-        "vs_cli": largest(fp8_fast, fp8_cli),
-        "vs_comfy": largest(fp8_fast, fp8_comfy),
-    }
+    # ComfyUI's fp8 layouts (the fp8mixed file's per-layer one and the older scaled_fp8 one): the weights ComfyUI
+    # holds through FP8Linear, against the command line's fp8 model of the same file
+    for kind in ("fp8", "fp8_scaled"):
+        fp8_patcher = model(kind, "eager")
+        mm.load_models_gpu([fp8_patcher])
+        fp8_fast, fp8_runs = velocity(fp8_patcher)
+        fp8_comfy_patcher = model(kind, "off")
+        mm.load_models_gpu([fp8_comfy_patcher])
+        fp8_comfy, _ = velocity(fp8_comfy_patcher)
+        cli = load_mmdit(files[kind], dtype=torch.float32, fp8="keep")
+        with torch.inference_mode():
+            fp8_cli = cli(given["latents"], given["condition"][:, :, 0], given["positive"], torch.tensor([0.7]))
+        weight = fp8_patcher.model.diffusion_model.transformer_blocks[0].attn.to_q.weight
+        report[kind] = {
+            "weight": f"{type(weight).__name__} {weight.storage_dtype if hasattr(weight, 'storage_dtype') else ''}",
+            "runs": fp8_runs,
+            "vs_cli": largest(fp8_fast, fp8_cli),
+            "vs_comfy": largest(fp8_fast, fp8_comfy),
+        }
     print(json.dumps(report))
 
 

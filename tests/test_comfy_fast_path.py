@@ -87,10 +87,12 @@ def test_a_lora_on_a_partly_loaded_model_steps_its_blocks_aside(measured):
     assert lowvram["vs_merged"] <= 1e-6
 
 
-def test_the_fp8mixed_file_runs_the_command_lines_fp8_math(measured):
-    """ComfyUI holds the fp8mixed file's block linears as QuantizedTensor (fp8 values and a per-tensor scale); the fast
-    path hands those to FP8Linear and gives what the command line's model of the same file gives, bit for bit."""
-    fp8 = measured["fp8"]
-    assert fp8["weight_type"] == "QuantizedTensor"
+@pytest.mark.parametrize("layout", ["fp8", "fp8_scaled"])
+def test_comfyuis_fp8_files_run_the_command_lines_fp8_math(measured, layout):
+    """ComfyUI holds the block linears of an fp8 file (the fp8mixed file's per-layer layout, or the older scaled_fp8
+    one) as QuantizedTensor: fp8 e4m3 values and a per-tensor scale. The fast path hands those to FP8Linear and gives
+    what the command line's model of the same file gives, bit for bit (on the CPU both dequantize)."""
+    fp8 = measured[layout]
+    assert fp8["weight"] == "QuantizedTensor torch.float8_e4m3fn"
     assert fp8["runs"] == {"fast": BLOCKS, "comfy": 0}
     assert fp8["vs_cli"] == 0.0
