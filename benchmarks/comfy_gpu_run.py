@@ -173,13 +173,14 @@ def graph(variant: str, file: str, steps: int, layers: int, resolution: int, siz
         links = {"model": ["1", 0], "positive": ["10", 0], "negative": ["11", 0], "latent_image": ["12", 0]}
         nodes[SAMPLER] = {"class_type": "KSampler", "inputs": links | sampler | {"denoise": 1.0}}
         return nodes
-    mode = fast if variant == "pack-fast" else "off"
     nodes["1"] = {
         "class_type": "QwenLayeredLoadMMDiT",
-        "inputs": {"model_name": transformer, "weight_dtype": "default", "fast_path": mode},
+        "inputs": {"model_name": transformer, "weight_dtype": "default"},
     }
+    mode = fast if variant == "pack-fast" else "off"
+    nodes["13"] = {"class_type": "QwenLayeredFastPath", "inputs": {"model": ["1", 0], "mode": mode}}
     sampler = {"layers": layers, "steps": steps, "cfg": CFG, "cfg_normalize": True, "seed": 0}
-    links = {"model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0], "condition": ["6", 0]}
+    links = {"model": ["13", 0], "positive": ["4", 0], "negative": ["5", 0], "condition": ["6", 0]}
     nodes[SAMPLER] = {"class_type": "QwenLayeredDecompose", "inputs": links | sampler}
     return nodes
 
@@ -275,7 +276,7 @@ def start_comfyui(args, base: Path) -> bool:
     import nodes  # noqa: I001 (ComfyUI's modules, importable only now)
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    needed = ("QwenLayeredDecompose", "QwenLayeredLoadMMDiT", "EmptyQwenImageLayeredLatentImage", "ReferenceLatent")
+    needed = ("QwenLayeredDecompose", "QwenLayeredFastPath", "EmptyQwenImageLayeredLatentImage", "ReferenceLatent")
     missing = [n for n in needed if n not in nodes.NODE_CLASS_MAPPINGS]
     if missing:
         raise SystemExit(f"nodes not registered: {missing} (see the import log above)")

@@ -112,6 +112,8 @@ def main() -> None:
     from qwen_image_layered.layered_core.checkpoints import load_mmdit
     from qwen_image_layered.nodes.comfy_model import ComfyTransformer, load_layered_model
     from qwen_image_layered.nodes.decompose import Decompose
+    from qwen_image_layered.nodes.fast_path import fast_path_mode
+    from qwen_image_layered.nodes.loaders import FastPath
     from torch._dynamo.utils import counters
 
     import nodes
@@ -200,11 +202,20 @@ def main() -> None:
         "vs_merged": relative(compiled, merged),
     }
 
-    # core's KSampler on the MODEL takes the same path
-    fast_k, fast_k_runs = ksampler(model("bf16", "eager", lora=1.0))
+    # core's KSampler on the MODEL takes the same path; the mode set by the Transformer Fast Path node, on a clone
+    loaded = model("bf16", "auto", lora=1.0)
+    (switched,) = FastPath.execute(loaded, "eager").result
+    fast_k, fast_k_runs = ksampler(switched)
+    try:
+        FastPath.execute(nodes.LoraLoaderModelOnly(), "eager")
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
     comfy_k, _ = ksampler(model("bf16", "off", lora=1.0))
     merged_k, _ = ksampler(model("merged", "off"))
     report["ksampler"] = {
+        "modes": [fast_path_mode(m.model_options.get("transformer_options")) for m in (loaded, switched)],
+        "refusal": refusal,
         "fast_runs": fast_k_runs,
         "fast_vs_comfy": largest(fast_k, comfy_k),
         "fast_vs_merged": relative(fast_k, merged_k),

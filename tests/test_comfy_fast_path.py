@@ -53,7 +53,11 @@ def test_core_lora_loader_takes_effect_on_the_fast_path(measured):
 
 
 def test_core_ksampler_runs_the_fast_path_with_the_lora(measured):
+    """Core's KSampler on the MODEL with the LoRA, the mode set by the Transformer Fast Path node (on a clone: the
+    loaded MODEL keeps its own), which refuses a MODEL that is not this pack's."""
     ksampler = measured["ksampler"]
+    assert ksampler["modes"] == ["auto", "eager"]
+    assert "Transformer Fast Path sets the mode of this pack's VLD-MMDiT" in ksampler["refusal"]
     assert ksampler["fast_runs"] == {"fast": BLOCK_RUNS, "comfy": 0}
     assert ksampler["fast_vs_comfy"] == 0.0
     assert ksampler["fast_vs_merged"] <= 1e-6
