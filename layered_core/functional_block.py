@@ -54,34 +54,24 @@ def block_template(config: MMDiTConfig, fp8_layers: frozenset[tuple[str, str]] =
     return template
 
 
-def call_block(
-    template: DualStreamBlock,
-    weights: Mapping[str, torch.Tensor],
-    img: torch.Tensor,
-    txt: torch.Tensor,
-    temb: torch.Tensor,
-    pe: torch.Tensor,
-    mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``template(img, txt, temb, pe, mask)`` with ``weights`` (the block's state-dict names: ``attn.to_q.weight``,
-    FP8Linear's ``...weight_scale``) in place of the template's own."""
+def _functional_call(template, weights, img, txt, temb, pe, mask):
     return torch.func.functional_call(template, dict(weights), (img, txt, temb, pe, mask), strict=True)
 
 
 _COMPILED = None
 
 
-def _compiled_call_block():
-    """:func:`call_block` under ``torch.compile`` (made once: one compiled code for all blocks and templates), with
-    inductor's code kept in the pack's cache folder as the command line keeps it."""
+def _compiled_call():
+    """:func:`_functional_call` under ``torch.compile``, made once (one compiled code for all blocks and templates),
+    with inductor's code kept in the pack's cache folder as the command line keeps it."""
     global _COMPILED
     if _COMPILED is None:
         keep_compiled_code()
-        _COMPILED = torch.compile(call_block)
+        _COMPILED = torch.compile(_functional_call)
     return _COMPILED
 
 
-def run_block(
+def call_block(
     template: DualStreamBlock,
     weights: Mapping[str, torch.Tensor],
     img: torch.Tensor,
@@ -91,10 +81,12 @@ def run_block(
     mask: torch.Tensor | None = None,
     compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`call_block`, compiled or eager."""
+    """``template(img, txt, temb, pe, mask)`` with ``weights`` (the block's state-dict names: ``attn.to_q.weight``,
+    FP8Linear's ``...weight_scale``; every one of them) in place of the template's own; under ``torch.compile``
+    with ``compiled``."""
     if not compiled:
-        return call_block(template, weights, img, txt, temb, pe, mask)
+        return _functional_call(template, weights, img, txt, temb, pe, mask)
     # Under dynamic shapes dynamo guards the base of an input that is a view: the first block's streams (views of
     # the input projections' output where no cast separates them) would otherwise get a graph of their own.
     img, txt, temb, pe = (tensor.clone() if tensor._base is not None else tensor for tensor in (img, txt, temb, pe))
-    return _compiled_call_block()(template, weights, img, txt, temb, pe, mask)
+    return _compiled_call()(template, weights, img, txt, temb, pe, mask)

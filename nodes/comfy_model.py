@@ -4,7 +4,8 @@ The transformer becomes the ``diffusion_model`` of core's ``QwenImage`` model cl
 ``comfy.ops`` family ComfyUI picks (weight casting, low-VRAM streaming, fp8 layouts, LoRA patches),
 wrapped in a ``ModelPatcher``: ``load_models_gpu``, core's KSampler, ReferenceLatent and
 EmptyQwenImageLayeredLatentImage all work on it. It answers core's calling convention, so the same
-MODEL works in core's samplers and in this pack's.
+MODEL works in core's samplers and in this pack's. Each block whose weights ComfyUI holds ready runs the pack's
+own block on them (:mod:`.fast_path`), the others through ComfyUI's layers.
 
 The other way round, :class:`ComfyTransformer` is a ComfyUI MODEL as the transformer layered_core's sampler
 and pipeline call, :class:`VAEPatcher` the RGBA-VAE under ComfyUI's model management (with the raw/normalised
@@ -28,7 +29,7 @@ from ..layered_core.checkpoints import infer_mmdit_config, open_transformer
 from ..layered_core.memory import activation_bytes, vae_activation_bytes
 from ..layered_core.mmdit import MMDiTConfig, VLDMMDiT, image_token_count
 from ..layered_core.vae import RGBAVAE
-from .fast_path import OPTION, block_fast_problem, compiled_blocks, fast_path_mode, run_fast_block
+from .fast_path import OPTION, block_fast_problem, effective_mode, fast_path_mode, run_fast_block
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +68,13 @@ class ComfyLayeredDiT(VLDMMDiT):
 
     def run_block(self, index, img, txt, temb, pe, mask, transformer_options):
         block = self.transformer_blocks[index]
-        compiled = compiled_blocks(fast_path_mode(transformer_options), img.device)
-        if compiled is not None:
+        mode = effective_mode(fast_path_mode(transformer_options), img.device)
+        if mode != "off":
             problem = block_fast_problem(block, self.config, img.device, temb.dtype)
             if problem is None:
                 mm.throw_exception_if_processing_interrupted()  # as ComfyUI's layers check before each op
                 self.block_runs["fast"] += 1
-                return run_fast_block(block, self.config, img, txt, temb, pe, mask, compiled)
+                return run_fast_block(block, self.config, img, txt, temb, pe, mask, compiled=mode == "compiled")
             if problem not in self._logged_problems:
                 self._logged_problems.add(problem)
                 logger.info("block %d runs through ComfyUI's layers, not the fast path: %s", index, problem)

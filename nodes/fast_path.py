@@ -31,7 +31,7 @@ import torch
 from comfy.quant_ops import QuantizedTensor
 
 from ..layered_core.compile_policy import compile_choice
-from ..layered_core.functional_block import block_layers, block_template, run_block
+from ..layered_core.functional_block import block_layers, block_template, call_block
 from ..layered_core.mmdit import DualStreamBlock, MMDiTConfig
 
 MODES = ("auto", "compiled", "eager", "off")
@@ -55,19 +55,17 @@ def fast_path_mode(transformer_options: dict | None) -> str:
 
 
 @functools.cache
-def compiled_blocks(mode: str, device: torch.device) -> bool | None:
-    """Whether fast blocks are compiled in ``mode`` on ``device``; None where the fast path is off. ``auto`` takes the
-    command line's compile policy (CUDA with Triton), for a process that keeps its compiled code, and leaves the
-    fast path off elsewhere: on the CPU the pack's block is ComfyUI's math with nothing fused."""
+def effective_mode(mode: str, device: torch.device) -> str:
+    """What ``mode`` comes to on ``device``: "compiled", "eager" or "off". ``auto`` takes the command line's compile
+    policy on CUDA GPUs (compiled where Triton can, for a process that keeps its compiled code) and is off
+    elsewhere: on the CPU the pack's block is ComfyUI's math with nothing fused."""
     if mode not in MODES:
         raise ValueError(f"fast path mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "off":
-        return None
     if mode != "auto":
-        return mode == "compiled"
+        return mode
     if device.type != "cuda":
-        return None
-    return compile_choice("auto", device, None)[0]
+        return "off"
+    return "compiled" if compile_choice("auto", device, None)[0] else "eager"
 
 
 def _comfy_layer(module: torch.nn.Module) -> bool:
@@ -208,7 +206,7 @@ def run_fast_block(
     comfy.model_prefetch.prefetch_queue_pop(queue, device, block)
     try:
         weights, fp8_layers = _block_weights(block, config, device, temb.dtype)
-        return run_block(block_template(config, fp8_layers), weights, img, txt, temb, pe, mask, compiled)
+        return call_block(block_template(config, fp8_layers), weights, img, txt, temb, pe, mask, compiled)
     finally:
         if queue is not None:
             comfy.model_prefetch.prefetch_queue_pop(queue, device, None)
