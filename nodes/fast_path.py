@@ -41,7 +41,8 @@ MODE_TOOLTIP = (
     "off: every block through ComfyUI's layers"
 )
 OPTION = "qwen_layered_fast_path"
-"""The key in ``transformer_options`` that holds the mode (the loader sets it on the MODEL)."""
+"""The key in ``transformer_options`` that holds the mode (Load VLD-MMDiT sets auto, the Transformer Fast Path node
+another)."""
 FP8_LAYOUTS = ("TensorCoreFP8Layout", "TensorCoreFP8E4M3Layout")
 """ComfyUI's per-tensor scaled float8 e4m3 layouts, the only quantized weights :class:`FP8Linear` reads."""
 

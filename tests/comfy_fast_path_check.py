@@ -122,8 +122,8 @@ def main() -> None:
     folder_paths.add_model_folder_path("loras", str(work / "loras"), is_default=True)
     given = inputs()
 
-    def model(kind: str, fast_path: str, lora: float | None = None):
-        patcher = load_layered_model(str(files[kind]), fast_path=fast_path)
+    def model(kind: str, fast_path: str, lora: float | None = None, weight_dtype: str = "default"):
+        patcher = load_layered_model(str(files[kind]), weight_dtype, fast_path=fast_path)
         if lora is not None:
             (patcher,) = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, LORA, lora)
         return patcher
@@ -261,6 +261,18 @@ def main() -> None:
             "vs_cli": largest(fp8_fast, fp8_cli),
             "vs_comfy": largest(fp8_fast, fp8_comfy),
         }
+    # weights stored as raw float8 (Load VLD-MMDiT's weight_dtype fp8_e4m3fn): FP8Linear with a unit scale
+    raw = {}
+    for mode in ("eager", "off"):
+        patcher = model("bf16", mode, weight_dtype="fp8_e4m3fn")
+        mm.load_models_gpu([patcher])
+        raw[mode] = velocity(patcher)
+    weight = patcher.model.diffusion_model.transformer_blocks[0].attn.to_q.weight
+    report["raw_fp8"] = {
+        "weight": str(weight.dtype),
+        "runs": raw["eager"][1],
+        "vs_comfy": largest(raw["eager"][0], raw["off"][0]),
+    }
     print(json.dumps(report))
 
 

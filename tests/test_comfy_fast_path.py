@@ -100,3 +100,12 @@ def test_comfyuis_fp8_files_run_the_command_lines_fp8_math(measured, layout):
     assert fp8["weight"] == "QuantizedTensor torch.float8_e4m3fn"
     assert fp8["runs"] == {"fast": BLOCKS, "comfy": 0}
     assert fp8["vs_cli"] == 0.0
+
+
+def test_raw_fp8_weights_run_the_fast_path(measured):
+    """Weights stored as plain float8 (Load VLD-MMDiT's weight_dtype fp8_e4m3fn; ComfyUI casts them on each call)
+    run FP8Linear with a unit scale, as ComfyUI computes them (on the CPU both widen the weight)."""
+    raw = measured["raw_fp8"]
+    assert raw["weight"] == "torch.float8_e4m3fn"
+    assert raw["runs"] == {"fast": BLOCKS, "comfy": 0}
+    assert raw["vs_comfy"] == 0.0
