@@ -112,8 +112,15 @@ def layer_problem(module: torch.nn.Module, kind: str, device: torch.device, dtyp
     return None
 
 
-def _hooked(module: torch.nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+def _weight_layers(block: DualStreamBlock) -> tuple[dict[str, torch.nn.Module], str | None]:
+    """The block's modules that hold weights, by name, and the first module with forward hooks (None if none)."""
+    layers, hooked = {}, None
+    for name, module in block.named_modules():
+        if hooked is None and (module._forward_hooks or module._forward_pre_hooks):
+            hooked = name or "the block"
+        if any(p is not None for p in module._parameters.values()):
+            layers[name] = module
+    return layers, hooked
 
 
 def block_fast_problem(
@@ -122,12 +129,9 @@ def block_fast_problem(
     """Why ``block`` cannot run the fast path on ``device`` computing in ``dtype`` (the first problem, naming the
     layer), or None when it can. Reads the layers' state only: cheap enough for every block of every forward."""
     expected = block_layers(config)
-    found = {}
-    for name, module in block.named_modules():
-        if _hooked(module):
-            return f"{name or 'the block'} has forward hooks"
-        if any(True for _ in module.parameters(recurse=False)):
-            found[name] = module
+    found, hooked = _weight_layers(block)
+    if hooked is not None:
+        return f"{hooked} has forward hooks"
     if found.keys() != expected.keys():
         strays = sorted(found.keys() ^ expected.keys())
         return f"its layers are not the pack's ({', '.join(strays[:3])} differ)"
@@ -136,6 +140,16 @@ def block_fast_problem(
         if problem is not None:
             return f"{name}: {problem}"
     return None
+
+
+@functools.cache
+def _weight_names(config: MMDiTConfig) -> tuple[tuple[str, bool, str, str, str], ...]:
+    """Per weight layer of a block: its name, whether it is a linear, and the names of its weight, bias and fp8 scale
+    in the functional block's weights."""
+    return tuple(
+        (name, kind == "linear", f"{name}.weight", f"{name}.bias", f"{name}.weight_scale")
+        for name, kind in block_layers(config).items()
+    )
 
 
 @functools.cache
@@ -165,27 +179,32 @@ def _handed_over(module: torch.nn.Module, device: torch.device, dtype: torch.dty
     return weight, bias
 
 
+def _in(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _block_weights(block: DualStreamBlock, config: MMDiTConfig, device: torch.device, dtype: torch.dtype):
     """The block's weights by state-dict name, as the functional block takes them, and its fp8 layers with their
     FP8Linear compute mode."""
     weights: dict[str, torch.Tensor] = {}
     fp8_layers = []
-    for name, kind in block_layers(config).items():
-        module = block.get_submodule(name)
+    layers, _ = _weight_layers(block)
+    for name, linear, weight_name, bias_name, scale_name in _weight_names(config):
+        module = layers[name]
         weight, bias = _handed_over(module, device, dtype)
-        if kind == "linear" and isinstance(weight, QuantizedTensor):
-            weights[f"{name}.weight"] = weight._qdata
-            weights[f"{name}.weight_scale"] = weight.params.scale.reshape(())
+        if linear and isinstance(weight, QuantizedTensor):
+            weights[weight_name] = weight._qdata
+            weights[scale_name] = weight.params.scale.reshape(())
             # a layer the file (or a GPU without fp8 matmul) keeps at full precision is dequantized, as ComfyUI does
             fp8_layers.append((name, "dequantize" if getattr(module, "_full_precision_mm", False) else "auto"))
-        elif kind == "linear" and weight.dtype == torch.float8_e4m3fn:
-            weights[f"{name}.weight"] = weight
-            weights[f"{name}.weight_scale"] = _unit_scale(device)
+        elif linear and weight.dtype == torch.float8_e4m3fn:
+            weights[weight_name] = weight
+            weights[scale_name] = _unit_scale(device)
             fp8_layers.append((name, "auto"))
         else:
-            weights[f"{name}.weight"] = weight.to(dtype)
+            weights[weight_name] = _in(weight, dtype)
         if bias is not None:
-            weights[f"{name}.bias"] = bias.to(dtype)
+            weights[bias_name] = _in(bias, dtype)
     return weights, frozenset(fp8_layers)
 
 
