@@ -345,7 +345,8 @@ def run(args, base: Path, variants: list[str]) -> None:
     from layered_core.image import bucket_size
     from layered_core.mmdit import MMDiTConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # ComfyUI logs at INFO what it loads and how; the fast path why a block steps aside
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     register_harness_nodes(MMDiTConfig.tiny().text_dim if args.tiny else MMDiTConfig.full().text_dim)
     size = bucket_size(*IMAGE_SIZE, args.resolution)
     if torch.cuda.is_available():
