@@ -21,9 +21,10 @@ MIN_CAPABILITY = (7, 0)
 """The oldest CUDA compute capability Triton generates code for."""
 
 
-def compile_choice(setting: str, device: str | torch.device, steps: int) -> tuple[bool, str]:
+def compile_choice(setting: str, device: str | torch.device, steps: int | None) -> tuple[bool, str]:
     """(compile or not, why) for ``--compile`` ``setting`` (auto, on or off) on ``device``, for decompositions
-    of ``steps`` sampling steps."""
+    of ``steps`` sampling steps (None: a long-lived process such as ComfyUI's, where the compiled code serves
+    every later run)."""
     if setting not in COMPILE_SETTINGS:
         raise ValueError(f"compile: expected one of {', '.join(COMPILE_SETTINGS)}, got {setting!r}")
     if setting == "off":
@@ -38,6 +39,6 @@ def compile_choice(setting: str, device: str | torch.device, steps: int) -> tupl
         return False, f"off: compute capability {capability[0]}.{capability[1]} is older than Triton supports"
     if importlib.util.find_spec("triton") is None:
         return False, "off: Triton is not installed"
-    if steps < MIN_COMPILED_STEPS:
+    if steps is not None and steps < MIN_COMPILED_STEPS:
         return False, f"off: {steps} steps are too few to win back the compilation"
     return True, "on: a CUDA GPU with Triton and enough steps to win the compilation back"

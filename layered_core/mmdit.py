@@ -456,15 +456,23 @@ class VLDMMDiT(nn.Module):
         replaced = transformer_options.get("patches_replace", {}).get("dit", {})
         transformer_options["total_blocks"] = len(self.transformer_blocks)
         transformer_options["block_type"] = "double"
-        for index, block in enumerate(self.transformer_blocks):
+        for index in range(len(self.transformer_blocks)):
             transformer_options["block_index"] = index
             patch = replaced.get(("double_block", index))
             if patch is None:
-                img, txt = block(img, txt, temb, pe, mask)
+                img, txt = self.run_block(index, img, txt, temb, pe, mask, transformer_options)
             else:
                 # ComfyUI's block-replacement hook: the patch gets the block's inputs and the original.
-                def original(args, block=block):
-                    out_img, out_txt = block(args["img"], args["txt"], args["vec"], args["pe"], mask)
+                def original(args, index=index):
+                    out_img, out_txt = self.run_block(
+                        index,
+                        args["img"],
+                        args["txt"],
+                        args["vec"],
+                        args["pe"],
+                        mask,
+                        args.get("transformer_options", transformer_options),
+                    )
                     return {"img": out_img, "txt": out_txt}
 
                 out = patch(
@@ -479,6 +487,20 @@ class VLDMMDiT(nn.Module):
                 )
                 img, txt = out["img"], out["txt"]
         return img, txt
+
+    def run_block(
+        self,
+        index: int,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        temb: torch.Tensor,
+        pe: torch.Tensor,
+        mask: torch.Tensor | None,
+        transformer_options: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``index`` on the streams; the place where a model that holds its weights elsewhere (ComfyUI's
+        model management) runs a block its own way."""
+        return self.transformer_blocks[index](img, txt, temb, pe, mask)
 
     def compile_blocks(self, mode: str | None = None) -> None:
         """Regional ``torch.compile`` of the blocks' ``forward``: one graph serves every block (same code, same

@@ -4,7 +4,8 @@ The transformer becomes the ``diffusion_model`` of core's ``QwenImage`` model cl
 ``comfy.ops`` family ComfyUI picks (weight casting, low-VRAM streaming, fp8 layouts, LoRA patches),
 wrapped in a ``ModelPatcher``: ``load_models_gpu``, core's KSampler, ReferenceLatent and
 EmptyQwenImageLayeredLatentImage all work on it. It answers core's calling convention, so the same
-MODEL works in core's samplers and in this pack's.
+MODEL works in core's samplers and in this pack's. Each block whose weights ComfyUI holds ready runs the pack's
+own block on them (:mod:`.fast_path`), the others through ComfyUI's layers.
 
 The other way round, :class:`ComfyTransformer` is a ComfyUI MODEL as the transformer layered_core's sampler
 and pipeline call, :class:`VAEPatcher` the RGBA-VAE under ComfyUI's model management (with the raw/normalised
@@ -15,6 +16,7 @@ pipeline's.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import comfy.model_base
 import comfy.model_management as mm
@@ -27,8 +29,10 @@ from ..layered_core.checkpoints import infer_mmdit_config, open_transformer
 from ..layered_core.memory import activation_bytes, vae_activation_bytes
 from ..layered_core.mmdit import MMDiTConfig, VLDMMDiT, image_token_count
 from ..layered_core.vae import RGBAVAE
+from .comfy_streaming import BlockPrefetch, slot_reserve_bytes
+from .comfy_streaming import active as active_streaming
 from .comfy_streaming import attach as attach_streaming
-from .comfy_streaming import slot_reserve_bytes
+from .fast_path import OPTION, block_fast_problem, effective_mode, fast_path_mode, run_fast_block
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +43,15 @@ DEFAULT_TEXT_TOKENS = 1024
 
 
 class ComfyLayeredDiT(VLDMMDiT):
-    """The VLD-MMDiT with core's ``QwenImageTransformer2DModel`` call signature."""
+    """The VLD-MMDiT with core's ``QwenImageTransformer2DModel`` call signature. Each block runs the fast path
+    where its weights allow (:mod:`.fast_path`), else through ComfyUI's layers; ``block_runs`` counts both
+    ("fast", "comfy")."""
 
     def __init__(self, mmdit_config: dict, dtype=None, device=None, operations=None, **unused):
         super().__init__(MMDiTConfig.from_dict(mmdit_config), dtype=dtype, device=device, operations=operations)
         self.dtype = dtype  # core's BaseModel reads the weight dtype from here
+        self.block_runs: Counter[str] = Counter()
+        self._logged_problems: set[str] = set()
 
     def forward(self, x, timestep, context, attention_mask=None, ref_latents=None, transformer_options=None, **kwargs):
         if not ref_latents:
@@ -60,6 +68,44 @@ class ComfyLayeredDiT(VLDMMDiT):
         # ComfyUI already cast x to the inference dtype it chose (manual cast included)
         self.compute_dtype = x.dtype if x.dtype.is_floating_point else self.compute_dtype
         return super().forward(x, condition, context, timestep, mask, transformer_options)
+
+    def run_block(self, index, img, txt, temb, pe, mask, transformer_options):
+        block = self.transformer_blocks[index]
+        # the weights ComfyUI left in host memory come over for either path: under dynamic VRAM by ComfyUI's block
+        # prefetch, under the classic patcher's partial load by the pack's streamer (comfy_streaming)
+        streaming = active_streaming(self)
+        if streaming is not None:
+            streaming.before_block(index, img.device)
+        try:
+            prefetched = isinstance(streaming, BlockPrefetch)
+            return self._run_block_on_weights(block, index, img, txt, temb, pe, mask, transformer_options, prefetched)
+        finally:
+            if streaming is not None:
+                streaming.after_block(index)
+
+    def _run_block_on_weights(self, block, index, img, txt, temb, pe, mask, transformer_options, prefetched):
+        mode = effective_mode(fast_path_mode(transformer_options), img.device)
+        if mode != "off":
+            problem = block_fast_problem(block, self.config, img.device, temb.dtype)
+            if problem is None:
+                mm.throw_exception_if_processing_interrupted()  # as ComfyUI's layers check before each op
+                self.block_runs["fast"] += 1
+                return run_fast_block(
+                    block,
+                    self.config,
+                    img,
+                    txt,
+                    temb,
+                    pe,
+                    mask,
+                    compiled=mode == "compiled",
+                    prefetched=prefetched,
+                )
+            if problem not in self._logged_problems:
+                self._logged_problems.add(problem)
+                logger.info("block %d runs through ComfyUI's layers, not the fast path: %s", index, problem)
+        self.block_runs["comfy"] += 1
+        return block(img, txt, temb, pe, mask)
 
 
 class LayeredQwenImage(comfy.model_base.QwenImage):
@@ -97,10 +143,14 @@ def load_state_dict(path: str) -> tuple[dict, dict, MMDiTConfig]:
     return state, dict(source.metadata), config
 
 
-def load_layered_model(path: str, weight_dtype: str = "default") -> comfy.model_patcher.ModelPatcher:
-    """A MODEL (ModelPatcher) for a layered transformer file or diffusers folder."""
+def load_layered_model(
+    path: str, weight_dtype: str = "default", fast_path: str = "auto"
+) -> comfy.model_patcher.ModelPatcher:
+    """A MODEL (ModelPatcher) for a layered transformer file or diffusers folder; ``fast_path`` is the mode its
+    blocks run in (:data:`.fast_path.MODES`), kept in the MODEL's options so that every sampler sees it."""
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    fast_path_mode({OPTION: fast_path})  # refused here, before the file is read
     state, metadata, config = load_state_dict(path)
     state, metadata = comfy.utils.convert_old_quants(state, "", metadata=metadata)
     model_config = comfy.supported_models.QwenImage({"image_model": "qwen_image", "mmdit_config": config.to_dict()})
@@ -120,6 +170,7 @@ def load_layered_model(path: str, weight_dtype: str = "default") -> comfy.model_
     patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
     patcher = patcher_class(model, load_device=load_device, offload_device=mm.unet_offload_device())
     model.load_model_weights(state, "")
+    patcher.model_options.setdefault("transformer_options", {})[OPTION] = fast_path
     attach_streaming(patcher)
     return patcher
 

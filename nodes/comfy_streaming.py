@@ -47,7 +47,6 @@ or if this misbehaves).
 from __future__ import annotations
 
 import bisect
-import functools
 import logging
 import os
 import weakref
@@ -228,12 +227,6 @@ def _warn_unpinned(patcher, parts) -> None:
         )
 
 
-def _eager(hook, *args):
-    """A block hook that torch.compile leaves out of its graphs (a compiled block runs its hooks inside the
-    compiled call): stream and event calls and parameter swaps run as Python, not traced."""
-    return torch.compiler.disable(functools.partial(hook, *args))
-
-
 class _Entry:
     """One offloaded parameter: the Parameter ComfyUI holds, its host tensor, its place in a slot."""
 
@@ -293,10 +286,6 @@ class PlacedStreamer:
         self._transfers = _CudaTransfers(device, self.slot_count) if device.type == "cuda" else _SyncTransfers()
         self._transfers.slots_allocated()
         self.copied_bytes = 0  # what crossed into the slots, all forwards together
-        self._hooks = []
-        for index, block in enumerate(blocks):
-            self._hooks.append(block.register_forward_pre_hook(_eager(self._before, index)))
-            self._hooks.append(block.register_forward_hook(_eager(self._after, index), always_call=True))
 
     def describe(self) -> str:
         streamed = sum(self.part_bytes)
@@ -329,7 +318,9 @@ class PlacedStreamer:
         for block in self.streamed[first : first + self.slot_count]:
             self._copy(block)
 
-    def _before(self, index: int, module, args) -> None:
+    def before_block(self, index: int, device: torch.device) -> None:
+        """Block ``index`` is next: its offloaded parameters pointed at its slot once copied there, and the next
+        streamed blocks' copies started."""
         self._prefetch(index)
         if not self.entries[index]:
             return
@@ -338,7 +329,8 @@ class PlacedStreamer:
         for entry, view in zip(self.entries[index], self._views[(slot, index)], strict=True):
             entry.parameter.data = view
 
-    def _after(self, index: int, module, args, output) -> None:
+    def after_block(self, index: int) -> None:
+        """Block ``index`` ran (or failed): its slot free once its work is done, its parameters on the host."""
         if not self.entries[index]:
             return
         self._transfers.mark_free(self._slot_of(index), index)
@@ -350,23 +342,23 @@ class PlacedStreamer:
                 self._copy(block)
 
     def close(self) -> None:
-        """Wait for the copies, give every parameter its host tensor back, free the slots, remove the hooks."""
+        """Wait for the copies, give every parameter its host tensor back, free the slots."""
         self._transfers.synchronize()
         for entries in self.entries:
             for entry in entries:
                 entry.parameter.data = entry.host
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks, self._slots, self._views, self._content = [], [], {}, []
+        self._slots, self._views, self._content = [], {}, []
 
 
 # --------------------------------------------------------------------------- the dynamic patcher
 
 
 class BlockPrefetch:
-    """ComfyUI's block prefetch (``comfy.model_prefetch``) around the blocks' forwards, as core's LTX-AV and
-    MiniMax models call it in their block loops: before block i, the previous block's cast state is released
-    and block i's non-resident weights are cast in one batch on ComfyUI's offload stream."""
+    """ComfyUI's block prefetch (``comfy.model_prefetch``) around the blocks, as core's LTX-AV and MiniMax models
+    call it in their block loops: before block i, the previous block's cast state is released and block i's
+    non-resident weights are cast in one batch on ComfyUI's offload stream. Driven by the model's ``run_block``
+    (:meth:`before_block`, :meth:`after_forward`), not by module hooks, so that a block taking the fast path
+    (:mod:`.fast_path`) gets its weights prefetched the same way as one running through ComfyUI's layers."""
 
     def __init__(self, blocks: nn.ModuleList):
         self.blocks = blocks
@@ -375,8 +367,6 @@ class BlockPrefetch:
         self.popped = 0
         self.forwards = 0  # forwards that ran with a queue
         self._warned = False
-        self._hooks = [block.register_forward_pre_hook(_eager(self._before, i)) for i, block in enumerate(blocks)]
-        self._hooks.append(blocks[-1].register_forward_hook(_eager(self._after_last)))
 
     def describe(self) -> str:
         return (
@@ -384,10 +374,11 @@ class BlockPrefetch:
             f"({self.forwards} forwards prefetched so far)"
         )
 
-    def _before(self, index: int, module, args) -> None:
+    def before_block(self, index: int, device: torch.device) -> None:
+        """Block ``index`` is next: its weights (and those of any block a patch skipped before it) fetched."""
         if index == 0 or self.queue is None:
             self._finish()
-            self.device = args[0].device
+            self.device = device
             self.queue = model_prefetch.make_prefetch_queue(
                 list(self.blocks), self.device, {"prefetch_dynamic_vbars": True}
             )
@@ -409,8 +400,10 @@ class BlockPrefetch:
             model_prefetch.prefetch_queue_pop(self.queue, self.device, self.blocks[self.popped])
             self.popped += 1
 
-    def _after_last(self, module, args, output) -> None:
-        self._finish()
+    def after_block(self, index: int) -> None:
+        """After the last block, what the queue still holds is released."""
+        if index == len(self.blocks) - 1:
+            self._finish()
 
     def _finish(self) -> None:
         """Release what the queue still holds. ComfyUI itself clears every queue after a node (so after a failed
@@ -423,6 +416,3 @@ class BlockPrefetch:
 
     def close(self) -> None:
         self._finish()
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []

@@ -1,5 +1,5 @@
-"""The loaders: Load VLD-MMDiT, Load RGBA-VAE and Load Qwen2.5-VL, with the models-folder look-ups they list
-and find their files by."""
+"""The loaders: Load VLD-MMDiT (and Transformer Fast Path, its blocks' mode), Load RGBA-VAE and Load Qwen2.5-VL,
+with the models-folder look-ups they list and find their files by."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from comfy_api.latest import io
 
 from ..layered_core.checkpoints import load_vae
 from ..layered_core.text import load_text_encoder
-from .comfy_model import WEIGHT_DTYPES, VAEPatcher, load_layered_model
+from .comfy_model import WEIGHT_DTYPES, ComfyLayeredDiT, VAEPatcher, load_layered_model
 from .common import CATEGORY, PREFIX, TextEncoderType
+from .fast_path import MODE_TOOLTIP, MODES, OPTION
 
 
 def _folders(kind: str, *markers: str) -> list[str]:
@@ -86,6 +87,36 @@ class LoadMMDiT(io.ComfyNode):
     @classmethod
     def execute(cls, model_name, weight_dtype) -> io.NodeOutput:
         return io.NodeOutput(load_layered_model(_model_path(model_name), weight_dtype))
+
+
+class FastPath(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=f"{PREFIX}FastPath",
+            display_name="Transformer Fast Path (Qwen-Image-Layered)",
+            category=CATEGORY,
+            description="How the VLD-MMDiT's blocks run: each block whose weights ComfyUI holds ready runs the pack's "
+            "own block (compiled, FlashAttention-4, fused kernels, fp8 matmul), any other through ComfyUI's layers. "
+            "Without this node the mode is auto.",
+            inputs=[
+                io.Model.Input("model", tooltip="the VLD-MMDiT from Load VLD-MMDiT (after any LoRA loaders)"),
+                io.Combo.Input("mode", options=list(MODES), default="auto", tooltip=MODE_TOOLTIP),
+            ],
+            outputs=[io.Model.Output(tooltip="the same model, its weights shared, with the mode set")],
+        )
+
+    @classmethod
+    def execute(cls, model, mode) -> io.NodeOutput:
+        transformer = getattr(getattr(model, "model", None), "diffusion_model", None)
+        if not isinstance(transformer, ComfyLayeredDiT):
+            raise ValueError(
+                f"Transformer Fast Path sets the mode of this pack's VLD-MMDiT (Load VLD-MMDiT); this MODEL holds "
+                f"{type(transformer).__name__}"
+            )
+        patched = model.clone()
+        patched.model_options.setdefault("transformer_options", {})[OPTION] = mode
+        return io.NodeOutput(patched)
 
 
 class LoadRGBAVAE(io.ComfyNode):

@@ -307,7 +307,9 @@ def prefetch_check(results: dict, patcher) -> None:
     fake = FakePrefetch()
     comfy_streaming.model_prefetch = fake
     try:
+        # as _inject sets it up for a dynamic patcher: the model's run_block drives it, block by block
         prefetch = comfy_streaming.BlockPrefetch(model.transformer_blocks)
+        comfy_streaming._ACTIVE[model] = prefetch
         out = transformer_call(patcher)
         results["one_forward"] = {
             "queues": fake.queues,
@@ -324,18 +326,20 @@ def prefetch_check(results: dict, patcher) -> None:
         transformer_call(patcher)
         del options["patches_replace"]["dit"][("double_block", 1)]
         results["skipped_block"] = {"queues": fake.queues, "pops": list(fake.pops)}
-        prefetch.close()
+        comfy_streaming._stop(model)
         blocks = model.transformer_blocks
         results["hooks_after_close"] = sum(len(b._forward_pre_hooks) + len(b._forward_hooks) for b in blocks)
     finally:
+        comfy_streaming._stop(model)
         comfy_streaming.model_prefetch = real
     # ComfyUI's own prefetch on the CPU: no queue (no offload streams there), the forward unchanged
     prefetch = comfy_streaming.BlockPrefetch(model.transformer_blocks)
+    comfy_streaming._ACTIVE[model] = prefetch
     results["cpu_queue"] = {
         "same": bool(torch.equal(transformer_call(patcher), reference)),
         "forwards": prefetch.forwards,
     }
-    prefetch.close()
+    comfy_streaming._stop(model)
     # a dynamic patcher gets the prefetch, a classic one the placed streamer
     patcher.is_dynamic = lambda: True
     try:

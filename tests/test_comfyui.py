@@ -46,6 +46,7 @@ from .comfy_server import (
 
 NODE_IDS = {
     "QwenLayeredLoadMMDiT",
+    "QwenLayeredFastPath",
     "QwenLayeredLoadRGBAVAE",
     "QwenLayeredLoadTextEncoder",
     "QwenLayeredTextEncode",

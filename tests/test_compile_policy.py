@@ -25,3 +25,7 @@ def test_auto_on_a_cuda_gpu_weighs_the_steps(monkeypatch):
     assert not compiled and f"{MIN_COMPILED_STEPS - 1} steps are too few" in why
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
     assert compile_choice("auto", "cuda", 50) == (False, "off: compute capability 6.1 is older than Triton supports")
+    # a long-lived process (ComfyUI) passes no step count: its compiled code serves later runs too
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert compile_choice("auto", "cuda", None)[0]
+    assert compile_choice("auto", "cpu", None)[0] is False
