@@ -12,11 +12,11 @@ A step runs one of two ways (``step_graph``):
 
 - ``"whole"`` (the default where CUDA graphs are captured): the whole step, embedding to next token, is one CUDA
   graph, replayed once per token. Its attention covers every slot of the cache, the later ones masked out on the
-  device, in float32 over a float32 cache. Its query, key and value projections are one matrix-vector product, and
-  so are the MLP's gate and up projections, over fused weights that the model's own Parameters are views of
-  (:mod:`.caption_fusion`: the model keeps working, on the same memory). In float32 its tokens are ``generate``'s;
-  in bf16 its attention and its fused products round otherwise than ``generate``'s kernels, so its tokens can part
-  from ``generate``'s on near ties.
+  device, in one fused attention kernel (the memory-efficient one on CUDA). Its query, key and value projections are
+  one matrix-vector product, and so are the MLP's gate and up projections, over fused weights that the model's own
+  Parameters are views of (:mod:`.caption_fusion`: the model keeps working, on the same memory). In float32 its
+  tokens are ``generate``'s; in bf16 its attention and its fused products round otherwise than ``generate``'s
+  kernels, so its tokens can part from ``generate``'s on near ties.
 - ``"pieces"`` (the default elsewhere): the parts of a step between two attentions are CUDA graphs, and each
   attention runs between them as the very call transformers makes, over exactly the cached length (which the host
   knows without asking the GPU), so the tokens are ``generate``'s in bf16 too. On the CPU the pieces run eagerly.
@@ -60,6 +60,9 @@ logger = logging.getLogger(__name__)
 # plan for each new shape, which made a process's first caption several times slower than the later ones
 # (benchmarks/RESULTS.md); the flash and memory-efficient kernels need no plan.
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# The whole step's attention over every slot of the cache has a mask, which flash attention does not take; the
+# memory-efficient kernel takes it, keeps its scores in float32, and needs no per-shape plan either.
+WHOLE_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 ALL_ATTENTION = [
     SDPBackend.CUDNN_ATTENTION,
     SDPBackend.FLASH_ATTENTION,
@@ -268,9 +271,10 @@ class GreedyDecoder:
         return lambda _length: self._run_whole_step(buffers)
 
     def _attention_backends(self, buffers: _Buffers):
-        """The attention kernels the pieces may use, entered once for all the steps of a call."""
-        if buffers.step_graph != "pieces":
-            return contextlib.nullcontext()
+        """The attention kernels a step may use, entered once for all the steps of a call (and around the
+        compilation and capture, which pick the kernel)."""
+        if buffers.step_graph == "whole":
+            return sdpa_kernel(WHOLE_ATTENTION) if buffers.query.is_cuda else contextlib.nullcontext()
         return sdpa_kernel(DECODE_ATTENTION if buffers.query.is_cuda else ALL_ATTENTION)
 
     def _run_whole_step(self, buffers: _Buffers) -> None:
@@ -354,8 +358,6 @@ class GreedyDecoder:
 
     def _allocate(self, capacity: int, penalty: float, device: torch.device, step_graph: str) -> _Buffers:
         dtype = self._head.weight.dtype
-        # the whole step attends in float32 at least; the pieces keep generate's cache, in the model's dtype
-        cache_dtype = torch.promote_types(dtype, torch.float32) if step_graph == "whole" else dtype
         shape = self._shape
         cache = (1, shape.kv_heads, capacity, shape.head_dim)
 
@@ -373,8 +375,9 @@ class GreedyDecoder:
             end=zeros(dtype=torch.long),
         )
         state = StepState(
-            keys=tuple(zeros(*cache, dtype=cache_dtype) for _ in self._layers),
-            values=tuple(zeros(*cache, dtype=cache_dtype) for _ in self._layers),
+            # generate's cache, in the model's dtype (the keys and values are computed in it)
+            keys=tuple(zeros(*cache) for _ in self._layers),
+            values=tuple(zeros(*cache) for _ in self._layers),
             cos=zeros(capacity, shape.head_dim),
             sin=zeros(capacity, shape.head_dim),
             slots=torch.arange(capacity, device=device),

@@ -7,7 +7,8 @@ Two ways through a step share these functions (:class:`.caption.GreedyDecoder` r
   (which the host passes in);
 - whole: :func:`whole_step` is the step from the token to the next token, every shape fixed by the cache's
   capacity, so that it can be captured as one CUDA graph and compiled as one graph: :func:`grouped_attention`
-  attends over every slot of the cache in float32, the slots after the current position masked out on the device.
+  attends over every slot of the cache, the slots after the current position masked out on the device, in one fused
+  attention kernel.
   Its weights are :class:`FusedLayerWeights`: one matrix-vector product for the query, key and value, one for the
   MLP's gate and up projections (:mod:`.caption_fusion`).
 
@@ -157,7 +158,7 @@ class Picks(NamedTuple):
 class StepState(NamedTuple):
     """Every tensor a whole step reads or writes, at fixed addresses so that a captured graph replays over them."""
 
-    keys: tuple[torch.Tensor, ...]  # per layer (1, kv_heads, capacity, head_dim), at least float32
+    keys: tuple[torch.Tensor, ...]  # per layer (1, kv_heads, capacity, head_dim), in the model's dtype
     values: tuple[torch.Tensor, ...]
     cos: torch.Tensor  # (capacity, head_dim) the rotary table of each cache slot, in the model's dtype
     sin: torch.Tensor
@@ -239,16 +240,19 @@ def grouped_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """One query token (1, heads, 1, head_dim) over every cache slot (1, kv_heads, capacity, head_dim), ``bias``
-    (capacity,) added to the scores, computed in the cache's dtype; returned in the query's dtype.
+    (capacity,) added to the scores; all in one dtype.
 
     Grouped-query attention without repeating the cache: the ``heads // kv_heads`` query heads of one key/value head
-    (consecutive, as transformers' repeat_kv orders them) become that head's rows of one matrix product."""
+    (consecutive, as transformers' repeat_kv orders them) become that head's query rows, so that it is one call of
+    the fused attention kernel that takes a mask (on CUDA the memory-efficient one, which keeps its scores and
+    softmax in float32 over a bf16 cache, as generate's kernel does)."""
     heads, head_dim = query.shape[1], query.shape[3]
     kv_heads, capacity = keys.shape[1], keys.shape[2]
-    grouped = query.reshape(kv_heads, heads // kv_heads, head_dim).to(keys.dtype)
-    scores = torch.baddbmm(bias.view(1, 1, capacity), grouped, keys[0].transpose(1, 2), alpha=scaling)
-    attended = torch.bmm(torch.softmax(scores, dim=-1), values[0])
-    return attended.reshape(1, heads, 1, head_dim).to(query.dtype)
+    grouped = query.reshape(1, kv_heads, heads // kv_heads, head_dim)
+    attended = F.scaled_dot_product_attention(
+        grouped, keys, values, attn_mask=bias.view(1, 1, 1, capacity), scale=scaling
+    )
+    return attended.reshape(1, heads, 1, head_dim)
 
 
 def layer_output(

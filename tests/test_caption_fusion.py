@@ -146,3 +146,20 @@ def test_unfusable_projections_go_through_generate(encoder):
         GreedyDecoder(model, step_graph="whole").generate(
             inputs, greedy_settings(model, encoder.greedy_config(4), inputs)
         )
+
+
+def test_whole_step_in_bfloat16_keeps_a_bfloat16_cache():
+    """The whole step's cache is generate's, in the model's dtype, and its attention (the fused kernel, float32
+    inside) gives generate's tokens on these images of this model (other images part on near ties)."""
+    model, tokenizer, image_processor = tiny_text_encoder_set(hidden_size=64, seed=2)
+    encoder = PromptEncoder(model.to(torch.bfloat16), tokenizer, image_processor)
+    decoder = GreedyDecoder(model, step_graph="whole")
+    for seed in (10, 14):
+        inputs = encoder.caption_inputs(noise(seed, (112, 84)))
+        config = encoder.greedy_config(48)
+        with torch.inference_mode():
+            expected = model.generate(**inputs, generation_config=config)[0, inputs["input_ids"].shape[1] :]
+        assert decoder.generate(inputs, greedy_settings(model, config, inputs)).tolist() == expected.tolist()
+    assert all(
+        cache.dtype == torch.bfloat16 for cache in (*decoder._buffers.state.keys, *decoder._buffers.state.values)
+    )
