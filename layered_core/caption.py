@@ -332,11 +332,16 @@ class GreedyDecoder:
         """Buffers for ``length`` tokens (prompt and new), reused when they still fit; the step captured on CUDA."""
         # taken again each call: moving the model (between devices, to another dtype) can give it new tensors, which
         # the whole step fuses again; the fusion moves Parameters, so their addresses are read after it
+        unfused = tuple(p.data_ptr() for p in self.model.parameters())
         try:
             self._weights = StepWeights.of(self.model, fused=step_graph == "whole")
         except ValueError as e:  # parts that cannot share one tensor (mixed dtypes)
             raise FastPathUnavailable(f"the projections cannot be fused: {e}") from e
         weights = tuple(p.data_ptr() for p in self.model.parameters())
+        if weights != unfused and device.type == "cuda":
+            # the parts' old tensors are free now, but the caching allocator holds them in blocks of their sizes,
+            # which nothing asks for again: handed back to the device once, after the fusion
+            torch.cuda.empty_cache()
         buffers = self._buffers
         reusable = (
             buffers is not None
