@@ -4,12 +4,15 @@ on the same model and request, and how many of their tokens agree. Prints a tabl
     python -m benchmarks.bench_caption                     # Qwen2.5-VL-7B shape, random bf16 weights, one GPU
     python -m benchmarks.bench_caption --variants whole,whole-compiled   # some of the step modes only
     python -m benchmarks.bench_caption --dtype float32     # the same in float32 (agreement without bf16 rounding)
+    python -m benchmarks.bench_caption --variants whole-compiled --inductor-cdt   # inductor's coordinate descent
     python -m benchmarks.bench_caption --tiny              # CPU smoke test of this script (tiny float32 model)
 
 The decoder's variants are its step modes (``GreedyDecoder(step_graph=...)``): "pieces", CUDA graphs around
 transformers' own attention calls; "whole", the whole step as one CUDA graph (the default on CUDA); each also
 "-compiled" (``compile_step``, captured after torch.compile) and "-eager" (no CUDA graph). On the CPU every variant
-runs eagerly, and "-compiled" compiles for the CPU.
+runs eagerly, and "-compiled" compiles for the CPU. ``--inductor-cdt`` compiles the "-compiled" variants with
+inductor's coordinate-descent tuning of its kernels' launch settings (``GreedyDecoder(compile_options=...)``), which
+makes the compilation slower; compare against a run without it.
 
 The request is the pack's own: ``PromptEncoder.caption_inputs`` of a 1280x720 noise image resized to its 640-px
 bucket (864x480), with the release's image-processor pixel budget and generation settings (repetition penalty
@@ -52,6 +55,7 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = ["pieces", "pieces-compiled", "whole", "whole-compiled"]
 TINY_VARIANTS = ["pieces", "whole"]
+COORDINATE_DESCENT = {"coordinate_descent_tuning": True}
 
 
 @contextmanager
@@ -164,6 +168,11 @@ def main() -> None:
     parser.add_argument(
         "--static-reference", action="store_true", help="also time generate with its static cache and compare"
     )
+    parser.add_argument(
+        "--inductor-cdt",
+        action="store_true",
+        help="compile the -compiled variants with inductor's coordinate_descent_tuning (a slower compilation)",
+    )
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -213,15 +222,19 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        options = dict(VARIANTS[name])
+        if args.inductor_cdt and options.get("compile_step"):
+            options["compile_options"] = COORDINATE_DESCENT
+        shown_name = f"{name} cdt" if "compile_options" in options else name
         try:
-            decoder = GreedyDecoder(model, **VARIANTS[name])
+            decoder = GreedyDecoder(model, **options)
             for call in ("first call", "second call"):
                 tokens, seconds = run_decoder(decoder, inputs, config)
                 # the decoder's cache, buffers and graph memory, which it keeps for the next caption
                 held = (torch.cuda.memory_allocated() - before) / 2**20 if device.type == "cuda" else None
                 # a failed capture runs the step eagerly (the decoder logs why): said in the row, not hidden
                 uncaptured = device.type == "cuda" and decoder.cuda_graph and decoder._buffers.graphs is None
-                label = f"decoder {name}, {call}{' (NOT captured)' if uncaptured else ''}"
+                label = f"decoder {shown_name}, {call}{' (NOT captured)' if uncaptured else ''}"
                 rows.append((label, seconds, held, agreement(tokens, reference)))
                 print(
                     f"{label}: prefill {seconds['prefill']:.3f} s, decode {seconds['decode']:.3f} s, total "
@@ -229,7 +242,7 @@ def main() -> None:
                     flush=True,
                 )
         except Exception as e:  # one variant failing (a compiler error, say) leaves the others to report
-            print(f"decoder {name} failed: {type(e).__name__}: {e}", flush=True)
+            print(f"decoder {shown_name} failed: {type(e).__name__}: {e}", flush=True)
         decoder = None  # its cache and graph go before the next variant's
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
@@ -249,7 +262,7 @@ def main() -> None:
             f"{bandwidth / 1e12:.2f} TB/s = {floor:.2f} ms/token"
         )
     header = (
-        f"{'path':<36} {'vision s':>8} {'prefill s':>9} {'setup s':>8} {'decode s':>8} {'ms/token':>8} "
+        f"{'path':<42} {'vision s':>8} {'prefill s':>9} {'setup s':>8} {'decode s':>8} {'ms/token':>8} "
         f"{'total s':>8} {'held MiB':>8}  tokens agreeing with generate"
     )
     print(header)
@@ -260,7 +273,7 @@ def main() -> None:
         prefill = seconds["prefill"] - (vision or 0.0)
         per_token = seconds["decode"] / steps * 1e3 if steps else None
         print(
-            f"{label:<36} {shown(vision, 3):>8} {shown(prefill, 3):>9} {shown(seconds.get('capture'), 3):>8} "
+            f"{label:<42} {shown(vision, 3):>8} {shown(prefill, 3):>9} {shown(seconds.get('capture'), 3):>8} "
             f"{shown(seconds['decode'], 3):>8} {shown(per_token, 2):>8} {shown(seconds['total'], 3):>8} "
             f"{shown(held, 0):>8}  {agree}"
         )

@@ -12,8 +12,11 @@ A step runs one of two ways (``step_graph``):
 
 - ``"whole"`` (the default where CUDA graphs are captured): the whole step, embedding to next token, is one CUDA
   graph, replayed once per token. Its attention covers every slot of the cache, the later ones masked out on the
-  device, in float32 over a float32 cache. In float32 its tokens are ``generate``'s; in bf16 its attention rounds
-  otherwise than ``generate``'s bf16 kernel, so its tokens can part from ``generate``'s on near ties.
+  device, in one fused attention kernel (the memory-efficient one on CUDA). Its query, key and value projections are
+  one matrix-vector product, and so are the MLP's gate and up projections, over fused weights that the model's own
+  Parameters are views of (:mod:`.caption_fusion`: the model keeps working, on the same memory). In float32 its
+  tokens are ``generate``'s; in bf16 its attention and its fused products round otherwise than ``generate``'s
+  kernels, so its tokens can part from ``generate``'s on near ties.
 - ``"pieces"`` (the default elsewhere): the parts of a step between two attentions are CUDA graphs, and each
   attention runs between them as the very call transformers makes, over exactly the cached length (which the host
   knows without asking the GPU), so the tokens are ``generate``'s in bf16 too. On the CPU the pieces run eagerly.
@@ -57,6 +60,9 @@ logger = logging.getLogger(__name__)
 # plan for each new shape, which made a process's first caption several times slower than the later ones
 # (benchmarks/RESULTS.md); the flash and memory-efficient kernels need no plan.
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# The whole step's attention over every slot of the cache has a mask, which flash attention does not take; the
+# memory-efficient kernel takes it, keeps its scores in float32, and needs no per-shape plan either.
+WHOLE_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 ALL_ATTENTION = [
     SDPBackend.CUDNN_ATTENTION,
     SDPBackend.FLASH_ATTENTION,
@@ -109,7 +115,10 @@ class GreedyDecoder:
     or moved weights build them again. ``compile_step`` runs the step through torch.compile (the whole step as one
     graph, or the pieces of the layers), which fuses its elementwise work into fewer kernels after a compilation
     on the first call; its rounding is not the eager layers', so its tokens can part from generate's in low
-    precision. ``check_every`` is how many tokens run between two looks for the end token.
+    precision; ``compile_options`` go to torch.compile as its ``options`` (inductor's settings, such as
+    ``{"coordinate_descent_tuning": True}``). ``check_every`` is how many tokens run between two looks for the end
+    token. The first "whole" step moves the model's query, key and value weights, and its gate and up weights, into
+    one tensor each per layer (:mod:`.caption_fusion`); the Parameters stay the model's, as views of them.
     """
 
     def __init__(
@@ -119,6 +128,7 @@ class GreedyDecoder:
         cuda_graph: bool = True,
         compile_step: bool = False,
         step_graph: str | None = None,
+        compile_options: dict | None = None,
     ):
         check_model(model)
         if step_graph is not None and step_graph not in STEP_GRAPHS:
@@ -137,11 +147,14 @@ class GreedyDecoder:
         self.step_graph = step_graph
         # Compiled as pure functions of their tensors: one compilation of each piece serves all layers, and the
         # whole step is one graph. fullgraph: a break would put host code inside a graph, which CUDA cannot hold.
-        compiled = torch.compile(dynamic=False, fullgraph=True) if compile_step else (lambda fn: fn)
+        options = {} if compile_options is None else {"options": compile_options}
+        compiled = torch.compile(dynamic=False, fullgraph=True, **options) if compile_step else (lambda fn: fn)
         self._attention_inputs = compiled(attention_inputs)
         self._layer_output = compiled(layer_output)
         self._whole_step = compiled(whole_step)
-        self._weights = StepWeights.of(model)
+        # the tensors a step computes with, taken at each call and dropped after it, so that weights the model no
+        # longer holds (moved or replaced) are not kept alive by the decoder
+        self._weights: StepWeights | None = None
         self._buffers: _Buffers | None = None
         forward = inspect.signature(model.forward).parameters
         self._prefill_kwargs = {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in forward else {})}
@@ -165,24 +178,30 @@ class GreedyDecoder:
         device = self._head.weight.device
         prompt_length = inputs["input_ids"].shape[1]
         clock = _Clock(device, seconds)
-        buffers = self._buffers_for(
-            prompt_length + settings.max_new_tokens, settings.repetition_penalty, device, self.step_graph_for(device)
-        )
-        clock.lap("capture")
-        self._prefill(inputs, settings, buffers)
-        clock.lap("prefill")
+        try:
+            buffers = self._buffers_for(
+                prompt_length + settings.max_new_tokens,
+                settings.repetition_penalty,
+                device,
+                self.step_graph_for(device),
+            )
+            clock.lap("capture")
+            self._prefill(inputs, settings, buffers)
+            clock.lap("prefill")
 
-        step = self._stepper(buffers)
-        produced, end = 1, self._end(buffers, settings)
-        with self._attention_backends(buffers):
-            while end is None and produced < settings.max_new_tokens:
-                steps = min(self.check_every, settings.max_new_tokens - produced)
-                # new token n - 1 is fed in at slot prompt_length + n - 1: attention reads prompt_length + n slots
-                for length in range(prompt_length + produced, prompt_length + produced + steps):
-                    step(length)
-                produced += steps
-                end = self._end(buffers, settings)
-        tokens = buffers.picks.out[: produced if end is None else end + 1].cpu()
+            step = self._stepper(buffers)
+            produced, end = 1, self._end(buffers, settings)
+            with self._attention_backends(buffers):
+                while end is None and produced < settings.max_new_tokens:
+                    steps = min(self.check_every, settings.max_new_tokens - produced)
+                    # new token n - 1 is fed in at slot prompt_length + n - 1: attention reads prompt_length + n slots
+                    for length in range(prompt_length + produced, prompt_length + produced + steps):
+                        step(length)
+                    produced += steps
+                    end = self._end(buffers, settings)
+            tokens = buffers.picks.out[: produced if end is None else end + 1].cpu()
+        finally:
+            self._weights = None
         clock.lap("decode")
         return tokens
 
@@ -252,9 +271,10 @@ class GreedyDecoder:
         return lambda _length: self._run_whole_step(buffers)
 
     def _attention_backends(self, buffers: _Buffers):
-        """The attention kernels the pieces may use, entered once for all the steps of a call."""
-        if buffers.step_graph != "pieces":
-            return contextlib.nullcontext()
+        """The attention kernels a step may use, entered once for all the steps of a call (and around the
+        compilation and capture, which pick the kernel)."""
+        if buffers.step_graph == "whole":
+            return sdpa_kernel(WHOLE_ATTENTION) if buffers.query.is_cuda else contextlib.nullcontext()
         return sdpa_kernel(DECODE_ATTENTION if buffers.query.is_cuda else ALL_ATTENTION)
 
     def _run_whole_step(self, buffers: _Buffers) -> None:
@@ -310,9 +330,18 @@ class GreedyDecoder:
 
     def _buffers_for(self, length: int, penalty: float, device: torch.device, step_graph: str) -> _Buffers:
         """Buffers for ``length`` tokens (prompt and new), reused when they still fit; the step captured on CUDA."""
-        # taken again each call: moving the model (between devices, to another dtype) can give it new tensors
-        self._weights = StepWeights.of(self.model)
+        # taken again each call: moving the model (between devices, to another dtype) can give it new tensors, which
+        # the whole step fuses again; the fusion moves Parameters, so their addresses are read after it
+        unfused = tuple(p.data_ptr() for p in self.model.parameters())
+        try:
+            self._weights = StepWeights.of(self.model, fused=step_graph == "whole")
+        except ValueError as e:  # parts that cannot share one tensor (mixed dtypes)
+            raise FastPathUnavailable(f"the projections cannot be fused: {e}") from e
         weights = tuple(p.data_ptr() for p in self.model.parameters())
+        if weights != unfused and device.type == "cuda":
+            # the parts' old tensors are free now, but the caching allocator holds them in blocks of their sizes,
+            # which nothing asks for again: handed back to the device once, after the fusion
+            torch.cuda.empty_cache()
         buffers = self._buffers
         reusable = (
             buffers is not None
@@ -334,8 +363,6 @@ class GreedyDecoder:
 
     def _allocate(self, capacity: int, penalty: float, device: torch.device, step_graph: str) -> _Buffers:
         dtype = self._head.weight.dtype
-        # the whole step attends in float32 at least; the pieces keep generate's cache, in the model's dtype
-        cache_dtype = torch.promote_types(dtype, torch.float32) if step_graph == "whole" else dtype
         shape = self._shape
         cache = (1, shape.kv_heads, capacity, shape.head_dim)
 
@@ -353,8 +380,9 @@ class GreedyDecoder:
             end=zeros(dtype=torch.long),
         )
         state = StepState(
-            keys=tuple(zeros(*cache, dtype=cache_dtype) for _ in self._layers),
-            values=tuple(zeros(*cache, dtype=cache_dtype) for _ in self._layers),
+            # generate's cache, in the model's dtype (the keys and values are computed in it)
+            keys=tuple(zeros(*cache) for _ in self._layers),
+            values=tuple(zeros(*cache) for _ in self._layers),
             cos=zeros(capacity, shape.head_dim),
             sin=zeros(capacity, shape.head_dim),
             slots=torch.arange(capacity, device=device),

@@ -7,7 +7,10 @@ Two ways through a step share these functions (:class:`.caption.GreedyDecoder` r
   (which the host passes in);
 - whole: :func:`whole_step` is the step from the token to the next token, every shape fixed by the cache's
   capacity, so that it can be captured as one CUDA graph and compiled as one graph: :func:`grouped_attention`
-  attends over every slot of the cache in float32, the slots after the current position masked out on the device.
+  attends over every slot of the cache, the slots after the current position masked out on the device, in one fused
+  attention kernel.
+  Its weights are :class:`FusedLayerWeights`: one matrix-vector product for the query, key and value, one for the
+  MLP's gate and up projections (:mod:`.caption_fusion`).
 
 Both end in :func:`pick`: the repetition penalty, the minimum-length rule and the argmax of ``generate``, and the
 bookkeeping of the new tokens, all on the device.
@@ -22,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .caption_fusion import fuse_rows
 from .caption_settings import mlp_linears
 
 
@@ -62,22 +66,53 @@ class LayerWeights(NamedTuple):
         )
 
 
+class FusedLayerWeights(NamedTuple):
+    """One decoder layer's tensors with the query, key and value projections as one, and the MLP's gate and up
+    projections as one: views of the storage the model's own Parameters are row ranges of."""
+
+    input_norm: torch.Tensor
+    qkv_weight: torch.Tensor  # (heads * head_dim + 2 * kv_heads * head_dim, hidden): [q; k; v]
+    qkv_bias: torch.Tensor
+    o_weight: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # (2 * intermediate, hidden): [gate; up]
+    down: torch.Tensor
+
+    @classmethod
+    def of(cls, layer) -> FusedLayerWeights:
+        """The fused tensors of ``layer``, its Parameters moved onto them the first time (no second copy)."""
+        attention = layer.self_attn
+        q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+        gate, up, down = mlp_linears(layer.mlp)
+        return cls(
+            layer.input_layernorm.weight,
+            fuse_rows((q.weight, k.weight, v.weight)),
+            fuse_rows((q.bias, k.bias, v.bias)),
+            attention.o_proj.weight,
+            layer.post_attention_layernorm.weight,
+            fuse_rows((gate.weight, up.weight)),
+            down.weight,
+        )
+
+
 class StepWeights(NamedTuple):
-    """The language model's tensors that a whole step computes with."""
+    """The language model's tensors that a step computes with."""
 
     embed: torch.Tensor  # (vocab, hidden)
-    layers: tuple[LayerWeights, ...]
+    layers: tuple[LayerWeights, ...] | tuple[FusedLayerWeights, ...]
     norm: torch.Tensor  # the final RMSNorm's weight
     head: torch.Tensor  # (vocab, hidden)
     head_bias: torch.Tensor | None
 
     @classmethod
-    def of(cls, model) -> StepWeights:
-        """The tensors of a Qwen2_5_VLForConditionalGeneration (checked by :func:`.caption_settings.check_model`)."""
+    def of(cls, model, fused: bool = False) -> StepWeights:
+        """The tensors of a Qwen2_5_VLForConditionalGeneration (checked by :func:`.caption_settings.check_model`);
+        with ``fused``, the layers' fused projections (:class:`FusedLayerWeights`)."""
         language_model = model.model.language_model
+        layer_weights = FusedLayerWeights.of if fused else LayerWeights.of
         return cls(
             language_model.embed_tokens.weight,
-            tuple(LayerWeights.of(layer) for layer in language_model.layers),
+            tuple(layer_weights(layer) for layer in language_model.layers),
             language_model.norm.weight,
             model.lm_head.weight,
             model.lm_head.bias,
@@ -123,7 +158,7 @@ class Picks(NamedTuple):
 class StepState(NamedTuple):
     """Every tensor a whole step reads or writes, at fixed addresses so that a captured graph replays over them."""
 
-    keys: tuple[torch.Tensor, ...]  # per layer (1, kv_heads, capacity, head_dim), at least float32
+    keys: tuple[torch.Tensor, ...]  # per layer (1, kv_heads, capacity, head_dim), in the model's dtype
     values: tuple[torch.Tensor, ...]
     cos: torch.Tensor  # (capacity, head_dim) the rotary table of each cache slot, in the model's dtype
     sin: torch.Tensor
@@ -155,22 +190,36 @@ def attention_inputs(
     position: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    weights: LayerWeights,
+    weights: LayerWeights | FusedLayerWeights,
     shape: LayerShape,
 ) -> torch.Tensor:
     """A decoder layer up to its attention, for one token (1, 1, hidden): the query (1, heads, 1, head_dim) returned,
     the rotated key and the value written into ``keys``/``values`` (1, kv_heads, capacity, head_dim, in the cache's
     dtype) at slot ``position``. The model's own eager arithmetic; a pure function of its tensors, so one
     compilation serves every layer."""
-    x = rms_norm(hidden, weights.input_norm, shape.eps)
-    query = F.linear(x, weights.q_weight, weights.q_bias).view(1, 1, shape.heads, shape.head_dim).transpose(1, 2)
-    key = F.linear(x, weights.k_weight, weights.k_bias).view(1, 1, shape.kv_heads, shape.head_dim).transpose(1, 2)
-    value = F.linear(x, weights.v_weight, weights.v_bias).view(1, 1, shape.kv_heads, shape.head_dim).transpose(1, 2)
+    query_key, value = project_qkv(rms_norm(hidden, weights.input_norm, shape.eps), weights, shape)
     # query and key heads rotated in one pass (elementwise: the same values as two)
-    rotated = rotate(torch.cat((query, key), dim=1), *rope)
+    query_key = query_key.view(1, 1, shape.heads + shape.kv_heads, shape.head_dim).transpose(1, 2)
+    rotated = rotate(query_key, *rope)
+    value = value.view(1, 1, shape.kv_heads, shape.head_dim).transpose(1, 2)
     keys.index_copy_(2, position, rotated[:, shape.heads :].to(keys.dtype))
     values.index_copy_(2, position, value.to(values.dtype))
     return rotated[:, : shape.heads]
+
+
+def project_qkv(
+    x: torch.Tensor, weights: LayerWeights | FusedLayerWeights, shape: LayerShape
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query and key projections of normed (1, 1, hidden) side by side, (1, 1, (heads + kv_heads) * head_dim),
+    and the value projection: one matrix-vector product with fused weights, three without."""
+    if isinstance(weights, FusedLayerWeights):
+        query_key = (shape.heads + shape.kv_heads) * shape.head_dim
+        return F.linear(x, weights.qkv_weight, weights.qkv_bias).split(
+            (query_key, shape.kv_heads * shape.head_dim), dim=-1
+        )
+    query = F.linear(x, weights.q_weight, weights.q_bias)
+    key = F.linear(x, weights.k_weight, weights.k_bias)
+    return torch.cat((query, key), dim=-1), F.linear(x, weights.v_weight, weights.v_bias)
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, scaling: float) -> torch.Tensor:
@@ -191,26 +240,33 @@ def grouped_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """One query token (1, heads, 1, head_dim) over every cache slot (1, kv_heads, capacity, head_dim), ``bias``
-    (capacity,) added to the scores, computed in the cache's dtype; returned in the query's dtype.
+    (capacity,) added to the scores; all in one dtype.
 
     Grouped-query attention without repeating the cache: the ``heads // kv_heads`` query heads of one key/value head
-    (consecutive, as transformers' repeat_kv orders them) become that head's rows of one matrix product."""
+    (consecutive, as transformers' repeat_kv orders them) become that head's query rows, so that it is one call of
+    the fused attention kernel that takes a mask (on CUDA the memory-efficient one, which keeps its scores and
+    softmax in float32 over a bf16 cache, as generate's kernel does)."""
     heads, head_dim = query.shape[1], query.shape[3]
     kv_heads, capacity = keys.shape[1], keys.shape[2]
-    grouped = query.reshape(kv_heads, heads // kv_heads, head_dim).to(keys.dtype)
-    scores = torch.baddbmm(bias.view(1, 1, capacity), grouped, keys[0].transpose(1, 2), alpha=scaling)
-    attended = torch.bmm(torch.softmax(scores, dim=-1), values[0])
-    return attended.reshape(1, heads, 1, head_dim).to(query.dtype)
+    grouped = query.reshape(1, kv_heads, heads // kv_heads, head_dim)
+    attended = F.scaled_dot_product_attention(
+        grouped, keys, values, attn_mask=bias.view(1, 1, 1, capacity), scale=scaling
+    )
+    return attended.reshape(1, heads, 1, head_dim)
 
 
 def layer_output(
-    hidden: torch.Tensor, attended: torch.Tensor, weights: LayerWeights, shape: LayerShape
+    hidden: torch.Tensor, attended: torch.Tensor, weights: LayerWeights | FusedLayerWeights, shape: LayerShape
 ) -> torch.Tensor:
     """A decoder layer from its attention's output (1, heads, 1, head_dim) on: output projection, residual, MLP,
     residual (the model's own eager arithmetic)."""
     hidden = hidden + F.linear(attended.transpose(1, 2).reshape(1, 1, shape.heads * shape.head_dim), weights.o_weight)
     x = rms_norm(hidden, weights.post_norm, shape.eps)
-    return hidden + F.linear(F.silu(F.linear(x, weights.gate)) * F.linear(x, weights.up), weights.down)
+    if isinstance(weights, FusedLayerWeights):
+        gate, up = F.linear(x, weights.gate_up).chunk(2, dim=-1)
+    else:
+        gate, up = F.linear(x, weights.gate), F.linear(x, weights.up)
+    return hidden + F.linear(F.silu(gate) * up, weights.down)
 
 
 def head_scores(hidden: torch.Tensor, weights: StepWeights, eps: float) -> torch.Tensor:

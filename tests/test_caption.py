@@ -104,8 +104,8 @@ def test_a_prompt_without_an_image_like_generate(encoder, step_graph, caplog):
 
 def test_tokens_equal_generate_in_bfloat16(caplog):
     """In pieces the attention is transformers' own call over the same keys, so even bf16 rounding gives generate's
-    tokens. (The whole step, whose attention covers the whole cache behind a mask in float32, parts from generate
-    on image 15 of this model.)"""
+    tokens. (The whole step, whose attention covers the whole cache behind a mask, parts from generate on image 15
+    of this model.)"""
     model, tokenizer, image_processor = tiny_text_encoder_set(hidden_size=64, seed=2)
     encoder = PromptEncoder(model.to(torch.bfloat16), tokenizer, image_processor)
     encoder._decoder = GreedyDecoder(encoder.model, step_graph="pieces")
