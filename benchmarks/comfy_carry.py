@@ -40,7 +40,7 @@ def pack_comfyui(comfyui: Path, out: Path) -> int:
                 relative = path.relative_to(comfyui)
                 if path.is_dir() or "__pycache__" in relative.parts:
                     continue
-                if any(part.endswith(SKIP_DIRS) for part in relative.parts):
+                if path.suffix != ".py" and any(part.endswith(SKIP_DIRS) for part in relative.parts):
                     continue
                 archive.add(path, arcname=str(relative))
         for path in sorted(comfyui.glob("*.py")):

@@ -245,7 +245,9 @@ class _Entry:
 class PlacedStreamer:
     """Brings the offloaded parameters of each block (``parts``, from :func:`offloaded_parts`) to ``device``
     through :data:`SLOTS` slots, a block ahead; see the module docstring. Between blocks every parameter is
-    ComfyUI's own tensor again. :meth:`close` frees the slots and removes the hooks."""
+    ComfyUI's own tensor again. The model's ``run_block`` drives it (:meth:`before_block`, :meth:`after_block`), so a
+    block whose weights it brought over can take the fast path (:mod:`.fast_path`) too. :meth:`close` frees the
+    slots."""
 
     def __init__(self, blocks: nn.ModuleList, parts: list[list[tuple[nn.Module, str]]], device, slots: int = SLOTS):
         if len(parts) != len(blocks):
@@ -357,7 +359,7 @@ class BlockPrefetch:
     """ComfyUI's block prefetch (``comfy.model_prefetch``) around the blocks, as core's LTX-AV and MiniMax models
     call it in their block loops: before block i, the previous block's cast state is released and block i's
     non-resident weights are cast in one batch on ComfyUI's offload stream. Driven by the model's ``run_block``
-    (:meth:`before_block`, :meth:`after_forward`), not by module hooks, so that a block taking the fast path
+    (:meth:`before_block`, :meth:`after_block`), not by module hooks, so that a block taking the fast path
     (:mod:`.fast_path`) gets its weights prefetched the same way as one running through ComfyUI's layers."""
 
     def __init__(self, blocks: nn.ModuleList):
