@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .caption_settings import FastPathUnavailable, GreedySettings, check_model, greedy_settings
+from .caption_settings import GreedyDecoderUnavailable, GreedySettings, check_model, greedy_settings
 from .caption_step import (
     LayerShape,
     Picks,
@@ -52,7 +52,7 @@ from .caption_step import (
     whole_step,
 )
 
-__all__ = ["FastPathUnavailable", "GreedyDecoder", "GreedySettings", "greedy_settings"]
+__all__ = ["GreedyDecoderUnavailable", "GreedyDecoder", "GreedySettings", "greedy_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class GreedyDecoder:
         cache = getattr(output, "cache", None)
         cache = getattr(output, "past_key_values", None) if cache is None else cache
         if cache is None or not hasattr(cache, "layers") or len(cache.layers) != len(self._layers):
-            raise FastPathUnavailable(f"the model's forward returned no per-layer key/value cache ({type(cache)})")
+            raise GreedyDecoderUnavailable(f"the model's forward returned no per-layer key/value cache ({type(cache)})")
         state, picks = buffers.state, buffers.picks
         prompt_length = inputs["input_ids"].shape[1]
         for layer, keys, values in zip(cache.layers, state.keys, state.values, strict=True):
@@ -241,7 +241,7 @@ class GreedyDecoder:
             positions = (state.slots + buffers.rope_delta).view(1, 1, -1).expand(3, 1, -1)
             cos, sin = self._rotary(state.cos, positions)
             if cos.numel() != state.cos.numel():
-                raise FastPathUnavailable(
+                raise GreedyDecoderUnavailable(
                     f"the rotary embedding gave tables of shape {tuple(cos.shape)}, not one row per position "
                     "(another transformers?)"
                 )
@@ -336,7 +336,7 @@ class GreedyDecoder:
         try:
             self._weights = StepWeights.of(self.model, fused=step_graph == "whole")
         except ValueError as e:  # parts that cannot share one tensor (mixed dtypes)
-            raise FastPathUnavailable(f"the projections cannot be fused: {e}") from e
+            raise GreedyDecoderUnavailable(f"the projections cannot be fused: {e}") from e
         weights = tuple(p.data_ptr() for p in self.model.parameters())
         if weights != unfused and device.type == "cuda":
             # the parts' old tensors are free now, but the caching allocator holds them in blocks of their sizes,

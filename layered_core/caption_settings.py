@@ -48,7 +48,7 @@ NEUTRAL_SETTINGS = {
 }
 
 
-class FastPathUnavailable(Exception):
+class GreedyDecoderUnavailable(Exception):
     """The greedy decoder cannot give generate()'s tokens for this model, input or config; says why."""
 
 
@@ -65,25 +65,25 @@ class GreedySettings:
 
 def greedy_settings(model, generation_config, inputs: dict[str, torch.Tensor]) -> GreedySettings:
     """The settings of ``generate(**inputs, generation_config=...)`` when the greedy decoder can reproduce its
-    tokens; raises :class:`FastPathUnavailable` saying why not (the model, the input or a generation setting)."""
+    tokens; raises :class:`GreedyDecoderUnavailable` saying why not (the model, the input or a generation setting)."""
     check_model(model)
     input_ids = inputs.get("input_ids")
     if input_ids is None or input_ids.ndim != 2 or input_ids.shape[0] != 1:
-        raise FastPathUnavailable("only one prompt at a time (input_ids of shape (1, length))")
+        raise GreedyDecoderUnavailable("only one prompt at a time (input_ids of shape (1, length))")
     mask = inputs.get("attention_mask")
     if mask is not None and not bool(mask.all()):
-        raise FastPathUnavailable("the attention mask hides tokens (padding)")
+        raise GreedyDecoderUnavailable("the attention mask hides tokens (padding)")
 
     config = generation_config
     for name, neutral in NEUTRAL_SETTINGS.items():
         value = getattr(config, name, None)
         if not any(value is n or (n is not None and value == n) for n in neutral):
-            raise FastPathUnavailable(f"generation setting {name}={value!r}")
+            raise GreedyDecoderUnavailable(f"generation setting {name}={value!r}")
     if config.max_new_tokens is None or config.max_new_tokens < 1:
-        raise FastPathUnavailable(f"max_new_tokens={config.max_new_tokens!r}; a positive count is needed")
+        raise GreedyDecoderUnavailable(f"max_new_tokens={config.max_new_tokens!r}; a positive count is needed")
     penalty = 1.0 if config.repetition_penalty is None else float(config.repetition_penalty)
     if not penalty > 0:
-        raise FastPathUnavailable(f"repetition_penalty={config.repetition_penalty!r}")
+        raise GreedyDecoderUnavailable(f"repetition_penalty={config.repetition_penalty!r}")
 
     eos = config.eos_token_id
     eos_ids = () if eos is None else tuple(int(t) for t in ([eos] if isinstance(eos, int) else eos))
@@ -94,50 +94,56 @@ def greedy_settings(model, generation_config, inputs: dict[str, torch.Tensor]) -
 
 
 def check_model(model) -> None:
-    """Raises :class:`FastPathUnavailable` unless ``model`` is a Qwen2.5-VL whose decoding step the decoder computes
-    from its plain weights (eval mode, on one device, no wrapped or quantised layer, no offloading hooks)."""
+    """Raises :class:`GreedyDecoderUnavailable` unless ``model`` is a Qwen2.5-VL whose decoding step the decoder
+    computes from its plain weights (eval mode, on one device, no wrapped or quantised layer, no offloading hooks)."""
     if not any(c.__name__ == "Qwen2_5_VLForConditionalGeneration" for c in type(model).__mro__):
-        raise FastPathUnavailable(f"the model is a {type(model).__name__}, not a Qwen2_5_VLForConditionalGeneration")
+        raise GreedyDecoderUnavailable(
+            f"the model is a {type(model).__name__}, not a Qwen2_5_VLForConditionalGeneration"
+        )
     language_model = getattr(getattr(model, "model", None), "language_model", None)
     if language_model is None or not hasattr(language_model, "layers") or not hasattr(model, "lm_head"):
-        raise FastPathUnavailable("the model lacks model.language_model.layers or lm_head (another transformers?)")
+        raise GreedyDecoderUnavailable("the model lacks model.language_model.layers or lm_head (another transformers?)")
     if type(model.lm_head) is not torch.nn.Linear:
         # a quantised head computes something else than its weight; a single file without one has a placeholder
         # that refuses in generate, naming the file
-        raise FastPathUnavailable(f"the language-model head is a {type(model.lm_head).__name__}, not torch.nn.Linear")
+        raise GreedyDecoderUnavailable(
+            f"the language-model head is a {type(model.lm_head).__name__}, not torch.nn.Linear"
+        )
     embed = language_model.embed_tokens
     if type(embed) is not torch.nn.Embedding or embed.max_norm is not None:
-        raise FastPathUnavailable(f"the token embedding is a {type(embed).__name__}, not a plain torch.nn.Embedding")
+        raise GreedyDecoderUnavailable(
+            f"the token embedding is a {type(embed).__name__}, not a plain torch.nn.Embedding"
+        )
     if model.training:
-        raise FastPathUnavailable("the model is in training mode")
+        raise GreedyDecoderUnavailable("the model is in training mode")
     text_config = language_model.config
     layer_types = getattr(text_config, "layer_types", None) or ["full_attention"]
     if getattr(text_config, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
-        raise FastPathUnavailable("sliding-window attention")
+        raise GreedyDecoderUnavailable("sliding-window attention")
     rope_type = getattr(language_model.rotary_emb, "rope_type", "default")
     if not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope":
-        raise FastPathUnavailable(f"rotary embedding {rope_type!r} changes with the sequence length")
+        raise GreedyDecoderUnavailable(f"rotary embedding {rope_type!r} changes with the sequence length")
     if getattr(text_config, "hidden_act", "silu") != "silu":
-        raise FastPathUnavailable(f"the MLP's activation is {text_config.hidden_act!r}, not silu")
+        raise GreedyDecoderUnavailable(f"the MLP's activation is {text_config.hidden_act!r}, not silu")
     for index, layer in enumerate(language_model.layers):
         attention, mlp = layer.self_attn, layer.mlp
         linears = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, *mlp_linears(mlp))
         # a LoRA wrapper, a quantised linear or another norm would compute something else than their weights here
         if any(type(linear) is not torch.nn.Linear for linear in linears):
-            raise FastPathUnavailable(f"layer {index} has a linear layer that is not torch.nn.Linear")
+            raise GreedyDecoderUnavailable(f"layer {index} has a linear layer that is not torch.nn.Linear")
         with_bias = [linear.bias is not None for linear in linears]
         if with_bias != [True, True, True, False, False, False, False]:
-            raise FastPathUnavailable(f"layer {index}'s linear layers have biases {with_bias}, not Qwen2's")
+            raise GreedyDecoderUnavailable(f"layer {index}'s linear layers have biases {with_bias}, not Qwen2's")
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if getattr(norm, "variance_epsilon", None) != text_config.rms_norm_eps:
-                raise FastPathUnavailable(f"layer {index}'s norm is a {type(norm).__name__}, not Qwen2's RMSNorm")
+                raise GreedyDecoderUnavailable(f"layer {index}'s norm is a {type(norm).__name__}, not Qwen2's RMSNorm")
     if getattr(language_model.norm, "variance_epsilon", None) != text_config.rms_norm_eps:
-        raise FastPathUnavailable(f"the final norm is a {type(language_model.norm).__name__}, not Qwen2's RMSNorm")
+        raise GreedyDecoderUnavailable(f"the final norm is a {type(language_model.norm).__name__}, not Qwen2's RMSNorm")
     devices = {p.device for p in model.parameters()}
     if len(devices) != 1 or next(iter(devices)).type == "meta":
-        raise FastPathUnavailable(f"the weights are on {sorted(map(str, devices))}, not on one device")
+        raise GreedyDecoderUnavailable(f"the weights are on {sorted(map(str, devices))}, not on one device")
     if any(hasattr(module, "_hf_hook") for module in model.modules()):
-        raise FastPathUnavailable("the model has accelerate hooks (offloaded or dispatched weights)")
+        raise GreedyDecoderUnavailable("the model has accelerate hooks (offloaded or dispatched weights)")
 
 
 def mlp_linears(mlp) -> tuple:

@@ -88,7 +88,7 @@ class LayeredPipeline:
     ``transformer`` is a :class:`VLDMMDiT`, ``vae`` an :class:`RGBAVAE`, ``text_encoder`` an object with
     ``encode(prompts) -> (embeddings, mask)`` and ``caption(image, language) -> str`` (see ``text.py``);
     it may be None when every call passes ``prompt_embeddings``. ``vram_budget`` (an
-    :class:`~layered_core.offload.VRAMBudget`) places the models for a small GPU: transformer blocks
+    :class:`~layered_core.placement.VRAMBudget`) places the models for a small GPU: transformer blocks
     streamed, the VAE and text encoder on the GPU only while they run; None leaves every model where it is.
     ``parallel`` (a :class:`~layered_core.distributed.cfg.ParallelSampling`) samples as one process of a parallel
     run: its ``model`` in place of the transformer, its ``branches`` for the step's forwards.
@@ -123,7 +123,7 @@ class LayeredPipeline:
         :func:`~layered_core.text.load_text_encoder`); ``fp8`` applies to fp8 transformer and text-encoder files.
 
         ``vram_budget_gb`` (GiB) runs within that much GPU memory: the models load on the CPU and the
-        transformer's blocks stream to ``device`` (see :class:`~layered_core.offload.VRAMBudget`).
+        transformer's blocks stream to ``device`` (see :class:`~layered_core.placement.VRAMBudget`).
         ``compile`` compiles the transformer's blocks (:meth:`VLDMMDiT.compile_blocks`): faster steps after some
         seconds of compilation on the first (figures in benchmarks/RESULTS.md), streamed blocks too."""
         transformer = transformer or model

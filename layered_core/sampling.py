@@ -150,6 +150,8 @@ def batched_branches(
     model: Callable, condition: torch.Tensor, prompt: PromptEmbeddings, negative: PromptEmbeddings, layer_count: int
 ) -> GuidedBranches:
     """cond and uncond as one forward of twice the images' batch; the shorter prompt is padded under a mask."""
+    if negative is None:
+        raise ValueError("batched_branches runs cond and uncond together: it needs a negative prompt (true CFG)")
     batch, _, height, width = condition.shape
     text, text_mask = _batched_text(prompt, negative, image_token_count(layer_count, height, width))
     both_conditions = torch.cat([condition, condition])

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .caption import FastPathUnavailable, GreedyDecoder, greedy_settings
+from .caption import GreedyDecoder, GreedyDecoderUnavailable, greedy_settings
 from .checkpoints import qwen_vl_release
 from .checkpoints.files import PICKLE_SUFFIXES, CheckpointError, read_safetensors_header
 from .checkpoints.text_encoder import (
@@ -259,12 +259,12 @@ class PromptEncoder:
         generate, saying why in the log."""
         try:
             if not self.fast_caption:
-                raise FastPathUnavailable("fast_caption is off")
+                raise GreedyDecoderUnavailable("fast_caption is off")
             settings = greedy_settings(self.model, generation_config, inputs)
             if self._decoder is None or self._decoder.model is not self.model:
                 self._decoder = GreedyDecoder(self.model)
             return self._decoder.generate(inputs, settings)
-        except FastPathUnavailable as reason:
+        except GreedyDecoderUnavailable as reason:
             logger.info("%s: captioning through transformers' generate: %s", self.source, reason)
         generated = self.model.generate(**inputs, generation_config=generation_config)
         return generated[0, inputs["input_ids"].shape[1] :].cpu()

@@ -77,7 +77,8 @@ class ComfyLayeredDiT(VLDMMDiT):
         if streaming is not None:
             streaming.before_block(index, img.device)
         try:
-            prefetched = isinstance(streaming, BlockPrefetch)
+            # with no queue (async offload off), the fast path fetches the block's weights itself
+            prefetched = isinstance(streaming, BlockPrefetch) and streaming.queue is not None
             return self._run_block_on_weights(block, index, img, txt, temb, pe, mask, transformer_options, prefetched)
         finally:
             if streaming is not None:

@@ -158,6 +158,13 @@ def _second_gpu(model, device: str) -> TwoDeviceCFG:
     """The negative prompt's branch on a copy of the MODEL's transformer on ``device``, for this run."""
     if torch.device(device) == torch.device(model.load_device):
         raise ValueError(f"cfg_device {device} is the model's own GPU: choose another GPU, or 'same'")
+    dynamic = getattr(model, "is_dynamic", lambda: False)()
+    if model.patches and (dynamic or getattr(model.model, "model_lowvram", False)):
+        # ComfyUI applies these patches as it casts each weight: a copy of the module's tensors would lack them
+        raise ValueError(
+            "cfg_device: this MODEL carries weight patches (a LoRA) that ComfyUI applies while it casts the weights "
+            "(dynamic VRAM or a partial load), so a copy on another GPU would run without them; use 'same'"
+        )
     # ComfyTransformer's view of the MODEL with its transformer on the other GPU
     view = types.SimpleNamespace(
         model=types.SimpleNamespace(

@@ -13,11 +13,15 @@ runs through ComfyUI's layers as before. The states read as they are:
   ComfyUI's own block prefetch (``comfy.model_prefetch``, which faults them into VRAM or stages them when VRAM is
   short, and applies LoRA patches there), handed to the block, and released after it.
 
+With ``QWEN_LAYERED_COMFY_STREAMING=off`` (no block prefetch of :mod:`.comfy_streaming`), a block on the fast path
+still fetches its weights as one batch through ComfyUI's prefetch, since its layers' own casting does not run.
+
 A block steps aside when one of its layers is patched on each call (weight or bias functions: a LoRA on a partly
 loaded model, a weight wrapper), has hooks, keeps its weights off the compute device (the classic lowvram mode) or in
 another dtype or quantized format, or is not one of ComfyUI's layers (another pack replaced it).
 
-The two functions another module needs: :func:`block_fast_problem` (None when a block can run the fast path) and
+What the model's ``run_block`` calls: :func:`fast_path_mode` and :func:`effective_mode` (the mode asked for, and what
+it comes to on a device), :func:`block_fast_problem` (None when a block can run the fast path) and
 :func:`run_fast_block`.
 """
 

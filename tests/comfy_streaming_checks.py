@@ -219,12 +219,10 @@ def unload_check(results: dict, patcher) -> None:
         del streamer
         free()
         gc.collect()
-        blocks = patcher.model.diffusion_model.transformer_blocks
         results[label] = {
             "slots_before": len(slots),
             "active_after": comfy_streaming.active(patcher.model.diffusion_model) is not None,
             "slots_alive_after": sum(ref() is not None for ref in slots),
-            "block_hooks_after": sum(len(b._forward_pre_hooks) + len(b._forward_hooks) for b in blocks),
             "parameters_at_host_tensor": sum(hosts[id(p)] == p.data_ptr() for p in parameters),
             "parameters": len(parameters),
             "loaded_models_after": len(mm.current_loaded_models),
@@ -327,8 +325,7 @@ def prefetch_check(results: dict, patcher) -> None:
         del options["patches_replace"]["dit"][("double_block", 1)]
         results["skipped_block"] = {"queues": fake.queues, "pops": list(fake.pops)}
         comfy_streaming._stop(model)
-        blocks = model.transformer_blocks
-        results["hooks_after_close"] = sum(len(b._forward_pre_hooks) + len(b._forward_hooks) for b in blocks)
+        results["active_after_stop"] = comfy_streaming.active(model) is not None
     finally:
         comfy_streaming._stop(model)
         comfy_streaming.model_prefetch = real

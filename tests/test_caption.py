@@ -16,7 +16,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 
 from layered_core import caption
 from layered_core.caption import STEP_GRAPHS, GreedyDecoder
-from layered_core.caption_settings import FastPathUnavailable, greedy_settings
+from layered_core.caption_settings import GreedyDecoderUnavailable, greedy_settings
 from layered_core.caption_step import (
     LayerShape,
     LayerWeights,
@@ -342,11 +342,11 @@ def test_settings_that_go_through_generate(encoder, caplog):
     for name, value in [("do_sample", True), ("num_beams", 2), ("no_repeat_ngram_size", 3), ("suppress_tokens", [5])]:
         config = copy.deepcopy(greedy)
         setattr(config, name, value)
-        with pytest.raises(FastPathUnavailable, match=f"generation setting {name}="):
+        with pytest.raises(GreedyDecoderUnavailable, match=f"generation setting {name}="):
             greedy_settings(encoder.model, config, inputs)
     no_limit = copy.deepcopy(greedy)
     no_limit.max_new_tokens = None
-    with pytest.raises(FastPathUnavailable, match="max_new_tokens=None"):
+    with pytest.raises(GreedyDecoderUnavailable, match="max_new_tokens=None"):
         greedy_settings(encoder.model, no_limit, inputs)
 
     # taken through generate, said in the log, with generate's tokens
@@ -363,13 +363,13 @@ def test_inputs_and_models_that_go_through_generate(encoder, caplog):
     inputs = encoder.caption_inputs(noise(12))
     config = encoder.greedy_config(8)
     two = {name: torch.cat([value, value]) for name, value in inputs.items()}
-    with pytest.raises(FastPathUnavailable, match="only one prompt at a time"):
+    with pytest.raises(GreedyDecoderUnavailable, match="only one prompt at a time"):
         greedy_settings(encoder.model, config, two)
     padded = dict(inputs, attention_mask=inputs["attention_mask"].clone())
     padded["attention_mask"][0, 0] = 0
-    with pytest.raises(FastPathUnavailable, match="padding"):
+    with pytest.raises(GreedyDecoderUnavailable, match="padding"):
         greedy_settings(encoder.model, config, padded)
-    with pytest.raises(FastPathUnavailable, match="not a Qwen2_5_VLForConditionalGeneration"):
+    with pytest.raises(GreedyDecoderUnavailable, match="not a Qwen2_5_VLForConditionalGeneration"):
         greedy_settings(encoder.model.model, config, inputs)
 
     wrapped = copy.deepcopy(encoder.model)
@@ -377,16 +377,16 @@ def test_inputs_and_models_that_go_through_generate(encoder, caplog):
     wrapped.model.language_model.layers[1].mlp.up_proj = torch.nn.Sequential(
         wrapped.model.language_model.layers[1].mlp.up_proj
     )
-    with pytest.raises(FastPathUnavailable, match="layer 1 has a linear layer that is not torch.nn.Linear"):
+    with pytest.raises(GreedyDecoderUnavailable, match="layer 1 has a linear layer that is not torch.nn.Linear"):
         greedy_settings(wrapped, config, inputs)
     wrapped = copy.deepcopy(encoder.model)
     wrapped.model.language_model.embed_tokens = torch.nn.Sequential(wrapped.model.language_model.embed_tokens)
-    with pytest.raises(FastPathUnavailable, match="the token embedding is a Sequential"):
+    with pytest.raises(GreedyDecoderUnavailable, match="the token embedding is a Sequential"):
         greedy_settings(wrapped, config, inputs)
 
     encoder.model.train()
     try:
-        with pytest.raises(FastPathUnavailable, match="training mode"):
+        with pytest.raises(GreedyDecoderUnavailable, match="training mode"):
             greedy_settings(encoder.model, config, inputs)
     finally:
         encoder.model.eval()

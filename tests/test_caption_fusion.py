@@ -10,7 +10,7 @@ from PIL import Image
 
 from layered_core.caption import GreedyDecoder
 from layered_core.caption_fusion import contiguous_rows, fuse_rows
-from layered_core.caption_settings import FastPathUnavailable, greedy_settings, mlp_linears
+from layered_core.caption_settings import GreedyDecoderUnavailable, greedy_settings, mlp_linears
 from layered_core.caption_step import FusedLayerWeights, LayerShape, LayerWeights, StepWeights, decode_hidden
 from layered_core.text import PromptEncoder
 from layered_core.tiny_models import tiny_text_encoder_set
@@ -142,7 +142,7 @@ def test_unfusable_projections_go_through_generate(encoder):
     inputs = encoder.caption_inputs(noise(34))
     attention = model.model.language_model.layers[1].self_attn
     attention.v_proj.to(torch.float64)
-    with pytest.raises(FastPathUnavailable, match="the projections cannot be fused: cannot fuse a torch.float64"):
+    with pytest.raises(GreedyDecoderUnavailable, match="the projections cannot be fused: cannot fuse a torch.float64"):
         GreedyDecoder(model, step_graph="whole").generate(
             inputs, greedy_settings(model, encoder.greedy_config(4), inputs)
         )

@@ -171,13 +171,15 @@ def test_processes_on_one_host_share_the_memory_mapped_weights(tmp_path):
 
 
 def test_a_killed_rank_ends_the_run_with_an_error(tmp_path):
-    results = finish(start_ranks(2, "kill", tmp_path, env={"PARALLEL_TIMEOUT": "20"}), timeout=90)
+    # a timeout far above what noticing the death takes even on a loaded machine: ending before it proves the death
+    # was noticed, not waited out
+    results = finish(start_ranks(2, "kill", tmp_path, env={"PARALLEL_TIMEOUT": "60"}), timeout=150)
     (code, err), (killed, _) = results
     assert killed == -signal.SIGKILL
     assert code == PARALLEL_ERROR, err
     assert "RankFailure: exchanging the CFG branches' velocities failed: a process of the parallel run died" in err
     assert int((tmp_path / "step-0").read_text()) == 2  # rank 1 died after step 2: rank 0 stopped at step 3
-    assert float((tmp_path / "seconds-0").read_text()) < 20
+    assert float((tmp_path / "seconds-0").read_text()) < 60
 
 
 def test_a_rank_killed_inside_the_sequence_parallel_attention_ends_the_run_with_an_error(tmp_path):
@@ -197,7 +199,9 @@ def test_a_rank_that_stops_answering_ends_the_run_within_the_timeout(tmp_path):
         children[1].communicate()
     assert code == PARALLEL_ERROR, err
     assert "did not answer within 4 s" in err
-    assert 4 <= float((tmp_path / "seconds-0").read_text()) < 4 + 15
+    assert (
+        4 <= float((tmp_path / "seconds-0").read_text()) < 4 + 40
+    )  # the timeout, then at most a loaded machine's delay
 
 
 def test_a_mismatched_configuration_stops_every_rank(tmp_path):
@@ -389,8 +393,9 @@ def test_two_device_cfg_samples_the_bits_of_one_device_running_the_branches_apar
 
 def test_a_replica_of_compiled_blocks_runs_its_own_weights():
     model = tiny_model()
-    model.compile_blocks()  # not called: the replica must not reach the original's compiled code
+    model.compile_blocks()  # never run here: the replica must come out with plain blocks, running its own weights
     replica = replicate(model, "cpu")
+    assert model.blocks_compiled and not replica.blocks_compiled
     model.uncompile_blocks()
     for parameter in replica.parameters():
         parameter.data.zero_()

@@ -39,6 +39,7 @@ def replicate(module: nn.Module, device: str | torch.device) -> nn.Module:
     replica = copy.deepcopy(module, memo)
     for submodule in replica.modules():
         submodule._compiled_call_impl = None  # what nn.Module.compile set
+        vars(submodule).pop("forward", None)  # what VLDMMDiT.compile_blocks set: the class's forward again
     return replica
 
 
