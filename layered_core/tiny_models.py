@@ -353,3 +353,32 @@ def write_comfy_models(models_dir: str | Path, seed: int = 0) -> dict[str, Path]
     else:
         written["text_encoder_file"] = save_text_encoder_file(text_encoder, target, fp8=True)
     return written
+
+
+def random_lora(
+    weights: dict[str, torch.Tensor],
+    targets: dict[str, tuple[str, str, float | None]],
+    rank: int,
+    generator: torch.Generator,
+    weight_key: str = "{}.weight",
+    alpha_key: Callable[[str, str], str] = lambda module, down_key: f"{module}.alpha",
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A seeded rank-``rank`` LoRA for tests, and ``weights`` with it merged by hand at strength 1.
+
+    ``targets`` maps each module to (down key, up key, alpha), the keys with ``{}`` for the module's name, in
+    whichever naming the test exercises (diffusers/PEFT, kohya); ``weight_key`` finds the module's weight in
+    ``weights`` (float32), ``alpha_key(module, down_key)`` names an alpha entry. Entries of up @ down are about 0.05,
+    the size of a tiny model's weights: a change no rounding hides. Merged: W + (alpha / rank or 1) * up @ down."""
+    lora, merged = {}, dict(weights)
+    for module, (down_name, up_name, alpha) in targets.items():
+        weight = weight_key.format(module)
+        out_features, in_features = merged[weight].shape
+        down = 0.25 * torch.randn(rank, in_features, generator=generator)
+        up = 0.25 * torch.randn(out_features, rank, generator=generator)
+        lora[down_name.format(module)], lora[up_name.format(module)] = down, up
+        scale = 1.0
+        if alpha is not None:
+            lora[alpha_key(module, down_name.format(module))] = torch.tensor(alpha)
+            scale = alpha / rank
+        merged[weight] = merged[weight] + scale * (up @ down)
+    return lora, merged

@@ -47,6 +47,7 @@ def write_files(work: Path) -> dict:
     import torch
     from qwen_image_layered.layered_core.checkpoints import save_mmdit
     from qwen_image_layered.layered_core.mmdit import MMDiTConfig, VLDMMDiT
+    from qwen_image_layered.layered_core.tiny_models import random_lora
     from safetensors.torch import load_file, save_file
 
     config = MMDiTConfig(num_layers=3, num_heads=2, head_dim=32, text_dim=48, axes_dims=(8, 12, 12))
@@ -64,18 +65,7 @@ def write_files(work: Path) -> dict:
     save_mmdit(model.state_dict(), files["fp8_scaled"], layout="fp8-scaled", config=config, dtype=torch.bfloat16)
     merged = {k: v.float() for k, v in load_file(files["bf16"]).items()}
     generator = torch.Generator().manual_seed(2)
-    lora = {}
-    for module, (down_name, up_name, alpha) in LORA_TARGETS.items():
-        weight = f"model.diffusion_model.{module}.weight"
-        out_features, in_features = merged[weight].shape
-        down = 0.25 * torch.randn(LORA_RANK, in_features, generator=generator)
-        up = 0.25 * torch.randn(out_features, LORA_RANK, generator=generator)
-        lora[down_name.format(module)], lora[up_name.format(module)] = down, up
-        scale = 1.0
-        if alpha is not None:
-            lora[f"{module}.alpha"] = torch.tensor(alpha)
-            scale = alpha / LORA_RANK
-        merged[weight] = merged[weight] + scale * (up @ down)
+    lora, merged = random_lora(merged, LORA_TARGETS, LORA_RANK, generator, weight_key="model.diffusion_model.{}.weight")
     (work / "loras").mkdir(exist_ok=True)
     save_file(lora, work / "loras" / LORA)
     save_file(merged, files["merged"], metadata=load_metadata(files["bf16"]))

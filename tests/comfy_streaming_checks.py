@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from qwen_image_layered.layered_core.checkpoints import save_mmdit  # noqa: E402
 from qwen_image_layered.layered_core.memory import activation_bytes  # noqa: E402
 from qwen_image_layered.layered_core.mmdit import MMDiTConfig, VLDMMDiT, image_token_count  # noqa: E402
+from qwen_image_layered.layered_core.tiny_models import random_lora  # noqa: E402
 from qwen_image_layered.nodes import comfy_streaming  # noqa: E402
 from qwen_image_layered.nodes.comfy_model import ComfyTransformer, load_layered_model  # noqa: E402
 from qwen_image_layered.nodes.decompose import Decompose  # noqa: E402
@@ -59,19 +60,13 @@ def write_model() -> tuple[Path, dict]:
 
 def write_lora(state: dict) -> tuple[dict, Path]:
     """The LoRA's state dict, and the transformer with it merged by hand at strength 1 (float32)."""
-    generator = torch.Generator().manual_seed(2)
-    lora, merged = {}, dict(state)
-    for module, (down_name, up_name, alpha) in LORA_TARGETS.items():
-        weight = f"{module}.weight"
-        out_features, in_features = merged[weight].shape
-        down = 0.25 * torch.randn(LORA_RANK, in_features, generator=generator)
-        up = 0.25 * torch.randn(out_features, LORA_RANK, generator=generator)
-        lora[down_name.format(module)], lora[up_name.format(module)] = down, up
-        scale = 1.0
-        if alpha is not None:
-            lora[down_name.format(module).replace(".lora_down.weight", ".alpha")] = torch.tensor(alpha)
-            scale = alpha / LORA_RANK
-        merged[weight] = merged[weight] + scale * (up @ down)
+    lora, merged = random_lora(
+        state,
+        LORA_TARGETS,
+        LORA_RANK,
+        torch.Generator().manual_seed(2),
+        alpha_key=lambda module, down_key: down_key.replace(".lora_down.weight", ".alpha"),
+    )
     path = save_mmdit(merged, WORK / "merged.safetensors", layout="comfy-prefixed", config=CONFIG)
     return lora, path
 

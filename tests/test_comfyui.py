@@ -104,24 +104,21 @@ def _write_lora(models: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from layered_core.tiny_models import random_lora
+
     generator = torch.Generator().manual_seed(2)
     with safe_open(models / COMFY_FILES["bf16"], "pt") as source:
         metadata = source.metadata()
         merged = {key: source.get_tensor(key) for key in source.keys()}
     merged = {key: value.float() if value.is_floating_point() else value for key, value in merged.items()}
-    lora = {}
-    for module, (down_name, up_name, alpha) in LORA_TARGETS.items():
-        weight = f"model.diffusion_model.{module}.weight"
-        out_features, in_features = merged[weight].shape
-        # entries of up @ down about 0.05, the size of the weights themselves: a change no rounding hides
-        down = 0.25 * torch.randn(LORA_RANK, in_features, generator=generator)
-        up = 0.25 * torch.randn(out_features, LORA_RANK, generator=generator)
-        lora[down_name.format(module)], lora[up_name.format(module)] = down, up
-        scale = 1.0
-        if alpha is not None:
-            lora[down_name.format(module).replace(".lora_down.weight", ".alpha")] = torch.tensor(alpha)
-            scale = alpha / LORA_RANK
-        merged[weight] = merged[weight] + scale * (up @ down)
+    lora, merged = random_lora(
+        merged,
+        LORA_TARGETS,
+        LORA_RANK,
+        generator,
+        weight_key="model.diffusion_model.{}.weight",
+        alpha_key=lambda module, down_key: down_key.replace(".lora_down.weight", ".alpha"),
+    )
     (models / "loras").mkdir(parents=True, exist_ok=True)
     save_file(lora, str(models / "loras" / LORA))
     save_file(merged, str(models / "diffusion_models" / MERGED), metadata=metadata)
