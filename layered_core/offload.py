@@ -149,7 +149,7 @@ def _pin(buffer: torch.Tensor) -> tuple[torch.Tensor, bool]:
 # --------------------------------------------------------------------------- copies
 
 
-class _SyncTransfers:
+class SyncTransfers:
     """Copies on the CPU (or anywhere, synchronously): nothing to wait for."""
 
     def copy(self, slot: int, destination: torch.Tensor, source: torch.Tensor, block: int) -> None:
@@ -168,7 +168,7 @@ class _SyncTransfers:
         pass
 
 
-class _CudaTransfers(_SyncTransfers):
+class CudaTransfers(SyncTransfers):
     """Host-to-device copies on their own stream, ordered against the compute stream by events."""
 
     def __init__(self, device: torch.device, slots: int):
@@ -200,6 +200,11 @@ class _CudaTransfers(_SyncTransfers):
         torch.cuda.current_stream(self.device).synchronize()
 
 
+def transfers_for(device: torch.device, slots: int) -> SyncTransfers:
+    """The copies into ``slots`` GPU slots on ``device``: on a side stream on CUDA, synchronous elsewhere."""
+    return CudaTransfers(device, slots) if device.type == "cuda" else SyncTransfers()
+
+
 # --------------------------------------------------------------------------- the streamer
 
 
@@ -212,7 +217,7 @@ class BlockStreamer:
     ``model.to()`` must not be called while streaming: call :meth:`remove` first.
     """
 
-    def __init__(self, model: nn.Module, device, slots: int = 2, transfers: _SyncTransfers | None = None):
+    def __init__(self, model: nn.Module, device, slots: int = 2, transfers: SyncTransfers | None = None):
         if not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be a positive integer, got {slots!r}")
         device = torch.device(device)
@@ -223,7 +228,7 @@ class BlockStreamer:
         self.slots = slots
         self.blocks: nn.ModuleList = model.transformer_blocks
         self._transfers_given = transfers
-        self._transfers: _SyncTransfers | None = None
+        self._transfers: SyncTransfers | None = None
         self.resident_blocks = 0
         self._resident_flags: list[bool] = []
         self._streamed: tuple[int, ...] = ()
@@ -373,9 +378,7 @@ class BlockStreamer:
                     for key, layout in streamed_layouts.items():
                         self._slot_views[(slot, key)] = layout.views(buffer)
             self._slot_content = [None] * self.used_slots
-            self._transfers = self._transfers_given or (
-                _CudaTransfers(self.device, max(1, self.used_slots)) if self.device.type == "cuda" else _SyncTransfers()
-            )
+            self._transfers = self._transfers_given or transfers_for(self.device, max(1, self.used_slots))
             self._transfers.slots_allocated()
             if self._streamed:
                 self._prefetch(0)

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from ..layered_core.memory import GiB
-from ..layered_core.offload import ALIGNMENT, _CudaTransfers, _SyncTransfers
+from ..layered_core.offload import ALIGNMENT, transfers_for
 
 try:  # ComfyUI's block prefetch for dynamic VRAM (v0.30 and later)
     import comfy.model_prefetch as model_prefetch
@@ -285,7 +285,7 @@ class PlacedStreamer:
                 for index in self.streamed
             }
         self._content: list[int | None] = [None] * self.slot_count
-        self._transfers = _CudaTransfers(device, self.slot_count) if device.type == "cuda" else _SyncTransfers()
+        self._transfers = transfers_for(device, self.slot_count)
         self._transfers.slots_allocated()
         self.copied_bytes = 0  # what crossed into the slots, all forwards together
 

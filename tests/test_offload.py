@@ -14,7 +14,7 @@ from PIL import Image
 from layered_core.checkpoints import load_mmdit, save_mmdit
 from layered_core.memory import ACTIVATION_BYTES_PER_ELEMENT, GiB, gib, tensor_bytes
 from layered_core.mmdit import MMDiTConfig, VLDMMDiT
-from layered_core.offload import BlockStreamer, _SyncTransfers, stream_blocks
+from layered_core.offload import BlockStreamer, CudaTransfers, SyncTransfers, stream_blocks
 from layered_core.ops import FP8Linear, quantize_fp8
 from layered_core.pipeline import DecomposeOptions, LayeredPipeline
 from layered_core.placement import VRAMBudget
@@ -129,7 +129,7 @@ def test_blocks_of_different_layouts_share_slots_sized_for_the_largest(tmp_path)
     assert torch.equal(run(model), want)
 
 
-class RecordingTransfers(_SyncTransfers):
+class RecordingTransfers(SyncTransfers):
     """Synchronous copies that log what the CUDA path would enqueue, in order."""
 
     def __init__(self):
@@ -327,6 +327,15 @@ def test_arguments_are_checked():
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+class SlowCopies(CudaTransfers):
+    """Each copy starts late: a block that did not wait for its copy would read the previous weights."""
+
+    def copy(self, slot, destination, source, block):
+        with torch.cuda.stream(self.stream):
+            torch.cuda._sleep(2_000_000)
+        super().copy(slot, destination, source, block)
+
+
 def cuda_run(model):
     with torch.no_grad():
         return model(*[None if t is None else t.cuda() for t in inputs(torch.bfloat16)])
@@ -376,16 +385,6 @@ def test_cuda_streaming_with_a_slow_compute_stream_equals_the_resident_model(res
 @needs_cuda
 @pytest.mark.parametrize("slots", [1, 2])
 def test_cuda_streaming_with_slow_copies_equals_the_resident_model(slots):
-    from layered_core.offload import _CudaTransfers
-
-    class SlowCopies(_CudaTransfers):
-        """Each copy starts late: a block that did not wait for its copy would read the previous weights."""
-
-        def copy(self, slot, destination, source, block):
-            with torch.cuda.stream(self.stream):
-                torch.cuda._sleep(2_000_000)
-            super().copy(slot, destination, source, block)
-
     plain = tiny_model(torch.bfloat16)
     want = cuda_run(copy.deepcopy(plain).cuda())
     model = copy.deepcopy(plain)

@@ -16,6 +16,7 @@ from .test_offload import (
     BLOCKS,
     RecordingBudget,
     RecordingTransfers,
+    SlowCopies,
     fp8_model,
     inputs,
     models,
@@ -134,16 +135,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 def test_cuda_compiled_streaming_with_slow_copies_and_compute_equals_resident_compiled(fresh_dynamo):
-    from layered_core.offload import _CudaTransfers
-
-    class SlowCopies(_CudaTransfers):
-        """Each copy starts late: a compiled block that did not wait for its copy would read other weights."""
-
-        def copy(self, slot, destination, source, block):
-            with torch.cuda.stream(self.stream):
-                torch.cuda._sleep(2_000_000)
-            super().copy(slot, destination, source, block)
-
     plain = tiny_model(torch.bfloat16)
     resident = copy.deepcopy(plain).cuda()
     resident.compile_blocks()
