@@ -40,7 +40,7 @@ from benchmarks.workloads import (
     random_model,
     step_inputs,
 )
-from layered_core.compile_policy import COMPILE_SETTINGS
+from layered_core.compile_policy import COMPILE_SETTINGS, compile_choice
 from layered_core.memory import WORKSPACE_RESERVE, GiB, activation_bytes
 from layered_core.mmdit import MMDiTConfig
 from layered_core.offload import stream_blocks
@@ -243,12 +243,12 @@ def main() -> None:
     args = parser.parse_args()
 
     device = "cpu" if args.tiny else "cuda"
-    # like the pipeline's --compile auto, but for any number of steps: the steady step is what is measured here
-    args.compile = args.compile == "on" or (args.compile == "auto" and device == "cuda")
     if args.tiny and not args.pipeline:
         args.resolution, args.text_tokens = 128, 16  # a CPU-sized step
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: use --tiny for the CPU smoke test")
+    # the pipeline's --compile policy, for any number of steps: the steady step is what is measured here
+    args.compile = compile_choice(args.compile, device, None)[0]
     if args.hold_back and (args.tiny or len(args.vram_gb) != 1):
         raise SystemExit("--hold-back needs a GPU and exactly one --vram-gb budget")
     if args.pipeline and not args.tiny and len(args.vram_gb) != 1:

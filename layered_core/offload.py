@@ -54,6 +54,11 @@ PAGE = 4096  # host buffers start and end on pages, so two buffers never share a
 # --------------------------------------------------------------------------- packed blocks
 
 
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to :data:`ALIGNMENT`: where the next tensor of a packed block starts."""
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
 @dataclass(frozen=True)
 class _Entry:
     name: str  # within the block, e.g. "attn.to_q.weight"
@@ -78,7 +83,7 @@ class _Layout:
                     raise ValueError(f"block tensor '{name}' is on the meta device: load the weights before streaming")
                 entry = _Entry(name, is_buffer, tensor.dtype, tuple(tensor.shape), offset)
                 entries.append(entry)
-                offset += -(-entry.nbytes // ALIGNMENT) * ALIGNMENT
+                offset += aligned(entry.nbytes)
         self.entries: tuple[_Entry, ...] = tuple(entries)
         self.nbytes = offset
         self.key = tuple((e.name, e.is_buffer, e.dtype, e.shape) for e in entries)

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from ..layered_core.memory import GiB
-from ..layered_core.offload import ALIGNMENT, transfers_for
+from ..layered_core.offload import aligned, transfers_for
 
 try:  # ComfyUI's block prefetch for dynamic VRAM (v0.30 and later)
     import comfy.model_prefetch as model_prefetch
@@ -149,13 +149,9 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB // 10 else f"{nbytes / 2**20:.2f} MiB"
 
 
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // ALIGNMENT) * ALIGNMENT
-
-
 def _packed_bytes(tensors) -> int:
     """Bytes of these tensors one after another in a slot, each starting on :data:`ALIGNMENT`."""
-    return sum(_aligned(t.numel() * t.element_size()) for t in tensors)
+    return sum(aligned(t.numel() * t.element_size()) for t in tensors)
 
 
 def left_offloaded(module: nn.Module) -> bool:
@@ -263,7 +259,7 @@ class PlacedStreamer:
             for module, name in part:
                 entry = _Entry(module._parameters[name], offset)
                 entries.append(entry)
-                offset += _aligned(entry.nbytes)
+                offset += aligned(entry.nbytes)
             self.entries.append(entries)
         self.part_bytes = [_packed_bytes(e.host for e in entries) for entries in self.entries]
         self.streamed = [index for index, entries in enumerate(self.entries) if entries]
