@@ -364,7 +364,8 @@ class BlockPrefetch:
         self.device: torch.device | None = None
         self.popped = 0
         self.forwards = 0  # forwards that ran with a queue
-        self._warned = False
+        # devices ComfyUI makes no queue for (its flags and the device decide it, not the forward): not asked again
+        self._unavailable: set[torch.device] = set()
 
     def describe(self) -> str:
         return (
@@ -374,6 +375,8 @@ class BlockPrefetch:
 
     def before_block(self, index: int, device: torch.device) -> None:
         """Block ``index`` is next: its weights (and those of any block a patch skipped before it) fetched."""
+        if device in self._unavailable:
+            return
         if index == 0 or self.queue is None:
             self._finish()
             self.device = device
@@ -382,13 +385,12 @@ class BlockPrefetch:
             )
             self.popped = 0
             if self.queue is None:
-                if not self._warned:
-                    logger.warning(
-                        "ComfyUI's block prefetch is off for %s (async weight offload disabled, or no "
-                        "non-blocking copies there): its per-layer casting streams the blocks",
-                        self.device,
-                    )
-                    self._warned = True
+                self._unavailable.add(device)
+                logger.warning(
+                    "ComfyUI's block prefetch is off for %s (async weight offload disabled, or no "
+                    "non-blocking copies there): its per-layer casting streams the blocks",
+                    self.device,
+                )
                 return
             self.forwards += 1
             if self.forwards == 1:
