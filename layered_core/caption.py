@@ -11,8 +11,9 @@ steps run past the end token.
 A step runs one of two ways (``step_graph``):
 
 - ``"whole"`` (the default where CUDA graphs are captured): the whole step, embedding to next token, is one CUDA
-  graph, replayed once per token. Its attention covers every slot of the cache, the later ones masked out on the
-  device, in one fused attention kernel (the memory-efficient one on CUDA). Its query, key and value projections are
+  graph, replayed once per token. Its attention reads the current position on the device and covers the cache up
+  to it (:mod:`.decode_attention`: split over the cache in a Triton kernel on CUDA, PyTorch's fused attention
+  behind a mask elsewhere). Its query, key and value projections are
   one matrix-vector product, and so are the MLP's gate and up projections, over fused weights that the model's own
   Parameters are views of (:mod:`.caption_fusion`: the model keeps working, on the same memory). In float32 its
   tokens are ``generate``'s; in bf16 its attention and its fused products round otherwise than ``generate``'s
@@ -40,8 +41,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .caption_settings import GreedyDecoderUnavailable, GreedySettings, check_model, greedy_settings
 from .caption_step import (
+    EAGER_PARTS,
     LayerShape,
     Picks,
+    StepParts,
     StepState,
     StepWeights,
     attend,
@@ -60,8 +63,9 @@ logger = logging.getLogger(__name__)
 # plan for each new shape, which made a process's first caption several times slower than the later ones
 # (benchmarks/RESULTS.md); the flash and memory-efficient kernels need no plan.
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# The whole step's attention over every slot of the cache has a mask, which flash attention does not take; the
-# memory-efficient kernel takes it, keeps its scores in float32, and needs no per-shape plan either.
+# Where the whole step's attention cannot run its Triton kernels, it covers every slot of the cache behind a mask,
+# which flash attention does not take; the memory-efficient kernel takes it, keeps its scores in float32, and needs
+# no per-shape plan either.
 WHOLE_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 ALL_ATTENTION = [
     SDPBackend.CUDNN_ATTENTION,
@@ -107,18 +111,19 @@ class _Buffers:
 class GreedyDecoder:
     """Greedy decoding of a Qwen2.5-VL model with generate()'s tokens (see the module's docstring).
 
-    ``step_graph`` is how a step runs: ``"whole"``, one CUDA graph per token with the attention over the whole
-    cache behind a mask (its bf16 rounding differs from generate's in the attention); ``"pieces"``, CUDA graphs
-    around transformers' own attention calls (generate's rounding in bf16 too); None picks "whole" on CUDA with
-    ``cuda_graph`` and "pieces" elsewhere. ``cuda_graph`` False runs the same step eagerly. Keeps its cache and
-    graphs between calls while they fit and the weights stay where they were; a longer request, another penalty
-    or moved weights build them again. ``compile_step`` runs the step through torch.compile (the whole step as one
-    graph, or the pieces of the layers), which fuses its elementwise work into fewer kernels after a compilation
-    on the first call; its rounding is not the eager layers', so its tokens can part from generate's in low
-    precision; ``compile_options`` go to torch.compile as its ``options`` (inductor's settings, such as
-    ``{"coordinate_descent_tuning": True}``). ``check_every`` is how many tokens run between two looks for the end
-    token. The first "whole" step moves the model's query, key and value weights, and its gate and up weights, into
-    one tensor each per layer (:mod:`.caption_fusion`); the Parameters stay the model's, as views of them.
+    ``step_graph`` is how a step runs: ``"whole"``, one CUDA graph per token with the attention over the cache up
+    to a position read on the device (its bf16 rounding differs from generate's in the attention); ``"pieces"``,
+    CUDA graphs around transformers' own attention calls (generate's rounding in bf16 too); None picks "whole" on
+    CUDA with ``cuda_graph`` and "pieces" elsewhere. ``cuda_graph`` False runs the same step eagerly. Keeps its
+    cache and graphs between calls while they fit and the weights stay where they were; a longer request, another
+    penalty or moved weights build them again. ``compile_step`` runs the step through torch.compile (the whole
+    step's parts, one compilation of its layer serving all layers, or the pieces of the layers), which fuses its
+    elementwise work into fewer kernels after a compilation on the first call; its rounding is not the eager
+    layers', so its tokens can part from generate's in low precision; ``compile_options`` go to torch.compile as
+    its ``options`` (inductor's settings, such as ``{"coordinate_descent_tuning": True}``). ``check_every`` is how
+    many tokens run between two looks for the end token. The first "whole" step moves the model's query, key and
+    value weights, and its gate and up weights, into one tensor each per layer (:mod:`.caption_fusion`); the
+    Parameters stay the model's, as views of them.
     """
 
     def __init__(
@@ -145,13 +150,14 @@ class GreedyDecoder:
         self.check_every = check_every
         self.cuda_graph = cuda_graph
         self.step_graph = step_graph
-        # Compiled as pure functions of their tensors: one compilation of each piece serves all layers, and the
-        # whole step is one graph. fullgraph: a break would put host code inside a graph, which CUDA cannot hold.
+        self.compile_step = compile_step
+        # Compiled as pure functions of their tensors: one compilation of each piece, and of the whole step's
+        # layer, serves all layers. fullgraph: a break would put host code inside a graph, which CUDA cannot hold.
         options = {} if compile_options is None else {"options": compile_options}
         compiled = torch.compile(dynamic=False, fullgraph=True, **options) if compile_step else (lambda fn: fn)
         self._attention_inputs = compiled(attention_inputs)
         self._layer_output = compiled(layer_output)
-        self._whole_step = compiled(whole_step)
+        self._parts = StepParts(*(compiled(part) for part in EAGER_PARTS)) if compile_step else EAGER_PARTS
         # the tensors a step computes with, taken at each call and dropped after it, so that weights the model no
         # longer holds (moved or replaced) are not kept alive by the decoder
         self._weights: StepWeights | None = None
@@ -278,7 +284,7 @@ class GreedyDecoder:
         return sdpa_kernel(DECODE_ATTENTION if buffers.query.is_cuda else ALL_ATTENTION)
 
     def _run_whole_step(self, buffers: _Buffers) -> None:
-        self._whole_step(buffers.state, self._weights, self._shape, buffers.penalty)
+        whole_step(buffers.state, self._weights, self._shape, buffers.penalty, self._parts)
 
     def _pieces_step(self, buffers: _Buffers, length: int) -> None:
         """Feed ``picks.token`` at slot ``state.position`` (``length - 1``), pick the next token, advance."""

@@ -6,9 +6,9 @@ Two ways through a step share these functions (:class:`.caption.GreedyDecoder` r
   and :func:`attend` is the attention call transformers makes for a decoding step, over exactly the cached length
   (which the host passes in);
 - whole: :func:`whole_step` is the step from the token to the next token, every shape fixed by the cache's
-  capacity, so that it can be captured as one CUDA graph and compiled as one graph: :func:`grouped_attention`
-  attends over every slot of the cache, the slots after the current position masked out on the device, in one fused
-  attention kernel.
+  capacity, so that it can be captured as one CUDA graph: :func:`decode_layer` attends over the cache up to the
+  current position, which the attention reads on the device (:mod:`.decode_attention`). Its parts
+  (:class:`StepParts`) are compiled one by one: one compilation of :func:`decode_layer` serves every layer.
   Its weights are :class:`FusedLayerWeights`: one matrix-vector product for the query, key and value, one for the
   MLP's gate and up projections (:mod:`.caption_fusion`).
 
@@ -19,6 +19,7 @@ bookkeeping of the new tokens, all on the device.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from .caption_fusion import fuse_rows
 from .caption_settings import mlp_linears
+from .decode_attention import decode_attention
 
 
 class LayerWeights(NamedTuple):
@@ -230,31 +232,6 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length
     )
 
 
-def attention_bias(slots: torch.Tensor, position: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(capacity,) additive mask of a step's attention: 0 on the slots up to ``position`` (the prompt, the tokens
-    generated and the one fed in), -inf on the later ones, which hold zeros or an earlier caption's keys."""
-    return torch.zeros(slots.shape, dtype=dtype, device=slots.device).masked_fill_(slots > position, -math.inf)
-
-
-def grouped_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """One query token (1, heads, 1, head_dim) over every cache slot (1, kv_heads, capacity, head_dim), ``bias``
-    (capacity,) added to the scores; all in one dtype.
-
-    Grouped-query attention without repeating the cache: the ``heads // kv_heads`` query heads of one key/value head
-    (consecutive, as transformers' repeat_kv orders them) become that head's query rows, so that it is one call of
-    the fused attention kernel that takes a mask (on CUDA the memory-efficient one, which keeps its scores and
-    softmax in float32 over a bf16 cache, as generate's kernel does)."""
-    heads, head_dim = query.shape[1], query.shape[3]
-    kv_heads, capacity = keys.shape[1], keys.shape[2]
-    grouped = query.reshape(1, kv_heads, heads // kv_heads, head_dim)
-    attended = F.scaled_dot_product_attention(
-        grouped, keys, values, attn_mask=bias.view(1, 1, 1, capacity), scale=scaling
-    )
-    return attended.reshape(1, heads, 1, head_dim)
-
-
 def layer_output(
     hidden: torch.Tensor, attended: torch.Tensor, weights: LayerWeights | FusedLayerWeights, shape: LayerShape
 ) -> torch.Tensor:
@@ -304,23 +281,64 @@ def pick(scores: torch.Tensor, picks: Picks, penalty: float) -> None:
     picks.count.add_(1)
 
 
-def decode_hidden(state: StepState, weights: StepWeights, shape: LayerShape) -> torch.Tensor:
-    """The last hidden state (1, 1, hidden) of the token ``state.picks.token`` at slot ``state.position``, its keys
-    and values written into the cache: the embedding and every decoder layer, attention over the whole cache behind
-    :func:`attention_bias`."""
+class StepParts(NamedTuple):
+    """The three functions a whole step runs, each a pure function of tensors (``GreedyDecoder`` compiles each once:
+    the layer's compilation serves all the layers)."""
+
+    inputs: Callable  # (state, weights) -> (hidden, rope): the embedding of the token fed in, its rotary tables
+    layer: Callable  # (hidden, rope, position, keys, values, layer weights, shape) -> hidden
+    finish: Callable  # (hidden, state, weights, shape, penalty) -> None: the next token picked, the position advanced
+
+
+def step_inputs(state: StepState, weights: StepWeights) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The embedding (1, 1, hidden) of the token ``state.picks.token`` and the rotary tables of its slot."""
     position = state.position
     hidden = F.embedding(state.picks.token, weights.embed)
-    rope = (state.cos.index_select(0, position).unsqueeze(0), state.sin.index_select(0, position).unsqueeze(0))
-    bias = attention_bias(state.slots, position, state.keys[0].dtype)
+    return hidden, (state.cos.index_select(0, position).unsqueeze(0), state.sin.index_select(0, position).unsqueeze(0))
+
+
+def decode_layer(
+    hidden: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    position: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    weights: LayerWeights | FusedLayerWeights,
+    shape: LayerShape,
+) -> torch.Tensor:
+    """One decoder layer for the token at slot ``position``: its key and value written into the cache, the
+    attention over the slots up to it (:func:`.decode_attention.decode_attention`), the layer's output."""
+    query = attention_inputs(hidden, rope, position, keys, values, weights, shape)
+    attended = decode_attention(query, keys, values, position, shape.scaling)
+    return layer_output(hidden, attended, weights, shape)
+
+
+def finish_step(
+    hidden: torch.Tensor, state: StepState, weights: StepWeights, shape: LayerShape, penalty: float
+) -> None:
+    """The next token picked from the last hidden state, the position advanced."""
+    pick(head_scores(hidden, weights, shape.eps), state.picks, penalty)
+    state.position.add_(1)
+
+
+EAGER_PARTS = StepParts(step_inputs, decode_layer, finish_step)
+
+
+def decode_hidden(
+    state: StepState, weights: StepWeights, shape: LayerShape, parts: StepParts = EAGER_PARTS
+) -> torch.Tensor:
+    """The last hidden state (1, 1, hidden) of the token ``state.picks.token`` at slot ``state.position``, its keys
+    and values written into the cache: the embedding and every decoder layer, each attending over the whole cache
+    up to the position."""
+    hidden, rope = parts.inputs(state, weights)
     for index, layer in enumerate(weights.layers):
-        keys, values = state.keys[index], state.values[index]
-        query = attention_inputs(hidden, rope, position, keys, values, layer, shape)
-        hidden = layer_output(hidden, grouped_attention(query, keys, values, bias, shape.scaling), layer, shape)
+        hidden = parts.layer(hidden, rope, state.position, state.keys[index], state.values[index], layer, shape)
     return hidden
 
 
-def whole_step(state: StepState, weights: StepWeights, shape: LayerShape, penalty: float) -> None:
+def whole_step(
+    state: StepState, weights: StepWeights, shape: LayerShape, penalty: float, parts: StepParts = EAGER_PARTS
+) -> None:
     """One decoding step from the token fed in to the next one picked, the position advanced: fixed shapes, no host
-    sync and no data-dependent Python, so that it is captured as one CUDA graph and compiles as one graph."""
-    pick(head_scores(decode_hidden(state, weights, shape), weights, shape.eps), state.picks, penalty)
-    state.position.add_(1)
+    sync and no data-dependent Python, so that it is captured as one CUDA graph."""
+    parts.finish(decode_hidden(state, weights, shape, parts), state, weights, shape, penalty)

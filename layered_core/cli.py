@@ -47,7 +47,7 @@ try:
     from .checkpoints.text_encoder import COMFY_TOKENIZER, check_text_encoder_file
     from .checkpoints.transformer import transformer_precision
     from .checkpoints.vae import vae_prefix, vae_shape
-    from .compile_policy import COMPILE_SETTINGS, MIN_COMPILED_STEPS, compile_choice
+    from .compile_policy import COMPILE_SETTINGS, MIN_COMPILED_STEPS, caption_compile_choice, compile_choice
     from .distributed.command import ParallelDecompose, add_parallel_arguments
     from .distributed.group import ConfigMismatch, ParallelError
     from .edit_command import add_edit_parser, edit_command
@@ -422,7 +422,12 @@ def _decompose_planned(args, plan: Plan, progress, parallel: ParallelDecompose |
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     progress.note(f"compile: {why}")
-    if compile_blocks:
+    count = len(plan.images)
+    # a lower bound: split layers are captioned too
+    captions = 0 if args.prompt else count
+    compile_caption, why = caption_compile_choice(args.compile, plan.device, captions)
+    progress.note(f"caption compile: {why}")
+    if compile_blocks or compile_caption:
         keep_compiled_code()
     progress.stage(f"loading models on {plan.device}")
     started = time.monotonic()
@@ -450,7 +455,8 @@ def _decompose_planned(args, plan: Plan, progress, parallel: ParallelDecompose |
             file=sys.stderr,
         )
         return EXIT_USAGE
-    count = len(plan.images)
+    if pipeline.text_encoder is not None and hasattr(pipeline.text_encoder, "compile_caption"):
+        pipeline.text_encoder.compile_caption = compile_caption
     progress.note(f"models loaded in {duration(time.monotonic() - started)}; {count} image{'s' * (count != 1)}")
     if parallel is None:
         result = run_batch(pipeline, plan.images, plan.out, plan.settings, progress=progress)

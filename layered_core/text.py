@@ -137,6 +137,8 @@ class PromptEncoder:
     back to ``tokenizer``). From a transformers processor, pass its ``image_processor`` and ``tokenizer``.
     ``fast_caption`` False captions through transformers' ``generate`` instead of the greedy decoder of
     ``caption.py`` (slower; the same tokens, but in bf16 on CUDA, where the decoder's attention rounds otherwise).
+    ``compile_caption`` compiles the decoder's step (``GreedyDecoder(compile_step=True)``: faster per token after
+    a compilation on the first caption; :func:`.compile_policy.caption_compile_choice` says when that pays).
     """
 
     model: Any  # transformers.Qwen2_5_VLForConditionalGeneration
@@ -145,6 +147,7 @@ class PromptEncoder:
     caption_tokenizer: Any | None = None
     source: str = "<in memory>"
     fast_caption: bool = True
+    compile_caption: bool = False
     # its key/value cache and CUDA graph are kept for the next caption
     _decoder: GreedyDecoder | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -261,8 +264,9 @@ class PromptEncoder:
             if not self.fast_caption:
                 raise GreedyDecoderUnavailable("fast_caption is off")
             settings = greedy_settings(self.model, generation_config, inputs)
-            if self._decoder is None or self._decoder.model is not self.model:
-                self._decoder = GreedyDecoder(self.model)
+            decoder = self._decoder
+            if decoder is None or decoder.model is not self.model or decoder.compile_step != self.compile_caption:
+                self._decoder = GreedyDecoder(self.model, compile_step=self.compile_caption)
             return self._decoder.generate(inputs, settings)
         except GreedyDecoderUnavailable as reason:
             logger.info("%s: captioning through transformers' generate: %s", self.source, reason)

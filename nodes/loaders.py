@@ -12,6 +12,7 @@ import torch
 from comfy_api.latest import io
 
 from ..layered_core.checkpoints import load_vae
+from ..layered_core.compile_policy import caption_compile_choice
 from ..layered_core.text import load_text_encoder
 from .comfy_model import WEIGHT_DTYPES, ComfyLayeredDiT, VAEPatcher, load_layered_model
 from .common import CATEGORY, PREFIX, TextEncoderType
@@ -177,4 +178,7 @@ class LoadTextEncoder(io.ComfyNode):
             raise ValueError(f"{folder}: not found in models/text_encoders")
         device = mm.text_encoder_device()
         dtype = torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
-        return io.NodeOutput(load_text_encoder(path, dtype=dtype, device=device))
+        encoder = load_text_encoder(path, dtype=dtype, device=device)
+        # ComfyUI's process lives on: the compiled caption step serves every later caption
+        encoder.compile_caption = caption_compile_choice("auto", device, None)[0]
+        return io.NodeOutput(encoder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from unittest.mock import patch
@@ -170,6 +171,21 @@ def test_caption_matches_reference(encoder, reference, language, mode, size):
     assert encoder.caption(image, language=language, max_new_tokens=8) != caption
     after = encoder.encode([SHORT, LONGER])  # the model's rotary state from generation does not leak
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_compile_caption_captions_through_a_compiled_step(encoder, monkeypatch):
+    """With compile_caption the decoder is rebuilt with its step compiled (aot_eager here: inductor's tracing without
+    a C++ build), and gives the caption of the uncompiled one; switched off, an uncompiled one again."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    image = Image.fromarray(np.random.RandomState(5).randint(0, 256, (64, 64, 3), dtype=np.uint8))
+    plain = encoder.caption(image, max_new_tokens=12)
+    assert not encoder._decoder.compile_step
+    monkeypatch.setattr(encoder, "compile_caption", True)
+    assert encoder.caption(image, max_new_tokens=12) == plain
+    assert encoder._decoder.compile_step
+    monkeypatch.setattr(encoder, "compile_caption", False)
+    assert encoder.caption(image, max_new_tokens=12) == plain
+    assert not encoder._decoder.compile_step
 
 
 def test_caption_stops_at_the_end_token_like_reference(encoder, reference, monkeypatch):
