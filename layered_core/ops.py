@@ -71,6 +71,49 @@ def quantize_rows_fp8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantized, scale
 
 
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    fp8_matmul: bool,
+    fast_accum: bool = True,
+) -> torch.Tensor:
+    """The product :class:`FP8Linear` computes, of ``x`` (..., in) with a float8 ``weight`` (out, in) whose real
+    values are ``weight.float() * scale`` (``scale`` a float32 scalar tensor), plus ``bias``; in ``x``'s dtype.
+
+    With ``fp8_matmul`` (what :meth:`FP8Linear.uses_fp8_matmul` decides) the rows of ``x`` are quantised to e4m3 and
+    multiplied by ``torch._scaled_mm`` (bf16 output, reduced-precision accumulation with ``fast_accum``); otherwise
+    the weight is dequantised to ``x``'s dtype and ``F.linear`` runs. The choice is a Python bool, so a compiled
+    caller traces one branch without a graph break."""
+    if not fp8_matmul:
+        return F.linear(x, dequantize_fp8(weight, scale, x.dtype), None if bias is None else bias.to(x.dtype))
+    out_features, in_features = weight.shape
+    rows = x.reshape(-1, in_features)
+    if rows.shape[0] == 0:
+        return x.new_zeros(*x.shape[:-1], out_features)
+    x_fp8, x_scale = quantize_rows_fp8(rows)
+    # Rowwise scaling wants both scales as contiguous float32 2-D tensors: (M, 1) and (1, N); the per-tensor weight
+    # scale is repeated along N.
+    weight_scale = scale.to(torch.float32).expand(1, out_features).clone(memory_format=torch.contiguous_format)
+    bias = None if bias is None else bias.to(torch.bfloat16)
+    # cuBLASLt has no rowwise-scaled fp8 algorithm with a bias epilogue for a few rows (the text stream of a short
+    # negative prompt): there the bias is added after the product.
+    fused_bias = bias if rows.shape[0] >= FUSED_BIAS_MIN_ROWS else None
+    out = torch._scaled_mm(
+        x_fp8.contiguous(),  # row-major (M, K)
+        weight.t(),  # column-major (K, N): a view of the (N, K) weight, no copy
+        scale_a=x_scale,
+        scale_b=weight_scale,
+        bias=fused_bias,
+        out_dtype=torch.bfloat16,
+        use_fast_accum=fast_accum,
+    )
+    if bias is not None and fused_bias is None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
 class FP8Linear(nn.Module):
     """A Linear whose weight stays in float8 with a float32 per-tensor scale.
 
@@ -181,39 +224,7 @@ class FP8Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.uses_fp8_matmul(x):
-            return self._fp8_forward(x)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
-
-    def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] == 0:
-            return x.new_zeros(*x.shape[:-1], self.out_features)
-        x_fp8, x_scale = quantize_rows_fp8(rows)
-        # Rowwise scaling wants both scales as contiguous float32 2-D tensors: (M, 1) and (1, N); the
-        # per-tensor weight scale is repeated along N.
-        weight_scale = (
-            self.weight_scale.to(torch.float32)
-            .expand(1, self.out_features)
-            .clone(memory_format=torch.contiguous_format)
-        )
-        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-        # cuBLASLt has no rowwise-scaled fp8 algorithm with a bias epilogue for a few rows (the text stream of a
-        # short negative prompt): there the bias is added after the product.
-        fused_bias = bias if rows.shape[0] >= FUSED_BIAS_MIN_ROWS else None
-        out = torch._scaled_mm(
-            x_fp8.contiguous(),  # row-major (M, K)
-            self.weight.t(),  # column-major (K, N): a view of the (N, K) weight, no copy
-            scale_a=x_scale,
-            scale_b=weight_scale,
-            bias=fused_bias,
-            out_dtype=torch.bfloat16,
-            use_fast_accum=self.fast_accum,
-        )
-        if bias is not None and fused_bias is None:
-            out = out + bias
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.uses_fp8_matmul(x), self.fast_accum)
 
     def extra_repr(self) -> str:
         return (
