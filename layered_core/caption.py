@@ -13,8 +13,8 @@ A step runs one of two ways (``step_graph``):
 - ``"whole"`` (the default where CUDA graphs are captured): the whole step, embedding to next token, is one CUDA
   graph, replayed once per token. Its attention reads the current position on the device and covers the cache up
   to it (:mod:`.decode_attention`: split over the cache in a Triton kernel on CUDA, PyTorch's fused attention
-  behind a mask elsewhere). Its query, key and value projections are
-  one matrix-vector product, and so are the MLP's gate and up projections, over fused weights that the model's own
+  behind a mask elsewhere). In a layer of plain linears its query, key and value projections are one
+  matrix-vector product, and so are the MLP's gate and up projections, over fused weights that the model's own
   Parameters are views of (:mod:`.caption_fusion`: the model keeps working, on the same memory). In float32 its
   tokens are ``generate``'s; in bf16 its attention and its fused products round otherwise than ``generate``'s
   kernels, so its tokens can part from ``generate``'s on near ties.
@@ -22,7 +22,9 @@ A step runs one of two ways (``step_graph``):
   attention runs between them as the very call transformers makes, over exactly the cached length (which the host
   knows without asking the GPU), so the tokens are ``generate``'s in bf16 too. On the CPU the pieces run eagerly.
 
-The settings and models the decoder reproduces ``generate`` for are :mod:`.caption_settings`'s.
+Either way a linear kept in float8 (:class:`.ops.FP8Linear`, as ComfyUI's fp8 text encoder loads with
+``fp8="keep"``) is multiplied by with that layer's own arithmetic, in fp8 on the GPUs where its forward would be, and
+stays unfused. The settings and models the decoder reproduces ``generate`` for are :mod:`.caption_settings`'s.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from .caption_step import (
     StepWeights,
     attend,
     attention_inputs,
+    captured_over,
     head_scores,
     layer_output,
     pick,
@@ -97,7 +100,7 @@ class _Buffers:
     attended: torch.Tensor  # (1, heads, 1, head_dim)
     penalty: float
     graphs: list[torch.cuda.CUDAGraph] | None = None  # the whole step, or its pieces, captured
-    weights: tuple[int, ...] = ()  # data pointers the graphs were captured over
+    weights: tuple = ()  # what the graphs were captured over (caption_step.captured_over)
 
     @property
     def picks(self) -> Picks:
@@ -122,8 +125,10 @@ class GreedyDecoder:
     layers', so its tokens can part from generate's in low precision; ``compile_options`` go to torch.compile as
     its ``options`` (inductor's settings, such as ``{"coordinate_descent_tuning": True}``). ``check_every`` is how
     many tokens run between two looks for the end token. The first "whole" step moves the model's query, key and
-    value weights, and its gate and up weights, into one tensor each per layer (:mod:`.caption_fusion`); the
-    Parameters stay the model's, as views of them.
+    value weights, and its gate and up weights, into one tensor each per layer of plain linears
+    (:mod:`.caption_fusion`); the Parameters stay the model's, as views of them. Linears kept in float8
+    (:class:`.ops.FP8Linear`) compute as their forward does, fp8 matmul or dequantised weight as it would choose for
+    the step's input when the call starts (``set_fp8_compute`` between calls is seen on the next one).
     """
 
     def __init__(
@@ -343,8 +348,8 @@ class GreedyDecoder:
             self._weights = StepWeights.of(self.model, fused=step_graph == "whole")
         except ValueError as e:  # parts that cannot share one tensor (mixed dtypes)
             raise GreedyDecoderUnavailable(f"the projections cannot be fused: {e}") from e
-        weights = tuple(p.data_ptr() for p in self.model.parameters())
-        if weights != unfused and device.type == "cuda":
+        weights = captured_over(self._weights)
+        if tuple(p.data_ptr() for p in self.model.parameters()) != unfused and device.type == "cuda":
             # the parts' old tensors are free now, but the caching allocator holds them in blocks of their sizes,
             # which nothing asks for again: handed back to the device once, after the fusion
             torch.cuda.empty_cache()

@@ -4,8 +4,8 @@ tokens for.
 The decoder (:mod:`.caption`) does what ``generate`` does under greedy settings (no sampling, one beam): its
 repetition penalty over the prompt and the generated tokens, its minimum-length rules, the argmax, and the stop at an
 end token or at ``max_new_tokens``. :func:`greedy_settings` refuses, with the reason, whatever else a generation
-config asks for, and a model whose step the decoder cannot compute from plain weights; the caller then uses
-``generate``.
+config asks for, and a model whose step the decoder cannot compute from its weights (plain ``torch.nn.Linear`` or kept
+in float8 as :class:`.ops.FP8Linear`); the caller then uses ``generate``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .ops import FP8Linear
 
 # Generation settings that add a logits processor, a stopping rule or another search to generate(), each with the
 # values under which it does nothing. A config holding anything else goes through generate().
@@ -46,6 +48,10 @@ NEUTRAL_SETTINGS = {
     "dola_layers": (None,),
     "token_healing": (None, False),
 }
+
+
+# The linears whose products the step computes (:mod:`.caption_step`): plain, and kept in float8.
+STEP_LINEARS = (torch.nn.Linear, FP8Linear)
 
 
 class GreedyDecoderUnavailable(Exception):
@@ -95,7 +101,9 @@ def greedy_settings(model, generation_config, inputs: dict[str, torch.Tensor]) -
 
 def check_model(model) -> None:
     """Raises :class:`GreedyDecoderUnavailable` unless ``model`` is a Qwen2.5-VL whose decoding step the decoder
-    computes from its plain weights (eval mode, on one device, no wrapped or quantised layer, no offloading hooks)."""
+    computes from its weights (eval mode, on one device, no offloading hooks, every decoder-layer linear a
+    ``torch.nn.Linear`` or an :class:`.ops.FP8Linear`, the head and the embedding plain, no other wrapped or quantised
+    layer)."""
     if not any(c.__name__ == "Qwen2_5_VLForConditionalGeneration" for c in type(model).__mro__):
         raise GreedyDecoderUnavailable(
             f"the model is a {type(model).__name__}, not a Qwen2_5_VLForConditionalGeneration"
@@ -126,11 +134,14 @@ def check_model(model) -> None:
     if getattr(text_config, "hidden_act", "silu") != "silu":
         raise GreedyDecoderUnavailable(f"the MLP's activation is {text_config.hidden_act!r}, not silu")
     for index, layer in enumerate(language_model.layers):
-        attention, mlp = layer.self_attn, layer.mlp
-        linears = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, *mlp_linears(mlp))
-        # a LoRA wrapper, a quantised linear or another norm would compute something else than their weights here
-        if any(type(linear) is not torch.nn.Linear for linear in linears):
-            raise GreedyDecoderUnavailable(f"layer {index} has a linear layer that is not torch.nn.Linear")
+        linears = layer_linears(layer)
+        # a LoRA wrapper, another quantised linear or another norm would compute something else than the step does
+        # with their weights (exact types: a subclass may compute otherwise)
+        if any(type(linear) not in STEP_LINEARS for linear in linears):
+            names = sorted({type(linear).__name__ for linear in linears if type(linear) not in STEP_LINEARS})
+            raise GreedyDecoderUnavailable(
+                f"layer {index} has a linear layer that is not torch.nn.Linear or FP8Linear ({', '.join(names)})"
+            )
         with_bias = [linear.bias is not None for linear in linears]
         if with_bias != [True, True, True, False, False, False, False]:
             raise GreedyDecoderUnavailable(f"layer {index}'s linear layers have biases {with_bias}, not Qwen2's")
@@ -149,3 +160,10 @@ def check_model(model) -> None:
 def mlp_linears(mlp) -> tuple:
     """A Qwen2 MLP's gate, up and down projections."""
     return mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+
+def layer_linears(layer) -> tuple:
+    """A Qwen2 decoder layer's seven linears: the query, key, value and output projections, the MLP's gate, up and
+    down projections."""
+    attention = layer.self_attn
+    return attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, *mlp_linears(layer.mlp)

@@ -9,8 +9,15 @@ Two ways through a step share these functions (:class:`.caption.GreedyDecoder` r
   capacity, so that it can be captured as one CUDA graph: :func:`decode_layer` attends over the cache up to the
   current position, which the attention reads on the device (:mod:`.decode_attention`). Its parts
   (:class:`StepParts`) are compiled one by one: one compilation of :func:`decode_layer` serves every layer.
-  Its weights are :class:`FusedLayerWeights`: one matrix-vector product for the query, key and value, one for the
-  MLP's gate and up projections (:mod:`.caption_fusion`).
+  Where a layer's linears are all plain ``torch.nn.Linear``, its weights are :class:`FusedLayerWeights`: one
+  matrix-vector product for the query, key and value, one for the MLP's gate and up projections
+  (:mod:`.caption_fusion`).
+
+A linear kept in float8 (:class:`.ops.FP8Linear`, as ComfyUI's fp8 text encoder loads with ``fp8="keep"``) enters the
+step as an :class:`FP8Weight` in place of its weight tensor, and its product is :func:`.ops.fp8_linear`, the
+arithmetic of FP8Linear's own forward, with the choice between the fp8 matmul and the dequantised weight made once,
+as FP8Linear makes it for the step's input. Layers with such linears stay unfused in a whole step too: their parts
+have scales of their own.
 
 Both end in :func:`pick`: the repetition penalty, the minimum-length rule and the argmax of ``generate``, and the
 bookkeeping of the new tokens, all on the device.
@@ -27,50 +34,93 @@ import torch
 import torch.nn.functional as F
 
 from .caption_fusion import fuse_rows
-from .caption_settings import mlp_linears
+from .caption_settings import GreedyDecoderUnavailable, layer_linears, mlp_linears
 from .decode_attention import decode_attention
+from .ops import FP8Linear, fp8_linear
+
+
+class FP8Weight(NamedTuple):
+    """An :class:`.ops.FP8Linear`'s weight as a step multiplies by it (:func:`product`): the float8 weight, its float32
+    per-tensor scale, and the layer's choices for the step's input, fixed when the step's weights are taken (static
+    flags: a compiled step traces one branch, and no token decides anything on the host)."""
+
+    weight: torch.Tensor  # (out, in) float8
+    scale: torch.Tensor  # () float32
+    fp8_matmul: bool  # torch._scaled_mm on rows quantised to e4m3, else the weight dequantised
+    fast_accum: bool
+
+    @classmethod
+    def of(cls, linear: FP8Linear, dtype: torch.dtype) -> FP8Weight:
+        """``linear``'s weight for a step whose activations are in ``dtype`` on the weight's device, with the
+        choice :meth:`.ops.FP8Linear.uses_fp8_matmul` makes for them (no autograd in a step)."""
+        step_input = torch.empty(1, linear.in_features, dtype=dtype, device=linear.weight.device)
+        try:
+            fp8_matmul = linear.uses_fp8_matmul(step_input)
+        except ValueError as e:  # compute="fp8" where it cannot run: generate refuses it as well, saying why
+            raise GreedyDecoderUnavailable(str(e)) from e
+        return cls(linear.weight, linear.weight_scale, fp8_matmul, linear.fast_accum)
+
+
+Weight = torch.Tensor | FP8Weight
+"""A linear's weight in a step: a plain (out, in) matrix, or an fp8 one with its scale."""
+
+
+def weight_of(linear, dtype: torch.dtype) -> Weight:
+    """What a step multiplies by for ``linear`` (a ``torch.nn.Linear`` or an :class:`.ops.FP8Linear`), whose input is
+    in ``dtype``."""
+    return FP8Weight.of(linear, dtype) if type(linear) is FP8Linear else linear.weight
+
+
+def product(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` times a linear's weight, plus ``bias``: ``F.linear``, or :func:`.ops.fp8_linear` for an fp8 weight,
+    the arithmetic of the layer's own forward either way."""
+    if isinstance(weight, FP8Weight):
+        return fp8_linear(x, weight.weight, weight.scale, bias, weight.fp8_matmul, weight.fast_accum)
+    return F.linear(x, weight, bias)
 
 
 class LayerWeights(NamedTuple):
-    """One decoder layer's tensors, what :func:`attention_inputs` and :func:`layer_output` compute with."""
+    """One decoder layer's tensors, what :func:`attention_inputs` and :func:`layer_output` compute with: each linear's
+    weight plain or fp8 (:data:`Weight`), whichever the layer holds."""
 
     input_norm: torch.Tensor
-    q_weight: torch.Tensor
+    q_weight: Weight
     q_bias: torch.Tensor
-    k_weight: torch.Tensor
+    k_weight: Weight
     k_bias: torch.Tensor
-    v_weight: torch.Tensor
+    v_weight: Weight
     v_bias: torch.Tensor
-    o_weight: torch.Tensor
+    o_weight: Weight
     post_norm: torch.Tensor
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
+    gate: Weight
+    up: Weight
+    down: Weight
 
     @classmethod
-    def of(cls, layer) -> LayerWeights:
+    def of(cls, layer, dtype: torch.dtype) -> LayerWeights:
+        """The tensors of ``layer``, whose activations are in ``dtype`` (what its fp8 linears choose by)."""
+        q, k, v, o, gate, up, down = (weight_of(linear, dtype) for linear in layer_linears(layer))
         attention = layer.self_attn
-        q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
-        gate, up, down = mlp_linears(layer.mlp)
         return cls(
             layer.input_layernorm.weight,
-            q.weight,
-            q.bias,
-            k.weight,
-            k.bias,
-            v.weight,
-            v.bias,
-            attention.o_proj.weight,
+            q,
+            attention.q_proj.bias,
+            k,
+            attention.k_proj.bias,
+            v,
+            attention.v_proj.bias,
+            o,
             layer.post_attention_layernorm.weight,
-            gate.weight,
-            up.weight,
-            down.weight,
+            gate,
+            up,
+            down,
         )
 
 
 class FusedLayerWeights(NamedTuple):
     """One decoder layer's tensors with the query, key and value projections as one, and the MLP's gate and up
-    projections as one: views of the storage the model's own Parameters are row ranges of."""
+    projections as one: views of the storage the model's own Parameters are row ranges of. For layers whose linears
+    are all plain ``torch.nn.Linear`` (:func:`fusable`)."""
 
     input_norm: torch.Tensor
     qkv_weight: torch.Tensor  # (heads * head_dim + 2 * kv_heads * head_dim, hidden): [q; k; v]
@@ -101,7 +151,7 @@ class StepWeights(NamedTuple):
     """The language model's tensors that a step computes with."""
 
     embed: torch.Tensor  # (vocab, hidden)
-    layers: tuple[LayerWeights, ...] | tuple[FusedLayerWeights, ...]
+    layers: tuple[LayerWeights | FusedLayerWeights, ...]
     norm: torch.Tensor  # the final RMSNorm's weight
     head: torch.Tensor  # (vocab, hidden)
     head_bias: torch.Tensor | None
@@ -109,16 +159,45 @@ class StepWeights(NamedTuple):
     @classmethod
     def of(cls, model, fused: bool = False) -> StepWeights:
         """The tensors of a Qwen2_5_VLForConditionalGeneration (checked by :func:`.caption_settings.check_model`);
-        with ``fused``, the layers' fused projections (:class:`FusedLayerWeights`)."""
+        with ``fused``, the fused projections (:class:`FusedLayerWeights`) of the layers that can have them
+        (:func:`fusable`), the others' apart. Every layer's activations are in the embedding's dtype."""
         language_model = model.model.language_model
-        layer_weights = FusedLayerWeights.of if fused else LayerWeights.of
+        embed = language_model.embed_tokens.weight
+
+        def layer_weights(layer) -> LayerWeights | FusedLayerWeights:
+            if fused and fusable(layer):
+                return FusedLayerWeights.of(layer)
+            return LayerWeights.of(layer, embed.dtype)
+
         return cls(
-            language_model.embed_tokens.weight,
+            embed,
             tuple(layer_weights(layer) for layer in language_model.layers),
             language_model.norm.weight,
             model.lm_head.weight,
             model.lm_head.bias,
         )
+
+
+def fusable(layer) -> bool:
+    """Whether a decoder layer's projections can be fused: all plain ``torch.nn.Linear`` (an fp8 one's scale is its
+    own, so its rows cannot join another's)."""
+    return all(type(linear) is torch.nn.Linear for linear in layer_linears(layer))
+
+
+def captured_over(weights: StepWeights) -> tuple:
+    """What a step captured as CUDA graphs over ``weights`` depends on: the address of each of their tensors and the
+    static choices of the fp8 products; graphs captured over one value replay wrongly over another."""
+
+    def flat(item):
+        if isinstance(item, torch.Tensor):
+            yield item.data_ptr()
+        elif isinstance(item, tuple):
+            for part in item:
+                yield from flat(part)
+        else:  # a missing bias, an fp8 product's flags
+            yield item
+
+    return tuple(flat(weights))
 
 
 @dataclass(frozen=True)
@@ -219,9 +298,9 @@ def project_qkv(
         return F.linear(x, weights.qkv_weight, weights.qkv_bias).split(
             (query_key, shape.kv_heads * shape.head_dim), dim=-1
         )
-    query = F.linear(x, weights.q_weight, weights.q_bias)
-    key = F.linear(x, weights.k_weight, weights.k_bias)
-    return torch.cat((query, key), dim=-1), F.linear(x, weights.v_weight, weights.v_bias)
+    query = product(x, weights.q_weight, weights.q_bias)
+    key = product(x, weights.k_weight, weights.k_bias)
+    return torch.cat((query, key), dim=-1), product(x, weights.v_weight, weights.v_bias)
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, scaling: float) -> torch.Tensor:
@@ -237,13 +316,13 @@ def layer_output(
 ) -> torch.Tensor:
     """A decoder layer from its attention's output (1, heads, 1, head_dim) on: output projection, residual, MLP,
     residual (the model's own eager arithmetic)."""
-    hidden = hidden + F.linear(attended.transpose(1, 2).reshape(1, 1, shape.heads * shape.head_dim), weights.o_weight)
+    hidden = hidden + product(attended.transpose(1, 2).reshape(1, 1, shape.heads * shape.head_dim), weights.o_weight)
     x = rms_norm(hidden, weights.post_norm, shape.eps)
     if isinstance(weights, FusedLayerWeights):
         gate, up = F.linear(x, weights.gate_up).chunk(2, dim=-1)
     else:
-        gate, up = F.linear(x, weights.gate), F.linear(x, weights.up)
-    return hidden + F.linear(F.silu(gate) * up, weights.down)
+        gate, up = product(x, weights.gate), product(x, weights.up)
+    return hidden + product(F.silu(gate) * up, weights.down)
 
 
 def head_scores(hidden: torch.Tensor, weights: StepWeights, eps: float) -> torch.Tensor:

@@ -223,7 +223,7 @@ def test_norm_and_layer_are_the_models_own_arithmetic(encoder, dtype):
     norm = layer.input_layernorm
     assert torch.equal(rms_norm(hidden, norm.weight, norm.variance_epsilon), norm(hidden))
     mlp_input = rms_norm(hidden, layer.post_attention_layernorm.weight, norm.variance_epsilon)
-    weights = LayerWeights.of(layer)
+    weights = LayerWeights.of(layer, dtype)
     mlp = F.linear(F.silu(F.linear(mlp_input, weights.gate)) * F.linear(mlp_input, weights.up), weights.down)
     assert torch.equal(mlp, layer.mlp(layer.post_attention_layernorm(hidden)))
 
@@ -358,7 +358,8 @@ def test_inputs_and_models_that_go_through_generate(encoder, caplog):
     wrapped.model.language_model.layers[1].mlp.up_proj = torch.nn.Sequential(
         wrapped.model.language_model.layers[1].mlp.up_proj
     )
-    with pytest.raises(GreedyDecoderUnavailable, match="layer 1 has a linear layer that is not torch.nn.Linear"):
+    refused = r"layer 1 has a linear layer that is not torch.nn.Linear or FP8Linear \(Sequential\)"
+    with pytest.raises(GreedyDecoderUnavailable, match=refused):
         greedy_settings(wrapped, config, inputs)
     wrapped = copy.deepcopy(encoder.model)
     wrapped.model.language_model.embed_tokens = torch.nn.Sequential(wrapped.model.language_model.embed_tokens)
