@@ -5,6 +5,7 @@ on the same model and request, and how many of their tokens agree. Prints a tabl
     python -m benchmarks.bench_caption --variants whole,whole-compiled   # some of the step modes only
     python -m benchmarks.bench_caption --dtype float32     # the same in float32 (agreement without bf16 rounding)
     python -m benchmarks.bench_caption --variants whole-compiled --inductor-cdt   # inductor's coordinate descent
+    python -m benchmarks.bench_caption --fp8 --variants whole,whole-compiled   # linears kept in fp8
     python -m benchmarks.bench_caption --tiny              # CPU smoke test of this script (tiny float32 model)
 
 The decoder's variants are its step modes (``GreedyDecoder(step_graph=...)``): "pieces", CUDA graphs around
@@ -13,6 +14,12 @@ transformers' own attention calls; "whole", the whole step as one CUDA graph (th
 runs eagerly, and "-compiled" compiles for the CPU. ``--inductor-cdt`` compiles the "-compiled" variants with
 inductor's coordinate-descent tuning of its kernels' launch settings (``GreedyDecoder(compile_options=...)``), which
 makes the compilation slower; compare against a run without it.
+
+``--fp8`` keeps the linears that ComfyUI's ``qwen_2.5_vl_7b_fp8_scaled`` file stores in float8 as ``FP8Linear``
+(float8 e4m3 weights with per-tensor scales; embeddings, norms, biases and the head in ``--dtype``), as the pipeline
+loads that file by default (``fp8="keep"``): the decoder and generate then both multiply in fp8 where FP8Linear does
+(bf16 on CUDA capability 8.9+), and the decoder's whole step runs those layers unfused. With ``--tiny`` the tiny
+model's linears are quantised in place to the same layout.
 
 The request is the pack's own: ``PromptEncoder.caption_inputs`` of a 1280x720 noise image resized to its 640-px
 bucket (864x480), with the release's image-processor pixel budget and generation settings (repetition penalty
@@ -41,7 +48,10 @@ from benchmarks.measure import sync
 from benchmarks.workloads import full_caption_encoder, noise_image
 from layered_core.caption import GreedyDecoder
 from layered_core.caption_settings import greedy_settings
+from layered_core.caption_step import FP8Weight
+from layered_core.checkpoints.text_encoder import is_quantized_in_comfy_file
 from layered_core.image import bucket_size, resize_rgba, to_rgba
+from layered_core.ops import FP8Linear, quantize_linears_fp8
 from layered_core.text import PromptEncoder
 from layered_core.tiny_models import tiny_text_encoder_set
 
@@ -166,6 +176,11 @@ def main() -> None:
     )
     parser.add_argument("--tiny", action="store_true", help="tiny float32 model on the CPU: a smoke test")
     parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="the linears ComfyUI's fp8 text encoder file stores in float8 kept as FP8Linear (its fp8='keep' load)",
+    )
+    parser.add_argument(
         "--static-reference", action="store_true", help="also time generate with its static cache and compare"
     )
     parser.add_argument(
@@ -185,13 +200,24 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.tiny:
         model, tokenizer, image_processor = tiny_text_encoder_set(hidden_size=48, seed=0)
+        if args.fp8:
+            quantize_linears_fp8(model, is_quantized_in_comfy_file)
         encoder = PromptEncoder(model, tokenizer, image_processor)
     else:
-        encoder = full_caption_encoder(device, dtype)
+        encoder = full_caption_encoder(device, dtype, fp8=args.fp8)
     sync()
     model = encoder.model
     params = sum(p.numel() for p in model.parameters()) / 1e9
     print(f"model built in {time.perf_counter() - t0:.1f} s ({params:.2f} B parameters)", flush=True)
+    precision = str(dtype)
+    if args.fp8:
+        kept = [m for m in model.model.language_model.layers.modules() if isinstance(m, FP8Linear)]
+        # the choice FP8Linear makes for a decoding step's input, which the decoder's step takes over
+        in_fp8 = FP8Weight.of(kept[0], dtype).fp8_matmul
+        precision += (
+            f", {len(kept)} language-model linears kept in fp8 "
+            f"({'fp8 matmul' if in_fp8 else 'dequantised to ' + str(dtype)} in a decoding step)"
+        )
 
     image = to_rgba(noise_image(1280, 720))
     image = resize_rgba(image, bucket_size(*image.size, 640))
@@ -248,7 +274,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print()
     print(
-        f"caption, {'tiny' if args.tiny else 'Qwen2.5-VL-7B-shaped'} random model, {dtype}, {name}, torch "
+        f"caption, {'tiny' if args.tiny else 'Qwen2.5-VL-7B-shaped'} random model, {precision}, {name}, torch "
         f"{torch.__version__}, transformers {transformers.__version__}: image {image.size[0]}x{image.size[1]} -> "
         f"{image_tokens} image tokens, prompt {prompt_length} tokens, {args.tokens} new tokens forced "
         "(min_new_tokens), repetition penalty "
