@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from layered_core import caption_step, ops
@@ -96,6 +97,8 @@ def test_tokens_equal_generate_on_the_fp8_model(encoder, monkeypatch, step_graph
     if compiled:
         # aot_eager traces and functionalises the step as inductor would (no graph break allowed), without a C++ build
         monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+        torch._dynamo.reset()  # compilations of other tests' steps forgotten, so that this one's are counted
+        counters.clear()
     else:  # the decoder's own fp8 products, counted (generate's go through FP8Linear.forward, not through this name)
         real = caption_step.fp8_linear
         monkeypatch.setattr(caption_step, "fp8_linear", lambda *args: products.append(args[4]) or real(*args))
@@ -119,6 +122,8 @@ def test_tokens_equal_generate_on_the_fp8_model(encoder, monkeypatch, step_graph
     config.min_new_tokens = 12
     expected = generate_tokens(model, inputs, config)
     assert decoded(decoder, inputs, config) == expected and 12 < len(expected) <= 24
+    if compiled:  # one compilation per part, the layer's serving both layers: the fp8 flags are the same constants
+        assert counters["stats"]["unique_graphs"] == (3 if step_graph == "whole" else 2)
 
 
 def cpu_scaled_mm_works() -> bool:
