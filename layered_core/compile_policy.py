@@ -18,8 +18,9 @@ MIN_COMPILED_STEPS = 8
 """Below this many sampling steps a run cannot win back even a warm cache's compilation."""
 
 MIN_COMPILED_CAPTIONS = 10
-"""Below this many auto-captions a run cannot win back the caption step's compilation: on an H200 it takes about
-2.7 s more than the uncompiled step's first call from a warm cache and saves about 0.3 s a 256-token caption."""
+"""Below this many auto-captions a run cannot win back the caption step's compilation: even from a warm cache its
+first call takes longer than the uncompiled step's by about as much as ten captions save (the figures are in
+benchmarks/RESULTS.md)."""
 
 MIN_CAPABILITY = (7, 0)
 """The oldest CUDA compute capability Triton generates code for."""
