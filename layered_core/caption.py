@@ -44,6 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .caption_settings import GreedyDecoderUnavailable, GreedySettings, check_model, greedy_settings
 from .caption_step import (
     EAGER_PARTS,
+    PLAIN_PARTS,
     LayerShape,
     Picks,
     StepParts,
@@ -162,7 +163,7 @@ class GreedyDecoder:
         compiled = torch.compile(dynamic=False, fullgraph=True, **options) if compile_step else (lambda fn: fn)
         self._attention_inputs = compiled(attention_inputs)
         self._layer_output = compiled(layer_output)
-        self._parts = StepParts(*(compiled(part) for part in EAGER_PARTS)) if compile_step else EAGER_PARTS
+        self._parts = StepParts(*(compiled(part) for part in PLAIN_PARTS)) if compile_step else EAGER_PARTS
         # the tensors a step computes with, taken at each call and dropped after it, so that weights the model no
         # longer holds (moved or replaced) are not kept alive by the decoder
         self._weights: StepWeights | None = None

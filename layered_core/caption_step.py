@@ -25,6 +25,7 @@ bookkeeping of the new tokens, all on the device.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import row_norm
 from .caption_fusion import fuse_rows
 from .caption_settings import GreedyDecoderUnavailable, layer_linears, mlp_linears
 from .decode_attention import decode_attention
@@ -273,12 +275,13 @@ def attention_inputs(
     values: torch.Tensor,
     weights: LayerWeights | FusedLayerWeights,
     shape: LayerShape,
+    norm: Callable = rms_norm,
 ) -> torch.Tensor:
     """A decoder layer up to its attention, for one token (1, 1, hidden): the query (1, heads, 1, head_dim) returned,
     the rotated key and the value written into ``keys``/``values`` (1, kv_heads, capacity, head_dim, in the cache's
     dtype) at slot ``position``. The model's own eager arithmetic; a pure function of its tensors, so one
-    compilation serves every layer."""
-    query_key, value = project_qkv(rms_norm(hidden, weights.input_norm, shape.eps), weights, shape)
+    compilation serves every layer. ``norm`` is :func:`rms_norm` or the same arithmetic in one kernel."""
+    query_key, value = project_qkv(norm(hidden, weights.input_norm, shape.eps), weights, shape)
     # query and key heads rotated in one pass (elementwise: the same values as two)
     query_key = query_key.view(1, 1, shape.heads + shape.kv_heads, shape.head_dim).transpose(1, 2)
     rotated = rotate(query_key, *rope)
@@ -312,12 +315,16 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length
 
 
 def layer_output(
-    hidden: torch.Tensor, attended: torch.Tensor, weights: LayerWeights | FusedLayerWeights, shape: LayerShape
+    hidden: torch.Tensor,
+    attended: torch.Tensor,
+    weights: LayerWeights | FusedLayerWeights,
+    shape: LayerShape,
+    norm: Callable = rms_norm,
 ) -> torch.Tensor:
     """A decoder layer from its attention's output (1, heads, 1, head_dim) on: output projection, residual, MLP,
     residual (the model's own eager arithmetic)."""
     hidden = hidden + product(attended.transpose(1, 2).reshape(1, 1, shape.heads * shape.head_dim), weights.o_weight)
-    x = rms_norm(hidden, weights.post_norm, shape.eps)
+    x = norm(hidden, weights.post_norm, shape.eps)
     if isinstance(weights, FusedLayerWeights):
         gate, up = F.linear(x, weights.gate_up).chunk(2, dim=-1)
     else:
@@ -325,9 +332,9 @@ def layer_output(
     return hidden + product(F.silu(gate) * up, weights.down)
 
 
-def head_scores(hidden: torch.Tensor, weights: StepWeights, eps: float) -> torch.Tensor:
+def head_scores(hidden: torch.Tensor, weights: StepWeights, eps: float, norm: Callable = rms_norm) -> torch.Tensor:
     """The final norm and the language-model head of the last token of (1, tokens, hidden): (1, vocab) float32."""
-    return F.linear(rms_norm(hidden, weights.norm, eps), weights.head, weights.head_bias)[:, -1].float()
+    return F.linear(norm(hidden, weights.norm, eps), weights.head, weights.head_bias)[:, -1].float()
 
 
 def penalize(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -384,23 +391,43 @@ def decode_layer(
     values: torch.Tensor,
     weights: LayerWeights | FusedLayerWeights,
     shape: LayerShape,
+    norm: Callable = rms_norm,
 ) -> torch.Tensor:
     """One decoder layer for the token at slot ``position``: its key and value written into the cache, the
     attention over the slots up to it (:func:`.decode_attention.decode_attention`), the layer's output."""
-    query = attention_inputs(hidden, rope, position, keys, values, weights, shape)
+    query = attention_inputs(hidden, rope, position, keys, values, weights, shape, norm)
     attended = decode_attention(query, keys, values, position, shape.scaling)
-    return layer_output(hidden, attended, weights, shape)
+    return layer_output(hidden, attended, weights, shape, norm)
 
 
 def finish_step(
-    hidden: torch.Tensor, state: StepState, weights: StepWeights, shape: LayerShape, penalty: float
+    hidden: torch.Tensor,
+    state: StepState,
+    weights: StepWeights,
+    shape: LayerShape,
+    penalty: float,
+    norm: Callable = rms_norm,
 ) -> None:
     """The next token picked from the last hidden state, the position advanced."""
-    pick(head_scores(hidden, weights, shape.eps), state.picks, penalty)
+    pick(head_scores(hidden, weights, shape.eps, norm), state.picks, penalty)
     state.position.add_(1)
 
 
-EAGER_PARTS = StepParts(step_inputs, decode_layer, finish_step)
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`rms_norm` of one token in one kernel (:mod:`.row_norm`) where it can run, else :func:`rms_norm`."""
+    if row_norm.kernel_problem(x, weight) is None:
+        return torch.ops.qwen_layered.row_rms_norm(x, weight, float(eps))
+    return rms_norm(x, weight, eps)
+
+
+# What GreedyDecoder compiles: inductor fuses the norms with their neighbours itself.
+PLAIN_PARTS = StepParts(step_inputs, decode_layer, finish_step)
+# The uncompiled step: its norms one kernel each where they can be.
+EAGER_PARTS = StepParts(
+    step_inputs,
+    functools.partial(decode_layer, norm=fused_rms_norm),
+    functools.partial(finish_step, norm=fused_rms_norm),
+)
 
 
 def decode_hidden(

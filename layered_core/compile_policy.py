@@ -17,9 +17,9 @@ COMPILE_SETTINGS = ("auto", "on", "off")
 MIN_COMPILED_STEPS = 8
 """Below this many sampling steps a run cannot win back even a warm cache's compilation."""
 
-MIN_COMPILED_CAPTIONS = 10
+MIN_COMPILED_CAPTIONS = 20
 """Below this many auto-captions a run cannot win back the caption step's compilation: even from a warm cache its
-first call takes longer than the uncompiled step's by about as much as ten captions save (the figures are in
+first call takes longer than the uncompiled step's by about as much as twenty captions save (the figures are in
 benchmarks/RESULTS.md)."""
 
 MIN_CAPABILITY = (7, 0)
