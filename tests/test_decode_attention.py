@@ -5,19 +5,15 @@ masked attention, under Triton's interpreter on the CPU (float32) and on a CUDA 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from layered_core import decode_attention as da
 from layered_core.caption_step import attend
+from tests.triton_interpreter import interpreted_lines
 
 TRITON = pytest.mark.skipif(not da.TRITON_INSTALLED, reason="Triton is not installed")
-REPO = Path(__file__).resolve().parent.parent
 CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and da.TRITON_INSTALLED), reason="needs a CUDA GPU and Triton")
 
 
@@ -73,8 +69,7 @@ INTERPRETED_CASES = [
 
 def interpreted_differences() -> list[str]:
     """Each case's largest difference between the kernels and the masked attention, on CPU tensors; run in a
-    process started with TRITON_INTERPRET=1 (Triton's library functions are interpreted only if the variable is set
-    before Triton is first imported)."""
+    process started with TRITON_INTERPRET=1 (tests/triton_interpreter.py)."""
     lines = []
     for heads, kv_heads, capacity, head_dim, positions in INTERPRETED_CASES:
         query, keys, values = cache(heads, kv_heads, capacity, head_dim, seed=heads)
@@ -90,14 +85,8 @@ def interpreted_differences() -> list[str]:
 
 @TRITON
 def test_kernels_equal_the_masked_attention_under_the_interpreter():
-    code = "from tests.test_decode_attention import interpreted_differences as d; print('\\n'.join(d()))"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.split("\n")[:-1]
-    assert len(lines) == sum(len(case[4]) for case in INTERPRETED_CASES), done.stdout
+    lines = interpreted_lines("tests.test_decode_attention.interpreted_differences")
+    assert len(lines) == sum(len(case[4]) for case in INTERPRETED_CASES), lines
     for line in lines:
         *case, difference = line.split()
         assert float(difference) <= 1e-5, f"heads, kv_heads, capacity, head_dim, position {case}: {difference}"

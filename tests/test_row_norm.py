@@ -3,18 +3,13 @@ rms_norm: under Triton's interpreter on the CPU (float32) and on a CUDA GPU (ski
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from layered_core import row_norm
 from layered_core.caption_step import fused_rms_norm, rms_norm
+from tests.triton_interpreter import interpreted_lines
 
-REPO = Path(__file__).resolve().parent.parent
 TRITON = pytest.mark.skipif(not row_norm.TRITON_INSTALLED, reason="Triton is not installed")
 CUDA = pytest.mark.skipif(
     not (torch.cuda.is_available() and row_norm.TRITON_INSTALLED), reason="needs a CUDA GPU and Triton"
@@ -38,7 +33,7 @@ def test_off_the_kernels_device_the_fused_norm_is_rms_norm():
 
 def interpreted_differences() -> list[str]:
     """Each width's largest relative difference between the kernel and rms_norm on CPU tensors; run in a process
-    started with TRITON_INTERPRET=1 (see tests/test_decode_attention.py)."""
+    started with TRITON_INTERPRET=1 (tests/triton_interpreter.py)."""
     lines = []
     for width in WIDTHS:
         x, weight = row(width, seed=width)
@@ -50,14 +45,8 @@ def interpreted_differences() -> list[str]:
 
 @TRITON
 def test_kernel_equals_rms_norm_under_the_interpreter():
-    code = "from tests.test_row_norm import interpreted_differences as d; print('\\n'.join(d()))"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.split("\n")[:-1]
-    assert len(lines) == len(WIDTHS), done.stdout
+    lines = interpreted_lines("tests.test_row_norm.interpreted_differences")
+    assert len(lines) == len(WIDTHS), lines
     for line in lines:
         width, difference = line.split()
         assert float(difference) <= 1e-6, f"width {width}: {difference}"
