@@ -54,11 +54,10 @@ def caption_compile_choice(setting: str, device: str | torch.device, captions: i
     of ``captions`` auto-captions (None: a long-lived process such as ComfyUI's)."""
     if setting in ("auto", "on") and captions == 0:
         return False, "off: no auto-caption in this run"
-    if setting == "auto" and captions is not None and captions < MIN_COMPILED_CAPTIONS:
-        # said after the device checks, so that a CPU run says why it never compiles
-        possible, why = compile_choice(setting, device, None)
-        if not possible:
-            return False, why
-        return False, f"off: {captions} auto-caption{'s' * (captions != 1)} cannot win back the compilation"
+    # the device's checks first, so that a CPU run says why it never compiles
     compiled, why = compile_choice(setting, device, None)
-    return compiled, why.replace("enough steps", "enough captions") if compiled else why
+    if not compiled or setting != "auto":
+        return compiled, why
+    if captions is not None and captions < MIN_COMPILED_CAPTIONS:
+        return False, f"off: {captions} auto-caption{'s' * (captions != 1)} cannot win back the compilation"
+    return True, "on: a CUDA GPU with Triton and enough captions to win the compilation back"
